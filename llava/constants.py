@@ -1,0 +1,44 @@
+"""Constants shared across the package: the image placeholder, serving defaults, heartbeat timing, stream error codes."""
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "DEFAULT_IMAGE_TOKEN",
+    "IMAGE_TOKEN_INDEX",
+    "IGNORE_INDEX",
+    "DEFAULT_PAD_TOKEN",
+    "CONTROLLER_PORT",
+    "WORKER_PORT",
+    "WEB_PORT",
+    "DEFAULT_HOST",
+    "WORKER_HEART_BEAT_INTERVAL",
+    "CONTROLLER_HEART_BEAT_EXPIRATION",
+    "ErrorCode",
+]
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_PAD_TOKEN = "<pad>"
+IMAGE_TOKEN_INDEX = -200  # what LLaVA's tokenizer_image_token inserts; we expand to the model's own image token id
+IGNORE_INDEX = -100
+
+DEFAULT_HOST = "127.0.0.1"
+CONTROLLER_PORT = 10000
+WORKER_PORT = 40000
+WEB_PORT = 7860
+
+WORKER_HEART_BEAT_INTERVAL = 15  # seconds
+CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds
+
+
+class ErrorCode(enum.IntEnum):
+    """``error_code`` of LLaVA stream chunks. 0-3 are LLaVA's meanings; 4+ are ours (LLaVA clients treat any
+    non-zero value as an error, so they keep working)."""
+
+    OK = 0
+    WORKER_ERROR = 1
+    NO_WORKER = 2
+    TIMEOUT = 3
+    INVALID_REQUEST = 4
+    CONTEXT_OVERFLOW = 5
+    UNAUTHORIZED = 6

@@ -1,0 +1,89 @@
+"""Typed exceptions. Library code raises these; each service maps them once, at its edge, to an HTTP status,
+an OpenAI-style error body or a LLaVA stream ``error_code``."""
+from __future__ import annotations
+
+from llava.constants import ErrorCode
+
+__all__ = [
+    "ECSOError",
+    "InvalidRequestError",
+    "ImageError",
+    "ContextLengthError",
+    "RequestTooLargeError",
+    "ModelNotFoundError",
+    "UnsupportedError",
+    "NoWorkerError",
+    "BackendError",
+    "BackendTimeoutError",
+    "AuthError",
+]
+
+
+class ECSOError(Exception):
+    """Base class. ``status``: HTTP status; ``code``: short machine-readable code; ``error_code``: LLaVA stream code."""
+
+    status: int = 500
+    code: str = "internal_error"
+    error_code: ErrorCode = ErrorCode.WORKER_ERROR
+
+
+class InvalidRequestError(ECSOError, ValueError):
+    status = 400
+    code = "invalid_request"
+    error_code = ErrorCode.INVALID_REQUEST
+
+
+class ImageError(InvalidRequestError):
+    """An image that cannot be read, is corrupt, too large, or of an unsupported kind."""
+
+    code = "invalid_image"
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+    error_code = ErrorCode.CONTEXT_OVERFLOW
+
+
+class RequestTooLargeError(InvalidRequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class ModelNotFoundError(ECSOError, FileNotFoundError):
+    status = 404
+    code = "model_not_found"
+    error_code = ErrorCode.INVALID_REQUEST
+
+
+class UnsupportedError(ECSOError):
+    """A feature the chosen backend or environment cannot provide (e.g. 4-bit without bitsandbytes)."""
+
+    status = 400
+    code = "unsupported"
+    error_code = ErrorCode.INVALID_REQUEST
+
+
+class NoWorkerError(ECSOError):
+    status = 503
+    code = "no_worker"
+    error_code = ErrorCode.NO_WORKER
+
+
+class BackendError(ECSOError):
+    """A remote model (worker, controller, OpenAI-compatible endpoint) failed."""
+
+    status = 502
+    code = "backend_error"
+    error_code = ErrorCode.WORKER_ERROR
+
+
+class BackendTimeoutError(BackendError):
+    status = 504
+    code = "timeout"
+    error_code = ErrorCode.TIMEOUT
+
+
+class AuthError(ECSOError):
+    status = 401
+    code = "unauthorized"
+    error_code = ErrorCode.UNAUTHORIZED
