@@ -1,0 +1,214 @@
+"""What every benchmark reader shares: the ``Sample`` it yields, the typed ``BenchmarkConfig`` it reads, the
+``BenchmarkSpec`` that describes it in the registry, the data errors, and the missing-image check the runner calls."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from llava.errors import ImageError, InvalidRequestError
+
+__all__ = [
+    "Sample",
+    "BenchmarkConfig",
+    "BenchmarkSpec",
+    "DatasetError",
+    "MissingImageError",
+    "check_images",
+    "summarize_missing",
+    "read_jsonl",
+    "require_file",
+    "numbered_ids",
+    "is_missing",
+    "clean_value",
+]
+
+logger = logging.getLogger(__name__)
+
+# How many missing images check_images names one by one in the log before it only counts.
+MISSING_LOG_LIMIT = 20
+
+
+class DatasetError(InvalidRequestError):
+    """A benchmark file that is absent, malformed, or does not match the options given (names the file/value)."""
+
+    code = "invalid_dataset"
+
+
+class MissingImageError(ImageError):
+    """A sample's image file does not exist (raised only in strict mode). ``path`` is the path that was looked up."""
+
+    code = "missing_image"
+
+    def __init__(self, path: str, sample_id: str = "") -> None:
+        where = f" (sample {sample_id})" if sample_id else ""
+        super().__init__(f"image not found: {path}{where}")
+        self.path = path
+        self.sample_id = sample_id
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One benchmark question.
+
+    ``image`` is what the model gets: a file path, raw encoded bytes (MMBench keeps images inline as base64), or
+    ``None`` for a text-only question. ``image_name`` is the image as written to the answer file (relative to the
+    image folder; ``None`` when there is no file). ``meta`` holds the benchmark id fields of docs/answer-format.md
+    and whatever metrics need (ground truth, options, category ...), JSON-serialisable.
+    """
+
+    id: str
+    image: str | bytes | None
+    query: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    benchmark: str = ""
+    image_name: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What to read. Built once at the entry point (``from_args`` maps the CLI flags) and passed to ``load_samples``.
+
+    question_file: the benchmark's question file (MM-SafetyBench: one scenario's JSON or the folder of them).
+    image_folder: root the image names in the question file are relative to ("" = current directory).
+    mode: MM-SafetyBench only: SD, TYPO, SD_TYPO or text (default SD_TYPO).
+    scenarios: MM-SafetyBench only: keep these scenarios (full name or number prefix such as "01").
+    tiny_list: MM-SafetyBench only: TinyVersion_ID_List.json; keep only the ids it lists.
+    gt_file: MME only: llava_mme_gt.jsonl or the MME_Benchmark_release_version folder (ground truth into meta).
+    limit: keep the first N samples after every filter.
+    strict: raise on what would otherwise be reported and skipped (missing images, MMBench without images).
+    """
+
+    question_file: str | Path
+    image_folder: str | Path = ""
+    mode: str | None = None
+    scenarios: tuple[str, ...] = ()
+    tiny_list: str | Path | None = None
+    gt_file: str | Path | None = None
+    limit: int | None = None
+    strict: bool = False
+
+    def options_set(self) -> set[str]:
+        """Names of the benchmark-specific options this config sets (for the spec's option check)."""
+        given = {"mode": self.mode is not None, "scenarios": bool(self.scenarios),
+                 "tiny_list": self.tiny_list is not None, "gt_file": self.gt_file is not None}
+        return {name for name, is_set in given.items() if is_set}
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A benchmark = data plus small hooks; the generic runner needs nothing else.
+
+    reader: turns a config into samples (in file order).
+    id_fields: ``meta`` keys the answer file carries as top-level fields (docs/answer-format.md).
+    options: benchmark-specific config options it understands (subset of mode, scenarios, tiny_list, gt_file).
+    modes / default_mode: valid ``mode`` values (MM-SafetyBench only).
+    question_file / image_folder: the official names and layout, shown in ``--help`` and errors.
+    """
+
+    name: str
+    summary: str
+    reader: Callable[[BenchmarkConfig], Iterable[Sample]]
+    id_fields: tuple[str, ...]
+    question_file: str
+    image_folder: str
+    options: frozenset[str] = frozenset()
+    modes: tuple[str, ...] = ()
+    default_mode: str | None = None
+
+
+def is_missing(value: Any) -> bool:
+    """LLaVA's ``is_none``: None, NaN, or the strings "nan"/"none" (any case) count as absent."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.lower() in ("nan", "none")
+
+
+def clean_value(value: Any) -> Any:
+    """A table cell made JSON-safe: absent -> None, numpy scalars -> Python scalars."""
+    if is_missing(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path, or a DatasetError naming it when it is not an existing file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: {path}")
+    return path
+
+
+def read_jsonl(path: str | Path, what: str = "question file") -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; blank lines skipped; a bad line raises DatasetError with its number."""
+    path = require_file(path, what)
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    return rows
+
+
+def numbered_ids(keys: Iterable[str], always: bool) -> list[str]:
+    """Unique ids from possibly repeating keys: the k-th occurrence of a key becomes ``{key}#{k}``.
+
+    ``always=True`` numbers every key (MME: two questions per image, so ``...png#0``/``...png#1``); otherwise the
+    first occurrence keeps the bare key and only repeats get a suffix."""
+    seen: Counter[str] = Counter()
+    ids = []
+    for key in keys:
+        k = seen[key]
+        seen[key] += 1
+        ids.append(f"{key}#{k}" if always or k else key)
+    return ids
+
+
+def check_images(samples: Iterable[Sample], strict: bool = False) -> tuple[list[Sample], list[str]]:
+    """Split samples into those whose image is usable and the paths of image files that do not exist.
+
+    Bytes and text-only samples always pass. Missing files are logged (the first few by path, then a count);
+    with ``strict`` the first one raises MissingImageError naming the path instead."""
+    ok: list[Sample] = []
+    missing: list[str] = []
+    for sample in samples:
+        if isinstance(sample.image, str) and not os.path.isfile(sample.image):
+            if strict:
+                raise MissingImageError(sample.image, sample.id)
+            if len(missing) < MISSING_LOG_LIMIT:
+                logger.warning("image not found, skipping sample %s: %s", sample.id, sample.image)
+            missing.append(sample.image)
+            continue
+        ok.append(sample)
+    if missing:
+        logger.warning("%d of %d samples skipped: image file missing", len(missing), len(ok) + len(missing))
+    return ok, missing
+
+
+def summarize_missing(missing: list[str], limit: int = MISSING_LOG_LIMIT) -> str:
+    """A multi-line end-of-run report of missing image paths (all counted, the first ``limit`` listed)."""
+    if not missing:
+        return "no missing images"
+    lines = [f"{len(missing)} missing image(s):"] + [f"  {p}" for p in missing[:limit]]
+    if len(missing) > limit:
+        lines.append(f"  ... and {len(missing) - limit} more")
+    return "\n".join(lines)
+
+
+def iter_limited(samples: Iterable[Sample], limit: int | None) -> Iterator[Sample]:
+    """The first ``limit`` samples (all when ``limit`` is None)."""
+    for n, sample in enumerate(samples):
+        if limit is not None and n >= limit:
+            return
+        yield sample

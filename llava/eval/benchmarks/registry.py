@@ -1,0 +1,106 @@
+"""Benchmarks by name, the generic entry points over them, and the CLI flags that build a ``BenchmarkConfig``."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Iterator
+
+from llava.errors import InvalidRequestError
+from llava.eval.benchmarks import mmbench, mme, mmsafetybench, mmvet, vlsafe
+from llava.eval.benchmarks.base import BenchmarkConfig, BenchmarkSpec, Sample, iter_limited
+
+__all__ = [
+    "BENCHMARKS",
+    "benchmark_names",
+    "get_benchmark",
+    "iter_samples",
+    "load_samples",
+    "answer_fields",
+    "add_benchmark_arguments",
+    "config_from_args",
+]
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    spec.name: spec for spec in (vlsafe.SPEC, mmsafetybench.SPEC, mme.SPEC, mmbench.SPEC, mmvet.SPEC)
+}
+
+
+def benchmark_names() -> list[str]:
+    return list(BENCHMARKS)
+
+
+def get_benchmark(name: str) -> BenchmarkSpec:
+    """The spec registered under ``name``; an InvalidRequestError listing the valid names otherwise."""
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise InvalidRequestError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}") from None
+
+
+def _validate(spec: BenchmarkSpec, config: BenchmarkConfig) -> None:
+    unsupported = sorted(config.options_set() - spec.options)
+    if unsupported:
+        raise InvalidRequestError(f"benchmark {spec.name!r} does not take option(s) {', '.join(unsupported)}; "
+                                  f"it takes: {', '.join(sorted(spec.options)) or 'none beyond the common ones'}")
+    if config.limit is not None and config.limit < 1:
+        raise InvalidRequestError(f"limit must be at least 1, got {config.limit}")
+
+
+def iter_samples(name: str, config: BenchmarkConfig) -> Iterator[Sample]:
+    """Samples of benchmark ``name`` in file order, filtered and limited as ``config`` says (lazy)."""
+    spec = get_benchmark(name)
+    _validate(spec, config)
+    return iter_limited(spec.reader(config), config.limit)
+
+
+def load_samples(name: str, config: BenchmarkConfig) -> list[Sample]:
+    """All samples of benchmark ``name`` as a list (ids unique). Image files are not checked here: the runner
+    calls ``check_images`` so that missing ones are reported, counted and skipped (or raise when strict)."""
+    return list(iter_samples(name, config))
+
+
+def answer_fields(sample: Sample) -> dict[str, Any]:
+    """The answer-file fields a sample fixes (docs/answer-format.md): id, benchmark, image, query, the benchmark's
+    id fields at top level, and the rest of ``meta`` under ``meta``. The runner adds method, text, model_id, ..."""
+    id_fields = get_benchmark(sample.benchmark).id_fields
+    row: dict[str, Any] = {"id": sample.id, "benchmark": sample.benchmark, "image": sample.image_name,
+                           "query": sample.query}
+    row.update({k: sample.meta.get(k) for k in id_fields})
+    row["meta"] = {k: v for k, v in sample.meta.items() if k not in id_fields}
+    return row
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that build a BenchmarkConfig (shared by the generation runner and ``python -m llava.eval.datasets``)."""
+    group = parser.add_argument_group("benchmark data")
+    group.add_argument("--benchmark", required=True, choices=benchmark_names(),
+                       help="which benchmark reader to use")
+    group.add_argument("--question-file", required=True,
+                       help="the benchmark's question file: VLSafe *.jsonl; MM-SafetyBench one processed_questions/"
+                            "{scenario}.json or the whole folder; MME llava_mme.jsonl; MMBench *.tsv; "
+                            "MM-Vet llava-mm-vet.jsonl")
+    group.add_argument("--image-folder", default="",
+                       help="root of the images named in the question file (VLSafe: COCO train2017; MM-SafetyBench: "
+                            "the folder holding {scenario}/{SD,TYPO,SD_TYPO}/; MME: MME_Benchmark_release_version; "
+                            "MM-Vet: mm-vet/images; unused for MMBench). Default: current directory")
+    group.add_argument("--mode", default=None, choices=mmsafetybench.MODES,
+                       help="MM-SafetyBench only: image kind SD, TYPO, SD_TYPO, or text (no image). "
+                            f"Default {mmsafetybench.DEFAULT_MODE}")
+    group.add_argument("--scenarios", default="",
+                       help="MM-SafetyBench only: comma-separated scenarios to keep (names or numbers, e.g. 01,05)")
+    group.add_argument("--tiny-list", default=None,
+                       help=f"MM-SafetyBench only: path to {mmsafetybench.TINY_LIST_NAME}; keep the tiny subset")
+    group.add_argument("--gt-file", default=None,
+                       help="MME only: llava_mme_gt.jsonl or the MME_Benchmark_release_version folder; puts the "
+                            "ground truth into each sample's meta")
+    group.add_argument("--limit", type=int, default=None, help="keep only the first N samples (after filters)")
+    group.add_argument("--strict", action="store_true",
+                       help="fail on the first missing image (or MMBench tsv without images) instead of reporting "
+                            "and skipping it")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    """The BenchmarkConfig that ``add_benchmark_arguments``' flags describe."""
+    scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip()) if args.scenarios else ()
+    return BenchmarkConfig(question_file=args.question_file, image_folder=args.image_folder, mode=args.mode,
+                           scenarios=scenarios, tiny_list=args.tiny_list, gt_file=args.gt_file, limit=args.limit,
+                           strict=args.strict)
