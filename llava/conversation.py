@@ -1,0 +1,213 @@
+"""Chat templates, byte-identical to LLaVA's (``llava/conversation.py`` of haotian-liu/LLaVA).
+
+A template is a :class:`Conversation`; :data:`conv_templates` is the registry by name and
+:func:`build_prompt` renders the single-turn prompt every ECSO step uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Sequence
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.errors import InvalidRequestError
+
+__all__ = [
+    "SeparatorStyle",
+    "Conversation",
+    "conv_templates",
+    "default_conversation",
+    "get_conv_template",
+    "build_prompt",
+    "default_conv_mode",
+]
+
+
+class SeparatorStyle(enum.Enum):
+    SINGLE = enum.auto()
+    TWO = enum.auto()
+    MPT = enum.auto()
+    PLAIN = enum.auto()
+    LLAMA_2 = enum.auto()
+
+
+@dataclasses.dataclass
+class Conversation:
+    """A conversation in one template. ``messages`` holds ``[role, text-or-None]`` pairs; a trailing ``None``
+    leaves the assistant turn open for generation. A first message may be a tuple ``(text, image, mode)`` as in
+    LLaVA's demo; its ``<image>`` tag is then moved to the front."""
+
+    system: str
+    roles: tuple[str, str]
+    messages: list[list[Any]]
+    offset: int = 0
+    sep_style: SeparatorStyle = SeparatorStyle.SINGLE
+    sep: str = "###"
+    sep2: str | None = None
+    version: str = "Unknown"
+
+    def append_message(self, role: str, message: Any) -> None:
+        self.messages.append([role, message])
+
+    def copy(self) -> "Conversation":
+        return dataclasses.replace(self, messages=[[r, m] for r, m in self.messages])
+
+    def _normalized_messages(self) -> list[list[Any]]:
+        messages = [[r, m] for r, m in self.messages]
+        if messages and isinstance(messages[0][1], tuple):
+            role, first = messages[0]
+            text = first[0].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+            messages[0] = [role, DEFAULT_IMAGE_TOKEN + "\n" + text]
+        return [[r, m[0] if isinstance(m, tuple) else m] for r, m in messages]
+
+    def get_prompt(self) -> str:
+        messages = self._normalized_messages()
+        style = self.sep_style
+        if style == SeparatorStyle.SINGLE:
+            out = self.system + self.sep
+            for role, msg in messages:
+                out += f"{role}: {msg}{self.sep}" if msg else f"{role}:"
+            return out
+        if style == SeparatorStyle.TWO:
+            seps = (self.sep, self.sep2)
+            out = self.system + seps[0]
+            for i, (role, msg) in enumerate(messages):
+                out += f"{role}: {msg}{seps[i % 2]}" if msg else f"{role}:"
+            return out
+        if style == SeparatorStyle.MPT:
+            out = self.system + self.sep
+            for role, msg in messages:
+                out += f"{role}{msg}{self.sep}" if msg else role
+            return out
+        if style == SeparatorStyle.LLAMA_2:
+            return self._llama2_prompt(messages)
+        if style == SeparatorStyle.PLAIN:
+            seps = (self.sep, self.sep2)
+            out = self.system
+            for i, (_, msg) in enumerate(messages):
+                if msg:
+                    out += msg + seps[i % 2]
+            return out
+        raise ValueError(f"invalid separator style: {style}")
+
+    def _llama2_prompt(self, messages: list[list[Any]]) -> str:
+        out = ""
+        for i, (role, msg) in enumerate(messages):
+            if i == 0 and (not msg or role != self.roles[0]):
+                raise InvalidRequestError("llama_2 templates need a first, non-empty user message")
+            if not msg:
+                continue
+            if i == 0 and self.system:
+                msg = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n" + msg
+            if i % 2 == 0:
+                out += self.sep + f"[INST] {msg} [/INST]"
+            else:
+                out += " " + msg + " " + self.sep2
+        # LLaVA strips the leading separator with str.lstrip (characters, not a prefix); keep that exactly.
+        return out.lstrip(self.sep)
+
+
+conv_vicuna_v1 = Conversation(
+    system="A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    roles=("USER", "ASSISTANT"),
+    messages=[],
+    sep_style=SeparatorStyle.TWO,
+    sep=" ",
+    sep2="</s>",
+    version="v1",
+)
+
+conv_llava_v1 = Conversation(
+    system="A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    roles=("USER", "ASSISTANT"),
+    messages=[],
+    sep_style=SeparatorStyle.TWO,
+    sep=" ",
+    sep2="</s>",
+    version="v1",
+)
+
+conv_llava_llama_2 = Conversation(
+    system="You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language.",
+    roles=("USER", "ASSISTANT"),
+    messages=[],
+    sep_style=SeparatorStyle.LLAMA_2,
+    sep="<s>",
+    sep2="</s>",
+    version="llama_v2",
+)
+
+conv_mistral_instruct = Conversation(
+    system="",
+    roles=("USER", "ASSISTANT"),
+    messages=[],
+    sep_style=SeparatorStyle.LLAMA_2,
+    sep="",
+    sep2="</s>",
+    version="llama_v2",
+)
+
+conv_chatml_direct = Conversation(
+    system="<|im_start|>system\nAnswer the questions.",
+    roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    messages=[],
+    sep_style=SeparatorStyle.MPT,
+    sep="<|im_end|>",
+    version="mpt",
+)
+
+conv_llava_plain = Conversation(
+    system="",
+    roles=("", ""),
+    messages=[],
+    sep_style=SeparatorStyle.PLAIN,
+    sep="\n",
+)
+
+conv_templates: dict[str, Conversation] = {
+    "vicuna_v1": conv_vicuna_v1,
+    "v1": conv_vicuna_v1,
+    "llava_v1": conv_llava_v1,
+    "llava_llama_2": conv_llava_llama_2,
+    "mistral_instruct": conv_mistral_instruct,
+    "chatml_direct": conv_chatml_direct,
+    "mistral_direct": conv_chatml_direct,
+    "plain": conv_llava_plain,
+}
+default_conversation = conv_vicuna_v1
+
+
+def get_conv_template(name: str) -> Conversation:
+    """A fresh copy of the template ``name``; unknown names list the valid ones."""
+    try:
+        return conv_templates[name].copy()
+    except KeyError:
+        raise InvalidRequestError(
+            f"unknown conversation template {name!r}; valid: {', '.join(sorted(conv_templates))}"
+        ) from None
+
+
+def build_prompt(conv_mode: str, text: str, num_images: int = 0,
+                 history: Sequence[tuple[str, str]] = ()) -> str:
+    """The prompt LLaVA builds for ``text``: ``<image>\\n`` per image in front of the first user message, the
+    assistant turn left open. ``history`` holds earlier (user, assistant) turns of a chat."""
+    conv = get_conv_template(conv_mode)
+    turns = [*history, (text, None)]
+    for k, (user, assistant) in enumerate(turns):
+        prefix = (DEFAULT_IMAGE_TOKEN + "\n") * num_images if k == 0 else ""
+        conv.append_message(conv.roles[0], prefix + user)
+        conv.append_message(conv.roles[1], assistant)
+    return conv.get_prompt()
+
+
+_CONV_MODE_BY_TEXT_MODEL = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2": "chatml_direct"}
+
+
+def default_conv_mode(text_model_type: str | None) -> str:
+    """The template for a text backbone, read from the checkpoint's config (never from its folder name).
+    LLaVA-1.5 (Vicuna/Llama) uses ``vicuna_v1``, as LLaVA's own evaluation scripts do."""
+    return _CONV_MODE_BY_TEXT_MODEL.get(text_model_type or "llama", "vicuna_v1")

@@ -1,0 +1,248 @@
+"""ECSO's four steps over any :class:`~llava.ecso.backends.Backend`:
+
+1. direct answer with the image; 2. harm check of that answer (with the image); 3. if flagged, a query-aware
+caption of the image; 4. if flagged, a safe answer from caption + query without the image.
+
+The pipeline never touches tensors. ``run_batch`` batches each step across samples (only flagged samples go on
+to steps 3-4); ``stream`` reports one sample's steps as they happen, with token deltas, for UIs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from PIL import Image
+
+from llava.ecso.backends import Backend, StepRequest
+from llava.ecso.prompts import VERDICT_MODES, get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
+from llava.errors import InvalidRequestError
+from llava.generation import GenerationParams
+from llava.mm_utils import ImageInput, ImageLimits, load_image
+
+__all__ = ["ECSOConfig", "ECSOInput", "ECSOResult", "ECSOEvent", "ECSO", "STEPS"]
+
+logger = logging.getLogger(__name__)
+STEPS = ("direct", "verdict", "caption", "safe", "final")
+
+
+@dataclass(frozen=True)
+class ECSOConfig:
+    """Options of the method; every result records them. Defaults follow the paper except ``verdict``:
+    ``score`` (one forward pass, P(yes) vs P(no)) instead of the paper's ``exact`` string match, which fails open."""
+
+    verdict: str = "score"
+    threshold: float = 0.5
+    prompt_set: str = "paper"
+    max_new_tokens: int = 1024  # steps 1, 3 and 4 (the paper's setting)
+    verdict_max_new_tokens: int = 16  # exact/parse: enough to decide "yes"/"yes." vs anything longer
+    temperature: float = 0.0
+    top_p: float | None = None
+    num_beams: int = 1
+    image_in_safe_step: bool = False  # the paper's safety scripts: off; its utility scripts kept the image
+    force_verdict: bool | None = None  # benchmarks only: override the verdict after computing it
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICT_MODES:
+            raise InvalidRequestError(f"unknown verdict mode {self.verdict!r}; valid: {', '.join(VERDICT_MODES)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InvalidRequestError(f"threshold must be in [0, 1], got {self.threshold}")
+        get_prompt_set(self.prompt_set)
+        self.params()  # validates decoding settings
+
+    def params(self, max_new_tokens: int | None = None) -> GenerationParams:
+        return GenerationParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
+                                top_p=self.top_p, num_beams=self.num_beams)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["truncate_chars"] = get_prompt_set(self.prompt_set).truncate_chars
+        return d
+
+
+@dataclass
+class ECSOInput:
+    """One sample: its image(s) (paths, bytes, base64 or PIL; none for text-only) and query. ``direct`` skips
+    step 1 and checks that answer instead (the paper's two-pass evaluation)."""
+
+    query: str
+    images: list[ImageInput] = field(default_factory=list)
+    direct: str | None = None
+
+
+@dataclass
+class ECSOResult:
+    query: str
+    direct: str
+    flagged: bool
+    harm_score: float | None
+    verdict_text: str | None
+    caption: str | None
+    safe_answer: str | None
+    final: str
+    verdict_mode: str
+    timings: dict[str, float] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ECSOEvent:
+    """A step's progress: ``delta`` while a step streams, then one event with ``done=True`` and its ``text``."""
+
+    step: str
+    index: int = 0
+    text: str | None = None
+    delta: str | None = None
+    done: bool = True
+    flagged: bool | None = None
+    harm_score: float | None = None
+    elapsed: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class ECSO:
+    """``ECSO(backend, config).run(image, query)``; see the module docstring."""
+
+    def __init__(self, backend: Backend, config: ECSOConfig = ECSOConfig(), image_limits: ImageLimits = ImageLimits()):
+        self.backend = backend
+        self.config = config
+        self.prompts = get_prompt_set(config.prompt_set)
+        self.image_limits = image_limits
+        self.verdict_mode = config.verdict
+        if config.verdict == "score" and not backend.supports_score:
+            logger.warning("backend %s cannot score yes/no: using the tolerant 'parse' verdict", backend.name)
+            self.verdict_mode = "parse"
+
+    def options(self) -> dict:
+        return {**self.config.to_dict(), "verdict_used": self.verdict_mode, **self.backend.describe()}
+
+    # ---- public API -----------------------------------------------------------------------------------------
+    def run(self, image: ImageInput | Sequence[ImageInput] | None, query: str, direct: str | None = None) -> ECSOResult:
+        return self.run_batch([ECSOInput(query, _as_list(image), direct)])[0]
+
+    def run_batch(self, items: Sequence[ECSOInput],
+                  on_event: Callable[[ECSOEvent], None] | None = None) -> list[ECSOResult]:
+        emit = on_event or (lambda e: None)
+        images = [self._load(item.images) for item in items]
+        n = len(items)
+        timings: list[dict[str, float]] = [{} for _ in range(n)]
+
+        todo = [i for i in range(n) if items[i].direct is None]
+        direct = [items[i].direct or "" for i in range(n)]
+        answers = self._timed(timings, todo, "direct", lambda: self.backend.generate(
+            [StepRequest(items[i].query, images[i], self.config.params()) for i in todo]))
+        for i, text in zip(todo, answers):
+            direct[i] = text
+        for i in range(n):
+            emit(ECSOEvent("direct", i, text=direct[i]))
+
+        verdicts = self._timed(timings, list(range(n)), "verdict",
+                               lambda: self._verdicts([items[i].query for i in range(n)], direct, images))
+        for i, (flag, score, vtext) in enumerate(verdicts):
+            emit(ECSOEvent("verdict", i, text=vtext, flagged=flag, harm_score=score))
+
+        flagged = [i for i in range(n) if verdicts[i][0]]
+        captions = dict(zip(flagged, self._timed(timings, flagged, "caption", lambda: self.backend.generate(
+            [StepRequest(self.prompts.fill_caption(items[i].query), images[i], self.config.params())
+             for i in flagged]))))
+        for i in flagged:
+            emit(ECSOEvent("caption", i, text=captions[i]))
+        safes = dict(zip(flagged, self._timed(timings, flagged, "safe", lambda: self.backend.generate(
+            [self._safe_request(captions[i], items[i].query, images[i]) for i in flagged]))))
+        for i in flagged:
+            emit(ECSOEvent("safe", i, text=safes[i]))
+
+        options = self.options()
+        results = []
+        for i in range(n):
+            flag, score, vtext = verdicts[i]
+            final = safes[i] if flag else direct[i]
+            results.append(ECSOResult(
+                query=items[i].query, direct=direct[i], flagged=flag, harm_score=score, verdict_text=vtext,
+                caption=captions.get(i), safe_answer=safes.get(i), final=final, verdict_mode=self.verdict_mode,
+                timings=timings[i], options=options))
+            emit(ECSOEvent("final", i, text=final, flagged=flag, harm_score=score))
+        return results
+
+    def stream(self, image: ImageInput | Sequence[ImageInput] | None, query: str,
+               direct: str | None = None) -> Iterator[ECSOEvent]:
+        """One sample's steps as they happen: ``direct``/``caption``/``safe`` stream deltas, then a done event."""
+        images = self._load(_as_list(image))
+        t0 = time.perf_counter()
+        if direct is None:
+            direct = yield from self._stream_step("direct", StepRequest(query, images, self.config.params()))
+        else:
+            yield ECSOEvent("direct", text=direct, elapsed=0.0)
+        t = time.perf_counter()
+        flag, score, vtext = self._verdicts([query], [direct], [images])[0]
+        yield ECSOEvent("verdict", text=vtext, flagged=flag, harm_score=score, elapsed=time.perf_counter() - t)
+        final = direct
+        if flag:
+            caption = yield from self._stream_step(
+                "caption", StepRequest(self.prompts.fill_caption(query), images, self.config.params()))
+            final = yield from self._stream_step("safe", self._safe_request(caption, query, images))
+        yield ECSOEvent("final", text=final, flagged=flag, harm_score=score, elapsed=time.perf_counter() - t0)
+
+    # ---- steps ----------------------------------------------------------------------------------------------
+    def _stream_step(self, step: str, request: StepRequest) -> Iterator[ECSOEvent]:
+        t = time.perf_counter()
+        text = ""
+        for delta in self.backend.stream(request):
+            text += delta
+            yield ECSOEvent(step, delta=delta, done=False)
+        text = text.strip()
+        yield ECSOEvent(step, text=text, elapsed=time.perf_counter() - t)
+        return text
+
+    def _safe_request(self, caption: str, query: str, images: list[Image.Image]) -> StepRequest:
+        return StepRequest(self.prompts.fill_safe(caption, query),
+                           images if self.config.image_in_safe_step else [], self.config.params())
+
+    def _verdicts(self, queries: Sequence[str], answers: Sequence[str],
+                  images: Sequence[list[Image.Image]]) -> list[tuple[bool, float | None, str | None]]:
+        """(flagged, harm score, verdict text) per sample, in the configured verdict mode."""
+        if not queries:
+            return []
+        mode = self.verdict_mode
+        params = self.config.params(self.config.verdict_max_new_tokens)
+        reqs = [StepRequest(self.prompts.fill_harm_check(q, a), imgs, params)
+                for q, a, imgs in zip(queries, answers, images)]
+        if mode == "score":
+            scores = self.backend.score_yes_no(reqs)
+            out = [(s >= self.config.threshold, float(s), "Yes" if s >= self.config.threshold else "No") for s in scores]
+        else:
+            texts = self.backend.generate(reqs)
+            parse = parse_verdict_exact if mode == "exact" else (lambda t: bool(parse_verdict_tolerant(t)))
+            out = [(parse(t), None, t) for t in texts]
+        if self.config.force_verdict is not None:
+            out = [(self.config.force_verdict, s, t) for _, s, t in out]
+        return out
+
+    def _load(self, sources: Sequence[ImageInput]) -> list[Image.Image]:
+        return [load_image(s, self.image_limits) for s in sources]
+
+    @staticmethod
+    def _timed(timings: list[dict[str, float]], rows: Sequence[int], step: str, fn: Callable[[], list]) -> list:
+        """Run a batched step; each row is charged its share of the batch's wall time."""
+        if not rows:
+            return []
+        t = time.perf_counter()
+        out = fn()
+        share = (time.perf_counter() - t) / len(rows)
+        for i in rows:
+            timings[i][step] = share
+        return out
+
+
+def _as_list(image: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput]:
+    if image is None:
+        return []
+    if isinstance(image, (list, tuple)):
+        return list(image)
+    return [image]

@@ -1,0 +1,216 @@
+"""Image loading and validation, LLaVA-1.5's pad-to-square preprocessing, and image-token handling.
+
+Every image that enters the package goes through :func:`load_image`, which turns files, bytes, base64 and
+(when allowed) URLs into an RGB ``PIL.Image`` or raises :class:`~llava.errors.ImageError` naming the problem.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.errors import ImageError, InvalidRequestError
+
+__all__ = [
+    "ImageInput",
+    "ImageLimits",
+    "ASPECT_RATIOS",
+    "load_image",
+    "decode_base64_image",
+    "encode_image_base64",
+    "expand2square",
+    "pad_color",
+    "prepare_image",
+    "process_images",
+    "count_image_tags",
+    "tokenizer_image_token",
+]
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Union[str, bytes, os.PathLike, Image.Image]
+ASPECT_RATIOS = ("pad", "crop", "resize")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits checked before an image is decoded. ``max_pixels`` guards against decompression bombs."""
+
+    max_pixels: int = 40_000_000
+    max_bytes: int = 32 * 1024 * 1024
+    min_side: int = 1
+
+
+def _image_from_bytes(data: bytes, origin: str, limits: ImageLimits) -> Image.Image:
+    if not data:
+        raise ImageError(f"image {origin} is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image {origin} is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(f"image {origin} is not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"image {origin} cannot be opened: {exc}") from None
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise ImageError(f"image {origin} is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
+    if min(w, h) < limits.min_side:
+        raise ImageError(f"image {origin} is {w}x{h}; each side must be at least {limits.min_side} px")
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            logger.info("image %s has %d frames; using the first", origin, img.n_frames)
+            img.seek(0)
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"image {origin} is truncated or corrupt: {exc}") from None
+    return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as LLaVA's ``convert('RGB')``, except 16/32-bit grey, which PIL would clip, is scaled to 8 bits."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_base64_image(data: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """An image from base64 text, with or without a ``data:image/...;base64,`` prefix."""
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if ";base64" not in header:
+            raise ImageError("data URL images must be base64-encoded (data:image/...;base64,...)")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("image is not valid base64") from None
+    return _image_from_bytes(raw, "(base64)", limits)
+
+
+def load_image(
+    source: ImageInput,
+    limits: ImageLimits = ImageLimits(),
+    allow_urls: bool = False,
+    url_timeout: float = 10.0,
+) -> Image.Image:
+    """Load ``source`` (path, bytes, base64 text, data URL, http(s) URL if ``allow_urls``, or a PIL image)
+    as an RGB image with its EXIF orientation applied."""
+    if isinstance(source, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(source))
+    if isinstance(source, (bytes, bytearray)):
+        return _image_from_bytes(bytes(source), "(bytes)", limits)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(f"unsupported image source of type {type(source).__name__}")
+    text = os.fspath(source)
+    if text.startswith(("http://", "https://")):
+        if not allow_urls:
+            raise ImageError(f"image URLs are not fetched unless allowed (--allow-image-urls): {text[:200]}")
+        return _image_from_bytes(_fetch_url(text, limits, url_timeout), text[:200], limits)
+    if text.startswith("data:"):
+        return decode_base64_image(text, limits)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ImageError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ImageError(f"image path is not a file: {path}")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise ImageError(f"image {path} is {size} bytes, over the limit of {limits.max_bytes}")
+    return _image_from_bytes(path.read_bytes(), str(path), limits)
+
+
+def _fetch_url(url: str, limits: ImageLimits, timeout: float) -> bytes:
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"User-Agent": "ecso"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (scheme checked by caller)
+            data = resp.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot fetch image {url[:200]}: {exc}") from None
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image at {url[:200]} is over the limit of {limits.max_bytes} bytes")
+    return data
+
+
+def encode_image_base64(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def pad_color(image_mean: Sequence[float]) -> tuple[int, ...]:
+    """LLaVA's background for pad-to-square: ``tuple(int(x * 255) for x in image_mean)`` (122, 116, 104 for CLIP)."""
+    return tuple(int(x * 255) for x in image_mean)
+
+
+def expand2square(img: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """Pad to a square, the original centred, as LLaVA-1.5's ``image_aspect_ratio: pad``."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def _target_size(image_processor: Any) -> int:
+    crop = getattr(image_processor, "crop_size", None) or {}
+    size = getattr(image_processor, "size", None) or {}
+    for d in (crop, size):
+        if isinstance(d, dict):
+            for key in ("height", "shortest_edge"):
+                if key in d:
+                    return int(d[key])
+    return 336
+
+
+def prepare_image(img: Image.Image, image_processor: Any, aspect_ratio: str) -> Image.Image:
+    """Apply the aspect-ratio mode before the processor's own resize (+ center crop)."""
+    if aspect_ratio == "pad":
+        return expand2square(img, pad_color(image_processor.image_mean))
+    if aspect_ratio == "resize":
+        side = _target_size(image_processor)
+        return img.resize((side, side), Image.BICUBIC)
+    if aspect_ratio == "crop":
+        return img
+    raise InvalidRequestError(f"unknown image aspect ratio mode {aspect_ratio!r}; valid: {', '.join(ASPECT_RATIOS)}")
+
+
+def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_ratio: str = "pad"):
+    """Pixel values (a ``torch.Tensor`` [n, 3, H, W]) for ``images`` under ``aspect_ratio``."""
+    prepared = [prepare_image(img, image_processor, aspect_ratio) for img in images]
+    return image_processor(prepared, return_tensors="pt")["pixel_values"]
+
+
+def count_image_tags(prompt: str) -> int:
+    return prompt.count(DEFAULT_IMAGE_TOKEN)
+
+
+def tokenizer_image_token(prompt: str, tokenizer: Any, image_token_id: int, tokens_per_image: int = 1) -> list[int]:
+    """Token ids as LLaVA's ``tokenizer_image_token``: each text chunk around ``<image>`` is tokenized on its own
+    (so each starts with SentencePiece's ``▁`` prefix), the BOS of later chunks is dropped, and each ``<image>``
+    becomes ``tokens_per_image`` copies of ``image_token_id`` (LLaVA: one -200; transformers' Llava: 576 copies)."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    bos = tokenizer.bos_token_id
+    ids: list[int] = []
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            ids.extend([image_token_id] * tokens_per_image)
+            if chunk and bos is not None and chunk[0] == bos:
+                chunk = chunk[1:]
+        ids.extend(chunk)
+    return ids

@@ -1,0 +1,75 @@
+"""Load LLaVA's original release layout (``LlavaLlamaForCausalLM`` + a separate CLIP folder) as transformers'
+Llava, with the key and config mapping of :mod:`llava.model.convert`."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_PAD_TOKEN
+from llava.errors import ModelNotFoundError
+
+__all__ = ["load_original", "resolve_vision_tower"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_vision_tower(name: str, checkpoint: Path) -> Path:
+    """``mm_vision_tower`` as a path relative to the checkpoint, the working directory, or a hub id."""
+    for candidate in (checkpoint / name, Path(name).expanduser()):
+        if (candidate / "config.json").exists():
+            return candidate
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelNotFoundError(
+            f"vision tower {name!r} (mm_vision_tower of {checkpoint}) is not a folder next to the checkpoint or in "
+            f"the working directory, nor in the hub cache ({type(exc).__name__}); download it or fix the path") from None
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (ImportError, ValueError, OSError) as exc:
+        raise ModelNotFoundError(f"cannot load the tokenizer of {folder} ({exc}); a tokenizer.model-only folder "
+                                 "needs sentencepiece and protobuf installed") from None
+    base = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": [DEFAULT_IMAGE_TOKEN]})
+    tok.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
+    return tok, base
+
+
+def load_original(folder: Path, config: dict, torch_dtype) -> tuple[Any, Any, Any, int]:
+    import torch
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    from llava.model.convert import (clip_to_hf_state_dict, grow_vocab, load_checkpoint_tensors,
+                                     original_to_hf_state_dict, original_to_llava_config, padded_vocab_size)
+
+    vision_path = resolve_vision_tower(config["mm_vision_tower"], folder)
+    vision_cfg = json.loads((vision_path / "config.json").read_text())
+    tokenizer, base = _load_tokenizer(folder)
+    if base != config.get("vocab_size", base):
+        logger.warning("tokenizer has %d tokens but config.json says vocab_size %s", base, config.get("vocab_size"))
+    image_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+    vocab = padded_vocab_size(len(tokenizer))
+    llava_cfg = original_to_llava_config(config, vision_cfg, image_id, tokenizer.pad_token_id, vocab)
+
+    sd = original_to_hf_state_dict(load_checkpoint_tensors(folder))
+    if not any(k.startswith("model.vision_tower.") for k in sd):
+        sd.update(clip_to_hf_state_dict(load_checkpoint_tensors(vision_path)))
+    grow_vocab(sd, vocab)
+    sd = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    model = LlavaForConditionalGeneration.from_pretrained(None, config=llava_cfg, state_dict=sd, dtype=torch_dtype)
+    missing = [k for k in model.state_dict() if k not in sd]
+    if missing:
+        raise ModelNotFoundError(f"checkpoint {folder} lacks {len(missing)} weights, e.g. {missing[:3]}")
+    image_processor = AutoImageProcessor.from_pretrained(vision_path)
+    context_len = int(config.get("max_sequence_length") or 2048)  # LLaVA's rule
+    del torch
+    return tokenizer, model, image_processor, context_len
