@@ -92,8 +92,8 @@ def mme_result_lines(answers: list[dict[str, Any]], gt: MMEGroundTruth | None = 
         if found is None:
             unknown.append(str(row.get("id")))
             continue
-        image = str(question_id).split("/")[-1]
-        groups[category, question_id].append((_occurrence(row), "\t".join((image, found[0], found[1], _one_line(row["text"])))))
+        line = "\t".join((str(question_id).split("/")[-1], found[0], found[1], _one_line(row["text"])))
+        groups[category, question_id].append((_occurrence(row), line))
     if unknown:
         raise DatasetError(f"{len(unknown)} MME answers have no ground truth (first: {unknown[0]}); pass --gt-file "
                            "(llava_mme_gt.jsonl or the MME_Benchmark_release_version folder)")

@@ -70,7 +70,7 @@ def answer_fields(sample: Sample) -> dict[str, Any]:
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that build a BenchmarkConfig (shared by the generation runner and ``python -m llava.eval.datasets``)."""
+    """The flags that build a BenchmarkConfig (shared by the generation runner and llava.eval.datasets' CLI)."""
     group = parser.add_argument_group("benchmark data")
     group.add_argument("--benchmark", required=True, choices=benchmark_names(),
                        help="which benchmark reader to use")

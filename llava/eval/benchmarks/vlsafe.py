@@ -1,4 +1,5 @@
-"""VLSafe: JSON lines ``{image_id, query[, caption, ...]}``; images are COCO train2017 files ``{image_folder}/{image_id}``."""
+"""VLSafe: JSON lines ``{image_id, query[, caption, ...]}``; images are COCO train2017 files
+``{image_folder}/{image_id}``."""
 from __future__ import annotations
 
 from pathlib import Path
