@@ -1,0 +1,5 @@
+import sys
+
+from llava.eval.judge.cli import main
+
+sys.exit(main())

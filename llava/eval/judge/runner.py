@@ -1,0 +1,236 @@
+"""Running a judge over answer rows: resume, cache, bounded concurrency, append-only judgments, a summary.
+
+Order of work for each answer: already in the judgments file (resume) -> skipped; in the cache -> judged for free;
+else sent to the endpoint by one of ``parallel`` worker threads. The main thread alone writes: the reply goes to
+the cache first, then the judgment line is appended and flushed, so a kill at any point loses at most the
+requests in flight and never judges an answer twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+from tqdm import tqdm
+
+from llava.errors import AuthError, BackendError, InvalidRequestError
+from llava.eval.judge import mmvet
+from llava.eval.judge.cache import JudgeCache
+from llava.eval.judge.client import BudgetExhaustedError, JudgeClient
+from llava.eval.judge.config import JudgeConfig
+from llava.eval.judge.parsers import Verdict, parse_verdict
+from llava.eval.judge.prompts import MMVET_PROMPT_FILE, PromptSet, default_prompt_set, load_prompt_set
+from llava.eval.judge.protocols import JudgeTask, build_tasks
+from llava.eval.judge.records import JsonlAppender, Judgment, read_judgments
+
+__all__ = ["JudgeRunner", "RunSummary", "judge_answers", "load_prompts_for"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    resumed: int = 0
+    from_cache: int = 0
+    judged: int = 0
+    unparseable: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+    aborted: str | None = None
+    wall_s: float = 0.0
+    requests: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.failed or self.pending or self.aborted)
+
+    def to_dict(self) -> dict[str, Any]:
+        rate = self.requests.get("requests", 0) / self.wall_s if self.wall_s > 0 else 0.0
+        return {"total": self.total, "resumed": self.resumed, "from_cache": self.from_cache, "judged": self.judged,
+                "unparseable": len(self.unparseable), "unparseable_ids": self.unparseable,
+                "failed": self.failed, "pending": len(self.pending), "aborted": self.aborted,
+                "complete": self.complete, "wall_s": round(self.wall_s, 3), "requests_per_s": round(rate, 3),
+                **{f"http_{k}": v for k, v in self.requests.items()}}
+
+
+def load_prompts_for(config: JudgeConfig) -> PromptSet:
+    """``--judge-file`` if given (MM-Vet also takes a plain-text preamble), else the project's set."""
+    if config.benchmark == "mmvet":
+        return mmvet.load_mmvet_prompts(config.judge_file) if config.judge_file else default_prompt_set(MMVET_PROMPT_FILE)
+    return load_prompt_set(config.judge_file) if config.judge_file else default_prompt_set()
+
+
+def _safe_url(url: str | None) -> str | None:
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+class JudgeRunner:
+    def __init__(self, config: JudgeConfig, *, client: JudgeClient | None = None, prompts: PromptSet | None = None):
+        self.config = config
+        self.prompts = prompts or load_prompts_for(config)
+        self._client = client
+        self.summary = RunSummary()
+
+    @property
+    def client(self) -> JudgeClient:
+        if self._client is None:
+            self._client = JudgeClient(self.config)
+        return self._client
+
+    def tasks(self, rows: Iterable[dict[str, Any]]) -> list[JudgeTask]:
+        gt = mmvet.load_ground_truth(self.config.ground_truth) if self.config.ground_truth else None
+        if self.config.benchmark == "mmvet" and gt is None:
+            raise InvalidRequestError("MM-Vet grading needs --ground-truth mm-vet.json")
+        return build_tasks(rows, benchmark=self.config.benchmark, mode=self.config.mode, prompts=self.prompts,
+                           judge_model=self.config.judge_model, params=self.config.params(),
+                           answer_field=self.config.answer_field, ground_truth=gt)
+
+    def _existing(self) -> dict[str, Judgment]:
+        path = self.config.judgments_path
+        if path is None or not path.exists():
+            return {}
+        done = read_judgments(path)
+        for j in done.values():
+            if j.judge_model != self.config.judge_model or j.prompt_set_sha256 != self.prompts.sha256:
+                raise InvalidRequestError(
+                    f"{path} holds judgments by {j.judge_model!r} with prompt set {j.prompt_set_sha256[:12]}; this run "
+                    f"uses {self.config.judge_model!r} with {self.prompts.sha256[:12]}: choose another --output"
+                )
+        return done
+
+    def _judgment(self, task: JudgeTask, payload: dict[str, Any], cached: bool) -> Judgment:
+        kind = task.prompt.verdict_kind
+        verdict: Verdict = mmvet.verdict_from_payload(payload) if kind == "score01" else parse_verdict(kind, payload["raw"])
+        return Judgment(
+            id=task.id, prompt_name=task.prompt.name, judge_model=self.config.judge_model, verdict_kind=kind,
+            raw=payload["raw"], label=verdict.label, score=verdict.score, parse_error=verdict.error,
+            detail=verdict.detail, cached=cached, attempts=0 if cached else payload.get("attempts", 1), key=task.key,
+            answer_field=self.config.answer_field, prompt_set_sha256=self.prompts.sha256, fields=task.fields,
+        )
+
+    def _ask(self, task: JudgeTask, stop: threading.Event) -> dict[str, Any]:
+        if stop.is_set():
+            raise BudgetExhaustedError("run stopped before this request")
+        try:
+            if task.prompt.verdict_kind == "score01":
+                return mmvet.grade(self.client, task, self.config.mmvet_tries)
+            done = self.client.complete(task.messages, **task.params)
+        except (AuthError, BudgetExhaustedError):
+            stop.set()  # at once, so no other worker starts a request that cannot succeed
+            raise
+        return {"raw": done.text, "attempts": done.attempts}
+
+    def run(self, rows: Iterable[dict[str, Any]]) -> list[Judgment]:
+        """Judge every row; returns judgments (resumed, cached and new) in input order. Answers whose request
+        failed or did not fit the budget are left out and listed in ``summary``; ``AuthError`` stops the run."""
+        start = time.monotonic()
+        tasks = self.tasks(rows)
+        ids = {t.id for t in tasks}
+        results = {k: v for k, v in self._existing().items() if k in ids}
+        s = self.summary = RunSummary(total=len(tasks), resumed=len(results))
+        todo = [t for t in tasks if t.id not in results]
+        path = self.config.judgments_path
+        out = JsonlAppender(path) if path is not None else None
+        cache = JudgeCache(self.config.resolved_cache_path)
+        try:
+            misses = []
+            for task in todo:
+                payload = cache.get(task.key)
+                if payload is None:
+                    misses.append(task)
+                    continue
+                results[task.id] = self._record(self._judgment(task, payload, cached=True), out)
+                s.from_cache += 1
+            if misses:
+                self._run_requests(misses, cache, out, results)
+        finally:
+            cache.close()
+            if out is not None:
+                out.close()
+            s.wall_s = time.monotonic() - start
+            s.requests = self.client.stats.to_dict() if self._client is not None else {"requests": 0}
+            self._write_summary()
+        if s.aborted:
+            raise AuthError(s.aborted)
+        return [results[t.id] for t in tasks if t.id in results]
+
+    def _record(self, judgment: Judgment, out: JsonlAppender | None) -> Judgment:
+        if not judgment.parsed:
+            self.summary.unparseable.append(judgment.id)
+            logger.warning("unparseable verdict for %s (%s): %r", judgment.id, judgment.parse_error, judgment.raw[:200])
+        if out is not None:
+            out.write(judgment.to_row())
+        return judgment
+
+    def _run_requests(self, tasks: list[JudgeTask], cache: JudgeCache, out, results: dict[str, Judgment]) -> None:
+        stop = threading.Event()
+        _ = self.client  # made here, before the worker threads need it
+        logger.info("sending %d judge requests to %s (parallel %d)", len(tasks), self.config.judge_model,
+                    self.config.parallel)
+        pool = ThreadPoolExecutor(max_workers=self.config.parallel, thread_name_prefix="judge")
+        futures: dict[Future, JudgeTask] = {pool.submit(self._ask, t, stop): t for t in tasks}
+        bar = tqdm(total=len(tasks), desc=f"judge {self.config.judge_model}", unit="ans", disable=None)
+        try:
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    self._collect(fut, futures[fut], cache, out, results, stop)
+                    bar.update(1)
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+
+    def _collect(self, fut: Future, task: JudgeTask, cache: JudgeCache, out, results, stop: threading.Event) -> None:
+        s = self.summary
+        try:
+            payload = fut.result()
+        except AuthError as e:
+            if not stop.is_set():
+                logger.error("stopping the run: %s", e)
+            stop.set()
+            s.aborted = s.aborted or str(e)
+            s.pending.append(task.id)
+            return
+        except BudgetExhaustedError:
+            stop.set()
+            s.pending.append(task.id)
+            return
+        except BackendError as e:
+            s.failed[task.id] = str(e)
+            logger.warning("no judgment for %s: %s", task.id, e)
+            return
+        cache.put(task.key, self.config.judge_model, task.prompt.name, payload)
+        results[task.id] = self._record(self._judgment(task, payload, cached=False), out)
+        s.judged += 1
+
+    def _write_summary(self) -> None:
+        path = self.config.summary_path
+        if path is None:
+            return
+        cfg = self.config.to_dict()
+        cfg["base_url"] = _safe_url(cfg.get("base_url"))
+        names = sorted({*self.prompts.prompts})
+        data = {"config": cfg, "prompt_set": {"source": self.prompts.source, "sha256": self.prompts.sha256,
+                                              "names": names},
+                "summary": self.summary.to_dict(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+
+
+def judge_answers(rows: Iterable[dict[str, Any]], config: JudgeConfig, *, client: JudgeClient | None = None,
+                  prompts: PromptSet | None = None) -> list[Judgment]:
+    """Library entry point: judge answer rows (dicts in the answer-file format) and return their judgments."""
+    return JudgeRunner(config, client=client, prompts=prompts).run(rows)
