@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import anyio
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -305,7 +306,8 @@ async def _relay(app: FastAPI, address: str, resp: httpx.Response) -> AsyncItera
         logger.warning("stream from %s: %s", address, exc)
         yield encode_chunk(error_chunk(exc))
     finally:
-        await resp.aclose()
+        with anyio.CancelScope(shield=True):  # the client may have gone: still release the worker connection
+            await resp.aclose()
 
 
 def _chunk_response(exc: ECSOError) -> Response:

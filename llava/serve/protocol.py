@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 _REPR_LIMIT = 80
+_MAX_LISTED = 5  # errors spelled out in one message
 
 # Reusable field types: finite floats in range. ``allow_inf_nan=False`` because NaN passes no comparison and would
 # otherwise slip through as "not less than 0".
@@ -443,7 +444,7 @@ def _short(value: Any) -> str:
 
 def describe_validation_error(err: ValidationError | Any) -> tuple[str, str | None]:
     """``(message, param)`` for a pydantic (or FastAPI request) validation error: one ``field: problem (got value)``
-    per error, joined by ``; ``, and the first offending field's dotted path. A leading ``body`` location (FastAPI)
+    per error (the first five), joined by ``; ``, and the first offending field's dotted path. A leading ``body`` location (FastAPI)
     is dropped, and values are shortened so a base64 image does not end up in a log line."""
     parts: list[str] = []
     params: list[str] = []
@@ -459,4 +460,6 @@ def describe_validation_error(err: ValidationError | Any) -> tuple[str, str | No
             parts.append(f"{field}: field required")
         else:
             parts.append(f"{field}: {msg} (got {_short(e.get('input'))})")
+    if len(parts) > _MAX_LISTED:
+        parts[_MAX_LISTED:] = [f"and {len(parts) - _MAX_LISTED} more"]
     return "; ".join(parts) or "invalid request", (params[0] if params else None)

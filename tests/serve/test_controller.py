@@ -41,13 +41,15 @@ WORKER_TIMEOUT = 1.0  # the controller's --worker-timeout in these tests
 
 class FakeWorker:
     """A worker that streams ``chunks`` cumulative chunks. ``behaviour``: ok | die (one chunk, then the connection
-    is dropped) | stall (one chunk, then silence) | slow_start (no answer for a while) | bad_request (HTTP 400)."""
+    is dropped) | stall (one chunk, then silence) | slow_start (no answer for a while) | bad_request (HTTP 400) |
+    long (a pause after each chunk)."""
 
     def __init__(self, models: list[str], *, speed: float = 1.0, queue_length: int = 0, behaviour: str = "ok",
                  api_key: str | None = None, chunks: int = 3) -> None:
         self.models, self.speed, self.queue_length, self.behaviour = models, speed, queue_length, behaviour
         self.api_key, self.chunks = api_key, chunks
         self.requests: list[dict] = []
+        self.streams_ended: list[int] = []  # chunks sent, per stream, once the stream is over (or cancelled)
         self.auth: list[str | None] = []
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -82,14 +84,20 @@ class FakeWorker:
                 await asyncio.sleep(WORKER_TIMEOUT * 3)
 
             async def body():
-                text = params["prompt"]
-                for i in range(self.chunks):
-                    text += f" w{i}"
-                    yield json.dumps({"text": text, "error_code": 0}).encode() + b"\0"
-                    if self.behaviour == "die":
-                        raise RuntimeError("worker crashed mid-stream (test)")
-                    if self.behaviour == "stall":
-                        await asyncio.sleep(WORKER_TIMEOUT * 3)
+                text, sent = params["prompt"], 0
+                try:
+                    for i in range(self.chunks):
+                        text += f" w{i}"
+                        yield json.dumps({"text": text, "error_code": 0}).encode() + b"\0"
+                        sent += 1
+                        if self.behaviour == "die":
+                            raise RuntimeError("worker crashed mid-stream (test)")
+                        if self.behaviour == "stall":
+                            await asyncio.sleep(WORKER_TIMEOUT * 3)
+                        if self.behaviour == "long":
+                            await asyncio.sleep(0.05)
+                finally:
+                    self.streams_ended.append(sent)
 
             return StreamingResponse(body())
 
@@ -263,6 +271,22 @@ def test_proxy_relays_chunks_byte_for_byte(controller: ServiceClient) -> None:
     assert w.requests[-1] == payload  # passed on unchanged, unknown fields included
     chunks = [json.loads(f) for f in proxied.content.split(b"\0") if f]
     assert chunks[-1] == {"text": payload["prompt"] + " w0 w1 w2 w3", "error_code": 0}
+
+
+@pytest.mark.slow
+def test_proxy_releases_the_worker_when_the_client_leaves(controller: ServiceClient) -> None:
+    model = unique("leave")
+    with FakeWorker([model], behaviour="long", chunks=200) as w:
+        register(controller, w)
+        with httpx.stream("POST", f"{controller.base_url}/worker_generate_stream",
+                          json={"model": model, "prompt": "p"}) as resp:
+            first = next(resp.iter_bytes())
+        assert first.startswith(b'{"text": "p w0"')
+        deadline = time.monotonic() + 3
+        while not w.streams_ended:
+            assert time.monotonic() < deadline, "the worker's stream was not cancelled"
+            time.sleep(0.05)
+    assert w.streams_ended[0] < 100
 
 
 @pytest.mark.slow
