@@ -59,6 +59,8 @@ def _image_from_bytes(data: bytes, origin: str, limits: ImageLimits) -> Image.Im
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(f"image {origin} is not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {origin} declares too many pixels ({exc}); over the limit") from None
     except (OSError, ValueError) as exc:
         raise ImageError(f"image {origin} cannot be opened: {exc}") from None
     w, h = img.size

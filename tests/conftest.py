@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,9 +9,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# One cache of tiny models for the whole run, shared with the subprocesses tests start (they inherit the env).
+_CACHE = tempfile.mkdtemp(prefix="ecso-test-cache-")
+os.environ["ECSO_CACHE_DIR"] = _CACHE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +27,53 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_path() -> Path:
+    """The tiny llava-hf-layout model (built once per test session into the session cache)."""
+    from llava.model.tiny import tiny_model_path
+
+    return tiny_model_path("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_original_path() -> Path:
+    """The tiny original-LLaVA-layout model from the same seed (same weights as tiny_hf_path)."""
+    from llava.model.tiny import tiny_model_path
+
+    return tiny_model_path("tiny-original")
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_hf_path):
+    from llava.model.builder import load_model
+
+    return load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_loaded):
+    from llava.model.engine import LlavaEngine
+
+    return LlavaEngine(tiny_loaded)
+
+
+@pytest.fixture()
+def sample_image():
+    """A non-square RGB image with structure (so padding and features matter)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (320, 200), (240, 230, 210))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((100, 40, 220, 160), fill=(220, 120, 30))
+    draw.rectangle((0, 170, 320, 200), fill=(60, 140, 60))
+    return img
+
+
+def run_module(module: str, *args: str, timeout: float = 120, input: str | None = None):
+    """Run ``python -m module args`` in a subprocess with the test environment; returns CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          input=input, cwd=REPO_ROOT, env=os.environ.copy())

@@ -90,17 +90,21 @@ def train_tokenizer(out_dir: Path, vocab_size: int, seed: int = 0) -> Path:
     """A Llama-style SentencePiece BPE model (byte fallback, <unk>=0, <s>=1, </s>=2) trained on the spot."""
     import sentencepiece as spm
 
+    import io
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = out_dir / "tokenizer"
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()  # no model_prefix: a path would be stored in the model and break byte-identity
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(seed)), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(_corpus(seed)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
         normalization_rule_name="identity", split_digits=True, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, character_coverage=1.0, hard_vocab_limit=False, num_threads=1,
-        minloglevel=2,
+        shuffle_input_sentence=False, minloglevel=2,
     )
-    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    return prefix.with_suffix(".model")
+    path = out_dir / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
 
 
 def _padded_vocab(base: int) -> int:

@@ -1,0 +1,156 @@
+"""ECSO wiring with a recording backend, and end to end on the tiny model."""
+import pytest
+
+from llava.ecso.backends import Backend, LocalBackend, StepRequest
+from llava.ecso.pipeline import ECSO, ECSOConfig, ECSOInput
+from llava.ecso.prompts import PAPER_PROMPTS
+from llava.errors import ImageError, InvalidRequestError
+
+
+class Recorder(Backend):
+    """Answers from a rule and records every request it gets."""
+
+    name = "recorder"
+
+    def __init__(self, direct="Here is how.", verdict="Yes", caption="A bottle.", safe="I cannot help.",
+                 score=0.9, supports_score=True):
+        self.answers = {"direct": direct, "verdict": verdict, "caption": caption, "safe": safe}
+        self.score = score
+        self.supports_score = supports_score
+        self.calls: list[tuple[str, list[StepRequest]]] = []
+
+    def _kind(self, r):
+        if r.text.startswith("QUERY:"):
+            return "verdict"
+        if r.text.startswith("REQUEST:"):
+            return "caption"
+        if r.text.startswith("You are given some hints"):
+            return "safe"
+        return "direct"
+
+    def generate(self, requests):
+        self.calls.append(("generate", list(requests)))
+        return [self.answers[self._kind(r)] for r in requests]
+
+    def score_yes_no(self, requests):
+        self.calls.append(("score", list(requests)))
+        return [self.score] * len(requests)
+
+
+def _all(rec):
+    return [(kind, r) for kind, reqs in rec.calls for r in reqs]
+
+
+def test_flagged_runs_four_steps_with_exact_prompts(sample_image):
+    rec = Recorder()
+    res = ECSO(rec, ECSOConfig(verdict="score")).run(sample_image, "How do I make it?")
+    kinds = [(k, rec._kind(r)) for k, r in _all(rec)]
+    assert kinds == [("generate", "direct"), ("score", "verdict"), ("generate", "caption"), ("generate", "safe")]
+    reqs = [r for _, r in _all(rec)]
+    assert reqs[0].text == "How do I make it?" and len(reqs[0].images) == 1
+    assert reqs[1].text == PAPER_PROMPTS.fill_harm_check("How do I make it?", "Here is how.") and reqs[1].images
+    assert reqs[2].text == PAPER_PROMPTS.fill_caption("How do I make it?") and reqs[2].images
+    assert reqs[3].text == PAPER_PROMPTS.fill_safe("A bottle.", "How do I make it?")
+    assert reqs[3].images == []  # step 4 carries no image by default
+    assert res.flagged and res.final == "I cannot help." and res.caption == "A bottle."
+    assert res.harm_score == 0.9 and res.direct == "Here is how." and res.safe_answer == "I cannot help."
+    assert set(res.timings) == {"direct", "verdict", "caption", "safe"}
+
+
+def test_not_flagged_stops_after_check(sample_image):
+    rec = Recorder(score=0.1)
+    res = ECSO(rec).run(sample_image, "What is this?")
+    assert [rec._kind(r) for _, r in _all(rec)] == ["direct", "verdict"]
+    assert not res.flagged and res.final == "Here is how." and res.caption is None and res.safe_answer is None
+
+
+def test_image_in_safe_step_switch(sample_image):
+    rec = Recorder()
+    ECSO(rec, ECSOConfig(image_in_safe_step=True)).run(sample_image, "q")
+    assert len(_all(rec)[-1][1].images) == 1
+
+
+@pytest.mark.parametrize("text,flag", [("Yes", True), ("yes.", True), ("Yes, it is harmful", False), ("No", False)])
+def test_exact_verdict_mode(sample_image, text, flag):
+    rec = Recorder(verdict=text)
+    res = ECSO(rec, ECSOConfig(verdict="exact")).run(sample_image, "q")
+    assert res.flagged is flag and res.verdict_text == text and res.harm_score is None
+    verdict_req = [r for k, r in _all(rec) if rec._kind(r) == "verdict"][0]
+    assert verdict_req.params.max_new_tokens == 16
+
+
+def test_parse_mode_and_score_fallback_without_logprobs(sample_image):
+    rec = Recorder(verdict="Yes, it is harmful", supports_score=False)
+    pipe = ECSO(rec, ECSOConfig(verdict="score"))
+    res = pipe.run(sample_image, "q")
+    assert pipe.verdict_mode == "parse" and res.flagged and res.options["verdict_used"] == "parse"
+
+
+def test_threshold(sample_image):
+    assert ECSO(Recorder(score=0.6), ECSOConfig(threshold=0.7)).run(sample_image, "q").flagged is False
+    assert ECSO(Recorder(score=0.6), ECSOConfig(threshold=0.5)).run(sample_image, "q").flagged is True
+
+
+def test_given_direct_answer_skips_step_one(sample_image):
+    rec = Recorder()
+    res = ECSO(rec).run(sample_image, "q", direct="An old answer.")
+    assert [rec._kind(r) for _, r in _all(rec)][0] == "verdict"
+    assert res.direct == "An old answer."
+    assert rec.calls[0][1][0].text == PAPER_PROMPTS.fill_harm_check("q", "An old answer.")
+
+
+def test_run_batch_only_flagged_rows_reach_steps_3_4(sample_image):
+    class PerRow(Recorder):
+        def score_yes_no(self, requests):
+            self.calls.append(("score", list(requests)))
+            return [0.9 if "bad" in r.text else 0.1 for r in requests]
+
+    rec = PerRow()
+    events = []
+    items = [ECSOInput("bad one", [sample_image]), ECSOInput("fine", [sample_image]), ECSOInput("bad two", [])]
+    res = ECSO(rec).run_batch(items, on_event=events.append)
+    assert [r.flagged for r in res] == [True, False, True]
+    caption_reqs = [r for k, r in _all(rec) if rec._kind(r) == "caption"]
+    assert [r.text for r in caption_reqs] == [PAPER_PROMPTS.fill_caption("bad one"), PAPER_PROMPTS.fill_caption("bad two")]
+    assert len(rec.calls) == 4  # one batched call per step
+    assert [(e.step, e.index) for e in events if e.step == "final"] == [("final", 0), ("final", 1), ("final", 2)]
+
+
+def test_stream_events_order(sample_image):
+    events = list(ECSO(Recorder()).stream(sample_image, "q"))
+    done = [e.step for e in events if e.done]
+    assert done == ["direct", "verdict", "caption", "safe", "final"]
+    assert events[-1].text == "I cannot help." and events[-1].flagged
+
+
+def test_config_validation():
+    with pytest.raises(InvalidRequestError, match="score"):
+        ECSOConfig(verdict="maybe")
+    with pytest.raises(InvalidRequestError):
+        ECSOConfig(threshold=1.5)
+    with pytest.raises(InvalidRequestError):
+        ECSOConfig(max_new_tokens=0)
+
+
+def test_bad_image_input_fails_before_generation(tmp_path):
+    rec = Recorder()
+    with pytest.raises(ImageError, match="not found"):
+        ECSO(rec).run(str(tmp_path / "missing.png"), "q")
+    assert rec.calls == []
+
+
+def test_end_to_end_tiny_model_consistent_with_steps(tiny_engine, sample_image):
+    backend = LocalBackend(tiny_engine)
+    cfg = ECSOConfig(max_new_tokens=12, force_verdict=True)
+    res = ECSO(backend, cfg).run(sample_image, "How do I make this at home?")
+    params = cfg.params()
+    direct = backend.generate([StepRequest("How do I make this at home?", [sample_image], params)])[0]
+    caption = backend.generate([StepRequest(PAPER_PROMPTS.fill_caption("How do I make this at home?"),
+                                            [sample_image], params)])[0]
+    safe = backend.generate([StepRequest(PAPER_PROMPTS.fill_safe(caption, "How do I make this at home?"), [], params)])[0]
+    assert (res.direct, res.caption, res.safe_answer, res.final) == (direct, caption, safe, safe)
+    assert res.options["model_name"] == "tiny" and res.options["image_aspect_ratio"] == "pad"
+    # batched over several samples gives the same rows as one at a time
+    items = [ECSOInput(q, [sample_image]) for q in ("a?", "How do I make this at home?", "c d e?")]
+    batch = ECSO(backend, cfg).run_batch(items)
+    assert batch[1].final == res.final and batch[1].caption == res.caption

@@ -1,0 +1,53 @@
+"""run_llava and the terminal CLI as users run them (subprocesses on the tiny model)."""
+import json
+
+import pytest
+
+from tests.conftest import REPO_ROOT, run_module
+
+CAT = str(REPO_ROOT / "assets" / "examples" / "cat.png")
+
+
+@pytest.mark.slow
+def test_run_llava_ecso_json_matches_in_process(tiny_engine):
+    from llava.ecso.backends import LocalBackend
+    from llava.ecso.pipeline import ECSO, ECSOConfig
+
+    proc = run_module("llava.eval.run_llava", "--model-path", "tiny", "--image-file", CAT, "--query",
+                      "How do I make this at home?", "--ecso", "--json", "--temperature", "0",
+                      "--max_new_tokens", "12", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    want = ECSO(LocalBackend(tiny_engine), ECSOConfig(max_new_tokens=12, temperature=0.0)).run(
+        CAT, "How do I make this at home?")
+    for key in ("direct", "flagged", "caption", "safe_answer", "final", "verdict_mode"):
+        assert got[key] == getattr(want, key), key
+    assert got["harm_score"] == pytest.approx(want.harm_score, abs=1e-6)
+    assert got["options"]["tiny_random_weights"] is True and got["options"]["layout"] == "hf"
+
+
+@pytest.mark.slow
+def test_run_llava_errors_are_clear_and_fast(tmp_path):
+    missing = run_module("llava.eval.run_llava", "--model-path", "tiny", "--image-file", str(tmp_path / "nope.png"),
+                         "--query", "hi")
+    assert missing.returncode == 2 and "image file not found" in missing.stderr
+    (tmp_path / "empty.png").write_bytes(b"")
+    empty = run_module("llava.eval.run_llava", "--model-path", "tiny", "--image-file", str(tmp_path / "empty.png"),
+                       "--query", "hi")
+    assert empty.returncode == 2 and "empty" in empty.stderr
+    bad_model = run_module("llava.eval.run_llava", "--model-path", str(tmp_path / "no-model"), "--query", "hi")
+    assert bad_model.returncode == 2 and "not a local folder" in bad_model.stderr
+    assert "Traceback" not in bad_model.stderr + missing.stderr + empty.stderr
+
+
+@pytest.mark.slow
+def test_cli_ecso_shows_steps_and_chat_mode():
+    proc = run_module("llava.serve.cli", "--model-path", "tiny", "--image-file", CAT, "--ecso", "--temperature",
+                      "0", "--max_new_tokens", "8", input="How do I make this at home?\n\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "[Direct answer]" in proc.stdout and "[Harm detection]" in proc.stdout
+    assert "[Final answer]" in proc.stdout
+    chat = run_module("llava.serve.cli", "--model-path", "tiny", "--image-file", CAT, "--temperature", "0",
+                      "--max_new_tokens", "8", input="What is this?\nAnd now?\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("ASSISTANT:") == 2

@@ -1,0 +1,116 @@
+"""The generation helper: batching, streaming, yes/no scoring, limits."""
+import pytest
+import torch
+
+from llava.conversation import build_prompt
+from llava.errors import ContextLengthError, InvalidRequestError
+from llava.generation import GenerationParams
+from llava.model.engine import yes_no_token_ids
+
+P = GenerationParams(max_new_tokens=16)
+
+
+def _mixed_batch(sample_image):
+    from PIL import Image
+
+    other = Image.new("RGB", (200, 300), (20, 120, 200))
+    prompts = [build_prompt("vicuna_v1", "What is in the image?", 1), build_prompt("vicuna_v1", "Hello there", 0),
+               build_prompt("vicuna_v1", "Describe the picture in great detail, please.", 1),
+               build_prompt("vicuna_v1", "Is this safe?", 1)]
+    return prompts, [[sample_image], [], [other], [sample_image]]
+
+
+def test_batched_equals_single_greedy(tiny_engine, sample_image):
+    prompts, images = _mixed_batch(sample_image)
+    batched = tiny_engine.generate(prompts, images, P)
+    single = [tiny_engine.generate([p], [i], P)[0] for p, i in zip(prompts, images)]
+    assert batched == single
+    assert len(set(batched)) > 1  # the rows really differ, so a row mix-up would show
+
+
+def test_stream_equals_generate(tiny_engine, sample_image):
+    prompt = build_prompt("vicuna_v1", "What is in the image?", 1)
+    assert "".join(tiny_engine.stream(prompt, [sample_image], P)) == tiny_engine.generate([prompt], [[sample_image]], P)[0]
+
+
+def test_stop_strings_cut_text(tiny_engine, sample_image):
+    prompt = build_prompt("vicuna_v1", "What is in the image?", 1)
+    full = tiny_engine.generate([prompt], [[sample_image]], P)[0]
+    stop = full[3:6]
+    params = GenerationParams(max_new_tokens=16, stop=(stop,))
+    assert tiny_engine.generate([prompt], [[sample_image]], params)[0] == full[: full.index(stop)].strip()
+    assert "".join(tiny_engine.stream(prompt, [sample_image], params)) == full[: full.index(stop)].strip()
+
+
+def test_yes_no_ids_are_single_whole_words(tiny_loaded):
+    yes, no = yes_no_token_ids(tiny_loaded.tokenizer)
+    tok = tiny_loaded.tokenizer
+    assert yes and no and not set(yes) & set(no)
+    assert {tok.decode([i]).strip().lower() for i in yes} == {"yes"}
+    assert {tok.decode([i]).strip().lower() for i in no} == {"no"}
+
+
+def test_score_matches_first_step_distribution(tiny_engine, sample_image):
+    """The one-pass score equals softmax over the first generated step's logits."""
+    prompt = build_prompt("vicuna_v1", "Is it harmful? Answer yes or no:", 1)
+    score = tiny_engine.yes_no_scores([prompt], [[sample_image]])[0]
+    enc = tiny_engine.encode(prompt, [sample_image])
+    with torch.inference_mode():
+        out = tiny_engine.model.generate(**tiny_engine._batch([enc]), max_new_tokens=1, do_sample=False,
+                                         output_scores=True, return_dict_in_generate=True,
+                                         pad_token_id=tiny_engine.tokenizer.pad_token_id)
+    logp = torch.log_softmax(out.scores[0][0].float(), -1)
+    yes, no = yes_no_token_ids(tiny_engine.tokenizer)
+    expected = torch.sigmoid(torch.logsumexp(logp[yes], 0) - torch.logsumexp(logp[no], 0)).item()
+    assert score == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("word", ["Yes", "No"])
+def test_score_agrees_with_greedy_answer(tiny_engine, sample_image, word):
+    """Force the model to answer `word` (a logit bias on the lm_head); score and greedy text must agree."""
+    tok = tiny_engine.tokenizer
+    target = tok(word, add_special_tokens=False).input_ids[-1]
+
+    def bias(module, inputs, output):
+        output[..., target] += 50.0
+        return output
+
+    handle = tiny_engine.model.lm_head.register_forward_hook(bias)
+    try:
+        prompt = build_prompt("vicuna_v1", "Is the RESPONSE harmful? Answer yes or no:", 1)
+        text = tiny_engine.generate([prompt], [[sample_image]], GenerationParams(max_new_tokens=1))[0]
+        score = tiny_engine.yes_no_scores([prompt], [[sample_image]])[0]
+    finally:
+        handle.remove()
+    assert text == word
+    assert (score > 0.5) == (word == "Yes")
+
+
+def test_image_count_mismatch(tiny_engine, sample_image):
+    with pytest.raises(InvalidRequestError, match="1 <image> tag"):
+        tiny_engine.encode(build_prompt("vicuna_v1", "hi", 1), [])
+    with pytest.raises(InvalidRequestError, match="0 <image> tag"):
+        tiny_engine.encode(build_prompt("vicuna_v1", "hi", 0), [sample_image])
+
+
+def test_prompt_longer_than_context(tiny_engine):
+    with pytest.raises(ContextLengthError, match="context window"):
+        tiny_engine.generate([build_prompt("vicuna_v1", "word " * 5000, 0)], [[]], P)
+
+
+def test_max_new_tokens_clamped_to_context(tiny_engine, tiny_loaded):
+    # A prompt that leaves 3 tokens of room still answers (clamped, as LLaVA's worker does).
+    base = len(tiny_engine.encode(build_prompt("vicuna_v1", "", 0)).input_ids)
+    filler = "a " * (tiny_loaded.context_len - base - 3)
+    prompt = build_prompt("vicuna_v1", filler.strip(), 0)
+    room = tiny_loaded.context_len - len(tiny_engine.encode(prompt).input_ids)
+    assert 0 < room < 16
+    assert isinstance(tiny_engine.generate([prompt], [[]], GenerationParams(max_new_tokens=64))[0], str)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"max_new_tokens": -5}, {"max_new_tokens": 10**9},
+                                    {"temperature": -1}, {"temperature": float("nan")}, {"top_p": 0},
+                                    {"top_p": 1.5}, {"num_beams": 0}])
+def test_generation_params_validated(kwargs):
+    with pytest.raises(InvalidRequestError):
+        GenerationParams(**kwargs)
