@@ -1,0 +1,5 @@
+import sys
+
+from llava.eval.metrics.cli import main
+
+sys.exit(main())
