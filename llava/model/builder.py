@@ -131,15 +131,17 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = _resolve_dtype(dev, dtype)
     quant = _quantization(load_8bit, load_4bit, dev)
+    base = None
     if model_base is not None:
-        raise UnsupportedError(
-            "--model-base (LoRA checkpoints) needs merging into a full checkpoint first; "
-            "merge with LLaVA's scripts/merge_lora_weights.py, then pass the merged folder")
+        if not (folder / "adapter_config.json").exists() or not is_original_layout(config):
+            raise UnsupportedError(f"--model-base is for LLaVA LoRA checkpoints (original layout with "
+                                   f"adapter_config.json); {folder} is not one")
+        base = resolve_model_path(model_base)
     if is_original_layout(config):
         from llava.model.loader_original import load_original
 
-        parts = load_original(folder, config, torch_dtype)
-        layout = "original"
+        parts = load_original(folder, config, torch_dtype, base=base)
+        layout = "original" if base is None else "original+lora"
     elif config.get("model_type") == "llava" and "text_config" in config:
         parts = _load_hf(folder, torch_dtype, quant, device_map if dev.startswith("cuda") else None)
         layout = "hf"

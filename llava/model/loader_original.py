@@ -44,7 +44,45 @@ def _load_tokenizer(folder: Path):
     return tok, base
 
 
-def load_original(folder: Path, config: dict, torch_dtype) -> tuple[Any, Any, Any, int]:
+def _lora_tensors(folder: Path, base: Path) -> dict:
+    """A LLaVA LoRA release (``adapter_*`` + ``non_lora_trainables.bin``) merged into its base LLM's weights:
+    ``W += (lora_alpha / r) * B @ A`` for every adapted linear layer (no peft needed)."""
+    import torch
+
+    from llava.model.convert import load_checkpoint_tensors
+
+    sd = load_checkpoint_tensors(base)
+    extra = folder / "non_lora_trainables.bin"
+    if extra.exists():
+        for k, v in torch.load(extra, map_location="cpu", weights_only=True).items():
+            k = k[len("base_model."):] if k.startswith("base_model.") else k
+            sd[k[len("model."):] if k.startswith("model.model.") else k] = v
+    adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
+    r = adapter_cfg["r"]
+    scale = adapter_cfg["lora_alpha"] / (r ** 0.5 if adapter_cfg.get("use_rslora") else r)
+    names = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).exists()]
+    if not names:
+        raise ModelNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors/.bin")
+    if names[0].endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        adapter = load_file(str(folder / names[0]))
+    else:
+        adapter = torch.load(folder / names[0], map_location="cpu", weights_only=True)
+    adapter = {k.removeprefix("base_model.model.").replace(".default", ""): v for k, v in adapter.items()}
+    for key_a in [k for k in adapter if k.endswith(".lora_A.weight")]:
+        target = key_a.replace(".lora_A.weight", ".weight")
+        if target not in sd:
+            raise ModelNotFoundError(f"LoRA weight {key_a} adapts {target}, which the base {base} lacks")
+        a, b = adapter[key_a].float(), adapter[key_a.replace("lora_A", "lora_B")].float()
+        sd[target] = (sd[target].float() + scale * (b @ a)).to(sd[target].dtype)
+    logger.info("merged %d LoRA pairs (r=%d, scale %.3g) from %s into %s", sum(k.endswith("lora_A.weight")
+                for k in adapter), r, scale, folder, base)
+    return sd
+
+
+def load_original(folder: Path, config: dict, torch_dtype, base: Path | None = None) -> tuple[Any, Any, Any, int]:
+    """``base``: the base LLM folder for a LoRA checkpoint (``--model-base``); tokenizer and weights come from it."""
     import torch
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
@@ -53,14 +91,15 @@ def load_original(folder: Path, config: dict, torch_dtype) -> tuple[Any, Any, An
 
     vision_path = resolve_vision_tower(config["mm_vision_tower"], folder)
     vision_cfg = json.loads((vision_path / "config.json").read_text())
-    tokenizer, base = _load_tokenizer(folder)
-    if base != config.get("vocab_size", base):
-        logger.warning("tokenizer has %d tokens but config.json says vocab_size %s", base, config.get("vocab_size"))
+    tokenizer, n_base = _load_tokenizer(base or folder)
+    if n_base != config.get("vocab_size", n_base):
+        logger.warning("tokenizer has %d tokens but config.json says vocab_size %s", n_base, config.get("vocab_size"))
     image_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
     vocab = padded_vocab_size(len(tokenizer))
     llava_cfg = original_to_llava_config(config, vision_cfg, image_id, tokenizer.pad_token_id, vocab)
 
-    sd = original_to_hf_state_dict(load_checkpoint_tensors(folder))
+    raw = _lora_tensors(folder, base) if base is not None else load_checkpoint_tensors(folder)
+    sd = original_to_hf_state_dict(raw)
     if not any(k.startswith("model.vision_tower.") for k in sd):
         sd.update(clip_to_hf_state_dict(load_checkpoint_tensors(vision_path)))
     grow_vocab(sd, vocab)
