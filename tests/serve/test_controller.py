@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import requests
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -241,6 +242,28 @@ def test_endpoint_shapes_on_a_fresh_controller() -> None:
 
 
 @pytest.mark.slow
+def test_llava_clients_unchanged(controller: ServiceClient) -> None:
+    """The calls LLaVA's own worker and Gradio server make, with ``requests`` as they do."""
+    url, model = controller.base_url, unique("llava")
+    with FakeWorker([model]) as w:
+        status = requests.post(f"{w.url}/worker_get_status").json()
+        r = requests.post(f"{url}/register_worker",
+                          json={"worker_name": w.url, "check_heart_beat": True, "worker_status": status})
+        assert r.status_code == 200
+        assert requests.post(f"{url}/receive_heart_beat", json={"worker_name": w.url, "queue_length": 0}).json()[
+            "exist"] is True
+        assert requests.post(f"{url}/refresh_all_workers").status_code == 200
+        assert model in requests.post(f"{url}/list_models").json()["models"]
+        assert requests.post(f"{url}/get_worker_address", json={"model": model}).json()["address"] == w.url
+        pload = {"model": model, "prompt": "USER: hi ASSISTANT:", "temperature": 0.2, "top_p": 0.7,
+                 "max_new_tokens": 512, "stop": "</s>", "images": []}
+        response = requests.post(f"{url}/worker_generate_stream", json=pload, stream=True, timeout=10)
+        texts = [json.loads(c.decode())["text"] for c in response.iter_lines(decode_unicode=False, delimiter=b"\0")
+                 if c]
+    assert texts == ["USER: hi ASSISTANT: w0", "USER: hi ASSISTANT: w0 w1", "USER: hi ASSISTANT: w0 w1 w2"]
+
+
+@pytest.mark.slow
 def test_heart_beat_for_unknown_worker_says_register_again(controller: ServiceClient) -> None:
     assert controller.post("/receive_heart_beat", {"worker_name": "http://127.0.0.1:9", "queue_length": 0}) == {
         "exist": False}
@@ -352,6 +375,12 @@ def test_proxy_maps_worker_http_errors_to_chunks(controller: ServiceClient) -> N
         register(controller, w)
         (chunk,) = stream(controller, model)
     assert chunk["error_code"] == ErrorCode.INVALID_REQUEST and "image is corrupt" in chunk["detail"]
+    with FakeWorker([model], api_key="the-workers-own-key") as locked:
+        register(controller, locked)
+        resp = httpx.post(f"{controller.base_url}/worker_generate_stream", json={"model": model, "prompt": "p"})
+    chunk = json.loads(resp.content[:-1])  # the controller's key was refused: not the client's fault
+    assert resp.status_code == 502 and chunk["error_code"] == ErrorCode.WORKER_ERROR
+    assert "rejected the controller's API key" in chunk["detail"]
 
 
 @pytest.mark.slow
