@@ -75,3 +75,19 @@ def test_mmbench_circular_eval():
     assert m["per_category"] == {"c1": 0.0}
     m = mmbench_scores({1: "A"}, gt[:2])
     assert m["missing_predictions"] == 1 and m["circular_accuracy"] == 0.0
+
+
+def test_ground_truth_from_project_rows():
+    from llava.eval.metrics.mmbench import mmbench_gt_from_rows
+    from llava.eval.metrics.mme import mme_gt_from_rows
+
+    mme_rows = [{"id": "count/1.jpg#0", "question_id": "count/1.jpg", "category": "count", "query": "Two?",
+                 "text": "Yes", "meta": {"mme_question": "Two? Please answer yes or no.", "gt_answer": "Yes"}},
+                {"id": "count/1.jpg#1", "question_id": "count/1.jpg", "category": "count", "query": "Three?",
+                 "text": "Yes", "meta": {"mme_question": "Three? Please answer yes or no.", "gt_answer": "No"}}]
+    m = mme_scores(mme_rows, mme_gt_from_rows(mme_rows))
+    assert m["subtasks"]["count"]["acc"] == 50.0 and m["subtasks"]["count"]["acc_plus"] == 0.0
+    mmb_rows = [{"id": "5", "index": 5, "text": "B", "meta": {"answer": "B", "options": ["cat", "dog"], "category": "c"}},
+                {"id": "1000005", "index": 1000005, "text": "dog", "meta": {"answer": "A", "options": ["dog", "cat"]}}]
+    m = mmbench_scores({5: "B", 1000005: "dog"}, mmbench_gt_from_rows(mmb_rows))
+    assert m["circular_accuracy"] == 100.0 and m["extraction"] == {"letter": 1, "text": 1}

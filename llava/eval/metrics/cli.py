@@ -1,8 +1,10 @@
 """``python -m llava.eval.metrics``: print a benchmark's metrics (``--json``: one JSON object).
 
   vlsafe / mmsafetybench  --answers A.jsonl [--judgments A.judgments.jsonl]   harmless rate, ASR, flag rate
-  mme                     --answers A.jsonl --ground-truth llava_mme_gt.jsonl  perception / cognition / subtasks
-  mmbench                 --answers A.jsonl|P.tsv --ground-truth mmbench_dev.tsv   CircularEval accuracy
+  mme                     --answers A.jsonl [--ground-truth llava_mme_gt.jsonl]  perception / cognition / subtasks
+  mmbench                 --answers A.jsonl|P.tsv [--ground-truth mmbench_dev.tsv]   CircularEval accuracy
+(MME and MMBench answer rows written by llava.eval.generate carry their ground truth in ``meta``; a
+--ground-truth file, when given, is used instead.)
   mmvet                   --answers A.jsonl --judgments grades.json|.jsonl [--ground-truth mm-vet.json]   total
 """
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any
 from llava.errors import InvalidRequestError
 from llava.eval.judge.mmvet import load_ground_truth as load_mmvet_gt
 from llava.eval.judge.records import read_judgments, read_jsonl
-from llava.eval.metrics.mmbench import mmbench_scores, predictions_from_rows, read_tsv
-from llava.eval.metrics.mme import COGNITION, PERCEPTION, mme_scores
+from llava.eval.metrics.mmbench import mmbench_gt_from_rows, mmbench_scores, predictions_from_rows, read_tsv
+from llava.eval.metrics.mme import COGNITION, PERCEPTION, mme_gt_from_rows, mme_scores
 from llava.eval.metrics.mmvet import load_grades, mmvet_scores
 from llava.eval.metrics.safety import safety_metrics
 from llava.eval.metrics.stats import Rate
@@ -33,9 +35,10 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return read_tsv(path) if path.suffix == ".tsv" else read_jsonl(path)
 
 
-def _need(value: Path | None, flag: str, benchmark: str) -> Path:
-    if value is None:
-        raise InvalidRequestError(f"{benchmark} needs {flag}")
+def _need(value: Any, flag: str, benchmark: str) -> Any:
+    if not value:
+        raise InvalidRequestError(f"{benchmark} needs {flag}" + (" (or answer rows that carry it in meta)"
+                                                                if flag == "--ground-truth" else ""))
     return value
 
 
@@ -44,10 +47,12 @@ def compute(benchmark: str, answers: Path, judgments: Path | None = None, ground
     if benchmark in ("vlsafe", "mmsafetybench"):
         return safety_metrics(read_jsonl(answers), read_judgments(judgments) if judgments else None)
     if benchmark == "mme":
-        return mme_scores(read_jsonl(answers), read_jsonl(_need(ground_truth, "--ground-truth", benchmark)))
+        rows = read_jsonl(answers)
+        gt = read_jsonl(ground_truth) if ground_truth else _need(mme_gt_from_rows(rows), "--ground-truth", benchmark)
+        return mme_scores(rows, gt)
     if benchmark == "mmbench":
         rows = _rows(answers)
-        gt = read_tsv(_need(ground_truth, "--ground-truth", benchmark))
+        gt = read_tsv(ground_truth) if ground_truth else _need(mmbench_gt_from_rows(rows), "--ground-truth", benchmark)
         return mmbench_scores(predictions_from_rows(rows), gt, rows)
     if benchmark == "mmvet":
         gt = load_mmvet_gt(ground_truth) if ground_truth else None

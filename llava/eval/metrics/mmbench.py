@@ -15,7 +15,8 @@ from typing import Any, Iterable
 from llava.errors import InvalidRequestError
 from llava.eval.metrics.stats import flag_rate
 
-__all__ = ["read_tsv", "options_of", "extract_choice", "mmbench_scores", "predictions_from_rows", "CIRCULAR_MOD"]
+__all__ = ["read_tsv", "options_of", "extract_choice", "mmbench_scores", "predictions_from_rows", "mmbench_gt_from_rows",
+           "CIRCULAR_MOD"]
 
 CIRCULAR_MOD = 1_000_000
 _LETTERS = "ABCDEFGHI"
@@ -66,6 +67,17 @@ def predictions_from_rows(rows: Iterable[dict[str, Any]]) -> dict[int, str]:
             raise InvalidRequestError(f"MMBench prediction row needs index and prediction/text: {sorted(row)}")
         preds[int(idx)] = str(text)
     return preds
+
+
+def mmbench_gt_from_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ground truth carried by this project's answer rows (``meta.answer``, ``meta.options``, ``meta.category``)."""
+    gt = []
+    for row in rows:
+        meta = row.get("meta") or {}
+        if meta.get("answer") is not None and row.get("index") is not None:
+            gt.append({"index": row["index"], "answer": meta["answer"], "category": meta.get("category"),
+                       **dict(zip(_LETTERS, meta.get("options") or []))})
+    return gt
 
 
 def mmbench_scores(predictions: dict[int, str], ground_truth: Iterable[dict[str, Any]],

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from llava.errors import InvalidRequestError
 from llava.eval.metrics.stats import flag_rate
 
-__all__ = ["PERCEPTION", "COGNITION", "parse_yes_no", "mme_scores", "normalize_question"]
+__all__ = ["PERCEPTION", "COGNITION", "parse_yes_no", "mme_scores", "normalize_question", "mme_gt_from_rows"]
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -45,6 +45,17 @@ def _answer_key(row: dict[str, Any]) -> tuple[str, str]:
     if row.get("question_id") is None or question is None:
         raise InvalidRequestError(f"MME answer row needs question_id and prompt/query: {sorted(row)}")
     return str(row["question_id"]), normalize_question(question)
+
+
+def mme_gt_from_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ground truth carried by this project's answer rows (``meta.gt_answer`` / ``meta.mme_question``)."""
+    gt = []
+    for row in rows:
+        meta = row.get("meta") or {}
+        if meta.get("gt_answer") is not None:
+            gt.append({"question_id": row["question_id"], "category": row["category"],
+                       "mme_question": meta.get("mme_question") or row["query"], "gt_answer": meta["gt_answer"]})
+    return gt
 
 
 def mme_scores(answers: Iterable[dict[str, Any]], ground_truth: Iterable[dict[str, Any]]) -> dict[str, Any]:
