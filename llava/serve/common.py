@@ -292,7 +292,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = OpenAIErrorResponse(error=OpenAIError(message=str(exc.detail), type=kind, code=f"http_{exc.status_code}"))
+        error = OpenAIError(message=str(exc.detail), type=kind, code=f"http_{exc.status_code}")
+        body = OpenAIErrorResponse(error=error)
         return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -416,7 +416,7 @@ def create_app(config: ControllerConfig) -> FastAPI:
         async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
             app.state.http = http
             sweeper = asyncio.create_task(_sweep(app), name="controller-heartbeat-sweep")
-            logger.info("controller ready: %s", config)
+            logger.info("controller ready: %s, auth %s", config, "on" if config.api_key else "off")
             try:
                 yield
             finally:

@@ -444,8 +444,8 @@ def _short(value: Any) -> str:
 
 def describe_validation_error(err: ValidationError | Any) -> tuple[str, str | None]:
     """``(message, param)`` for a pydantic (or FastAPI request) validation error: one ``field: problem (got value)``
-    per error (the first five), joined by ``; ``, and the first offending field's dotted path. A leading ``body`` location (FastAPI)
-    is dropped, and values are shortened so a base64 image does not end up in a log line."""
+    per error (the first five), joined by ``; ``, and the first offending field's dotted path. A leading ``body``
+    location (FastAPI) is dropped, and values are shortened so a base64 image does not end up in a log line."""
     parts: list[str] = []
     params: list[str] = []
     for e in err.errors():

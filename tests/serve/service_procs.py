@@ -110,7 +110,8 @@ def start_service(
     """Start ``module`` on a free loopback port and wait until ``GET /health`` answers 200. ``env`` is added to a copy
     of this environment from which ``ECSO_API_KEY`` is removed (pass it in ``env`` to set it)."""
     full_env = {k: v for k, v in os.environ.items() if k != "ECSO_API_KEY"}
-    full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), full_env.get("PYTHONPATH", "")])})
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
+    full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path})
     full_env.update(env or {})
     for _attempt in range(3):
         svc = _spawn(module, free_port(), args, full_env)
@@ -119,7 +120,9 @@ def start_service(
         stop_service(svc)
         if "address already in use" not in svc.output.lower():
             break
-    raise RuntimeError(f"{module} did not become healthy (exit code {svc.proc.returncode}); output:\n{svc.output[-4000:]}")
+    raise RuntimeError(
+        f"{module} did not become healthy (exit code {svc.proc.returncode}); output:\n{svc.output[-4000:]}"
+    )
 
 
 def stop_service(svc: Service, grace: float = 10.0) -> None:

@@ -180,7 +180,8 @@ def test_openai_request_rejections_name_the_field(fields: dict, field: str) -> N
 def test_openai_response_and_chunk_shapes() -> None:
     resp = ChatCompletionResponse(model="m", choices=[{"message": {"content": "hi"}}]).model_dump()
     assert resp["object"] == "chat.completion" and resp["id"].startswith("chatcmpl-")
-    assert resp["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+    assert resp["choices"][0] == {
+        "index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
     chunk = ChatCompletionChunk(model="m", choices=[{"delta": {"content": "h"}}]).model_dump(exclude_none=True)
     assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {"content": "h"}
 
