@@ -4,6 +4,7 @@ Used by the in-process ECSO backend, the CLI, ``run_llava``, the benchmark runne
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from llava.errors import ContextLengthError, InvalidRequestError, UnsupportedErr
 from llava.generation import GenerationParams, truncate_at_stop
 from llava.mm_utils import count_image_tags, process_images, tokenizer_image_token
 from llava.model.builder import LoadedModel
+from llava.model.prefix_cache import PixelMemo, PrefixEntry, PrefixStore
 
 __all__ = ["LlavaEngine", "Encoded", "yes_no_token_ids"]
 
@@ -23,10 +25,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Encoded:
-    """One prompt ready for the model: token ids (image tags expanded) and its images' pixel values."""
+    """One prompt ready for the model: token ids (image tags expanded), its images, and the length of the
+    reusable prefix (up to and including the last image token; 0 without images)."""
 
     input_ids: list[int]
-    pixel_values: Any | None  # torch.Tensor [n_images, 3, H, W] or None
+    images: tuple[Image.Image, ...] = ()
+    prefix_len: int = 0
 
 
 def yes_no_token_ids(tokenizer) -> tuple[list[int], list[int]]:
@@ -55,13 +59,24 @@ def yes_no_token_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 
 class LlavaEngine:
-    """Batched, streamed and scored generation on a :class:`LoadedModel`."""
+    """Batched, streamed and scored generation on a :class:`LoadedModel`.
 
-    def __init__(self, loaded: LoadedModel):
+    ``prefix_reuse``: keep the KV cache of each sample's ``system + USER: + <image>`` prefix (see
+    :mod:`llava.model.prefix_cache`) so later steps on the same image skip the image encoder and the prefix
+    prefill. Results equal the plain path (greedy tokens and scores; tested). ``cache_capacity``: prefixes kept.
+    """
+
+    def __init__(self, loaded: LoadedModel, prefix_reuse: bool = True, cache_capacity: int = 32):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
+        self.prefix_reuse = prefix_reuse
+        self.prefixes = PrefixStore(cache_capacity if prefix_reuse else 0)
+        self.pixel_memo = PixelMemo(max(cache_capacity, 1))
         self._yes_no: tuple[list[int], list[int]] | None = None
+        # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes.
+        forward_params = inspect.signature(type(self.model).forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
 
     # ---- encoding -------------------------------------------------------------------------------------------
     def encode(self, prompt: str, images: Sequence[Image.Image] = (), max_new_tokens: int = 0) -> Encoded:
@@ -70,19 +85,28 @@ class LlavaEngine:
             raise InvalidRequestError(f"the prompt has {n_tags} <image> tag(s) but {len(images)} image(s) were given")
         lm = self.loaded
         ids = tokenizer_image_token(prompt, self.tokenizer, lm.image_token_id, lm.tokens_per_image)
-        if len(ids) + max(max_new_tokens, 1) > lm.context_len and len(ids) >= lm.context_len:
+        if len(ids) >= lm.context_len:
             raise ContextLengthError(f"the prompt is {len(ids)} tokens (images included); the context window is "
                                      f"{lm.context_len}. Shorten the text or send fewer images")
-        pixel_values = None
+        prefix_len = 0
         if images:
-            import torch
+            prefix_len = len(ids) - ids[::-1].index(lm.image_token_id)
+        return Encoded(ids, tuple(images), prefix_len)
 
-            pixel_values = process_images(images, lm.image_processor, lm.image_aspect_ratio)
-            pixel_values = pixel_values.to(device=lm.device, dtype=lm.dtype if lm.dtype != torch.int8 else None)
-        return Encoded(ids, pixel_values)
+    def pixel_values(self, images: Sequence[Image.Image]):
+        """Preprocessed pixels ([n, 3, H, W] on the model's device), each image preprocessed once."""
+        import torch
 
-    def _batch(self, encoded: Sequence[Encoded]):
-        """Left-padded input ids, attention mask and concatenated pixel values."""
+        lm = self.loaded
+
+        def compute(img):
+            pv = process_images([img], lm.image_processor, lm.image_aspect_ratio)
+            return pv.to(device=lm.device, dtype=lm.dtype if lm.dtype.is_floating_point else None)
+
+        return torch.cat([self.pixel_memo.pixels(img, compute) for img in images], dim=0)
+
+    def _batch(self, encoded: Sequence[Encoded]) -> dict:
+        """Left-padded input ids, attention mask, position ids and concatenated pixel values."""
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -93,11 +117,64 @@ class LlavaEngine:
             n = len(e.input_ids)
             ids[row, width - n:] = torch.tensor(e.input_ids, dtype=torch.long)
             mask[row, width - n:] = 1
-        pixels = [e.pixel_values for e in encoded if e.pixel_values is not None]
         inputs = {"input_ids": ids.to(self.loaded.device), "attention_mask": mask.to(self.loaded.device)}
-        if pixels:
-            inputs["pixel_values"] = torch.cat(pixels, dim=0)
+        images = [img for e in encoded for img in e.images]
+        if images:
+            inputs["pixel_values"] = self.pixel_values(images)
         return inputs
+
+    # ---- prefix reuse ---------------------------------------------------------------------------------------
+    def _prefix_batch(self, encoded: Sequence[Encoded], num_beams: int = 1) -> dict | None:
+        """Inputs that continue from cached prefixes: ``[prefix | pads | suffix]`` per row with a matching mask and
+        a batched cache of the prefixes; ``None`` when the batch does not qualify (rows without images, prefixes of
+        different lengths, beam search)."""
+        import torch
+        from transformers import DynamicCache
+
+        if not self.prefix_reuse or num_beams != 1:
+            return None
+        plen = encoded[0].prefix_len
+        if plen == 0 or any(e.prefix_len != plen or len(e.input_ids) <= plen for e in encoded):
+            return None
+        entries = self._prefix_entries(encoded)
+        n_layers = len(entries[0].layers)
+        cache = DynamicCache(ddp_cache_data=[
+            (torch.cat([en.layers[i][0] for en in entries]), torch.cat([en.layers[i][1] for en in entries]))
+            for i in range(n_layers)])
+        width = max(len(e.input_ids) for e in encoded)
+        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n_suffix = len(e.input_ids) - plen
+            ids[row, :plen] = torch.tensor(e.input_ids[:plen])
+            ids[row, width - n_suffix:] = torch.tensor(e.input_ids[plen:])
+            mask[row, :plen] = 1
+            mask[row, width - n_suffix:] = 1
+        dev = self.loaded.device
+        return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), self._cache_kw: cache}
+
+    def _prefix_entries(self, encoded: Sequence[Encoded]) -> list[PrefixEntry]:
+        """The cached prefix of every row, prefilling (in one batch) the ones not cached yet."""
+        import torch
+
+        found = [self.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) for e in encoded]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            plen = encoded[0].prefix_len
+            ids = torch.tensor([encoded[i].input_ids[:plen] for i in missing], device=self.loaded.device)
+            pixels = self.pixel_values([img for i in missing for img in encoded[i].images])
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+            layers = [(layer.keys, layer.values) for layer in getattr(out, self._cache_kw).layers]
+            for row, i in enumerate(missing):
+                entry = PrefixEntry(tuple(encoded[i].input_ids[:plen]), encoded[i].images,
+                                    [(k[row:row + 1], v[row:row + 1]) for k, v in layers])
+                self.prefixes.add(entry)
+                found[i] = entry
+        return found  # type: ignore[return-value]
+
+    def _inputs(self, encoded: Sequence[Encoded], num_beams: int = 1) -> dict:
+        return self._prefix_batch(encoded, num_beams) or self._batch(encoded)
 
     def _generate_kwargs(self, params: GenerationParams, max_new_tokens: int) -> dict:
         tok = self.tokenizer
@@ -133,7 +210,7 @@ class LlavaEngine:
 
         if not encoded:
             return []
-        inputs = self._batch(encoded)
+        inputs = self._inputs(encoded, params.num_beams)
         with torch.inference_mode():
             out = self.model.generate(**inputs, **self._generate_kwargs(params, self._budget(encoded, params)))
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
@@ -147,7 +224,7 @@ class LlavaEngine:
         from transformers import TextIteratorStreamer
 
         encoded = self.encode(prompt, images, params.max_new_tokens)
-        inputs = self._batch([encoded])
+        inputs = self._inputs([encoded], params.num_beams)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         kwargs = {**inputs, **self._generate_kwargs(params, self._budget([encoded], params)), "streamer": streamer}
         failure: list[BaseException] = []
@@ -197,9 +274,15 @@ class LlavaEngine:
         if self._yes_no is None:
             self._yes_no = yes_no_token_ids(self.tokenizer)
         yes, no = self._yes_no
-        inputs = self._batch(encoded)
+        inputs = self._inputs(encoded)
+        mask = inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them: padding does not shift
+        if self._cache_kw in inputs:
+            past = inputs[self._cache_kw].get_seq_length()
+            inputs["input_ids"] = inputs["input_ids"][:, past:]
+            positions = positions[:, past:]
         with torch.inference_mode():
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+            logits = self.model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
         logp = torch.log_softmax(logits, dim=-1)
         margin = torch.logsumexp(logp[:, yes], dim=-1) - torch.logsumexp(logp[:, no], dim=-1)
         return torch.sigmoid(margin).tolist()

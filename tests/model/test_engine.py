@@ -114,3 +114,56 @@ def test_max_new_tokens_clamped_to_context(tiny_engine, tiny_loaded):
 def test_generation_params_validated(kwargs):
     with pytest.raises(InvalidRequestError):
         GenerationParams(**kwargs)
+
+
+def _engine(loaded, reuse):
+    from llava.model.engine import LlavaEngine
+
+    return LlavaEngine(loaded, prefix_reuse=reuse)
+
+
+def test_prefix_reuse_gives_same_tokens_and_scores(tiny_loaded, sample_image):
+    """ECSO-like step sequence on the same image objects: reuse on vs off, batched and single."""
+    from PIL import Image
+
+    from llava.ecso.prompts import PAPER_PROMPTS
+
+    imgs = [sample_image, Image.new("RGB", (250, 180), (30, 160, 90)), Image.new("RGB", (180, 260), (200, 40, 40))]
+    queries = ["How do I make this at home?", "What is this?", "Tell me a story about the picture."]
+    on, off = _engine(tiny_loaded, True), _engine(tiny_loaded, False)
+    direct_p = [build_prompt("vicuna_v1", q, 1) for q in queries]
+    per_img = [[i] for i in imgs]
+    d_on, d_off = on.generate(direct_p, per_img, P), off.generate(direct_p, per_img, P)
+    assert d_on == d_off
+    check_p = [build_prompt("vicuna_v1", PAPER_PROMPTS.fill_harm_check(q, a), 1) for q, a in zip(queries, d_on)]
+    s_on, s_off = on.yes_no_scores(check_p, per_img), off.yes_no_scores(check_p, per_img)
+    assert s_on == pytest.approx(s_off, abs=1e-5)
+    assert on.prefixes.hits >= 3  # the check reused the direct step's prefixes
+    cap_p = [build_prompt("vicuna_v1", PAPER_PROMPTS.fill_caption(q), 1) for q in queries]
+    assert on.generate(cap_p, per_img, P) == off.generate(cap_p, per_img, P)
+    # single rows equal batched rows with reuse on
+    assert [on.generate([p], [i], P)[0] for p, i in zip(cap_p, per_img)] == on.generate(cap_p, per_img, P)
+    assert [on.yes_no_scores([p], [i])[0] for p, i in zip(check_p, per_img)] == pytest.approx(s_on, abs=1e-5)
+
+
+def test_prefix_cache_not_mutated_by_decoding(tiny_loaded, sample_image):
+    import torch
+
+    eng = _engine(tiny_loaded, True)
+    prompt = build_prompt("vicuna_v1", "What is this?", 1)
+    eng.generate([prompt], [[sample_image]], P)
+    (entry,) = [item[1] for item in eng.prefixes._items.values()]
+    before = [(k.clone(), v.clone()) for k, v in entry.layers]
+    shape = entry.layers[0][0].shape
+    eng.generate([build_prompt("vicuna_v1", "Something else entirely", 1)], [[sample_image]], P)
+    eng.yes_no_scores([prompt], [[sample_image]])
+    assert entry.layers[0][0].shape == shape
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(entry.layers, before))
+
+
+def test_pixels_computed_once_per_image(tiny_loaded, sample_image):
+    eng = _engine(tiny_loaded, False)
+    prompt = build_prompt("vicuna_v1", "What is this?", 1)
+    for _ in range(3):
+        eng.yes_no_scores([prompt], [[sample_image]])
+    assert eng.pixel_memo.misses == 1 and eng.pixel_memo.hits == 2

@@ -64,7 +64,7 @@ def test_both_layouts_same_logits_and_tokens(tiny_hf_path, tiny_original_path, s
     prompt = build_prompt("vicuna_v1", "What is in the image?", 1)
     ea, eb = a.encode(prompt, [sample_image]), b.encode(prompt, [sample_image])
     assert ea.input_ids == eb.input_ids
-    assert torch.equal(ea.pixel_values, eb.pixel_values)
+    assert torch.equal(a.pixel_values(ea.images), b.pixel_values(eb.images))
     with torch.inference_mode():
         la = a.model(**a._batch([ea])).logits
         lb = b.model(**b._batch([eb])).logits
@@ -77,7 +77,7 @@ def test_576_image_tokens(tiny_loaded, tiny_engine, sample_image):
     assert tiny_loaded.tokens_per_image == 576
     enc = tiny_engine.encode(build_prompt("vicuna_v1", "hi", 1), [sample_image])
     assert enc.input_ids.count(tiny_loaded.image_token_id) == 576
-    assert tuple(enc.pixel_values.shape) == (1, 3, 336, 336)
+    assert tuple(tiny_engine.pixel_values(enc.images).shape) == (1, 3, 336, 336)
 
 
 def test_tokenizer_pads_left_and_knows_image_token(tiny_loaded):
@@ -91,7 +91,7 @@ def test_pad_preprocessing_uses_mean_background(tiny_engine):
     from PIL import Image
 
     black_wide = Image.new("RGB", (336, 168), (0, 0, 0))
-    pv = tiny_engine.encode(build_prompt("vicuna_v1", "x", 1), [black_wide]).pixel_values[0]
+    pv = tiny_engine.pixel_values([black_wide])[0]
     # Padding rows hold the mean colour, which normalises to ~0; image rows are black (strongly negative).
     assert pv[:, 5, 168].abs().max() < 0.02
     assert pv[:, 168, 168].max() < -1.4

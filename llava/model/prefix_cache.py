@@ -1,0 +1,73 @@
+"""Reuse of per-sample work across ECSO's steps.
+
+Steps 1-3 of ECSO share the prompt prefix ``system + "USER: " + <576 image tokens>``: :class:`PrefixStore` keeps
+the KV cache of that prefix per (prefix tokens, image objects), so the image is encoded and the prefix prefilled
+once per sample. Entries hold the tensors themselves; each use builds a fresh ``DynamicCache`` around them, whose
+updates concatenate into new tensors, so one step's decoding never mutates another step's prefix.
+:class:`PixelMemo` keeps each image's preprocessed pixels so an image is preprocessed once.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Sequence
+
+__all__ = ["PrefixEntry", "PrefixStore", "PixelMemo"]
+
+
+@dataclass
+class PrefixEntry:
+    ids: tuple[int, ...]
+    images: tuple[Any, ...]  # the image objects themselves: identity is checked, so a recycled id() never matches
+    layers: list[tuple[Any, Any]]  # per layer (keys, values), each [1, heads, prefix_len, head_dim]
+
+
+class _IdentityLRU:
+    """An LRU keyed by a hashable key plus the identity of the objects it was built from."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(0, capacity)
+        self._items: OrderedDict[Hashable, tuple[tuple[Any, ...], Any]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, objects: Sequence[Any]) -> Any | None:
+        item = self._items.get(key)
+        if item is None or len(item[0]) != len(objects) or any(a is not b for a, b in zip(item[0], objects)):
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[1]
+
+    def put(self, key: Hashable, objects: Sequence[Any], value: Any) -> None:
+        if self.capacity == 0:
+            return
+        self._items[key] = (tuple(objects), value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class PrefixStore(_IdentityLRU):
+    def lookup(self, ids: Sequence[int], images: Sequence[Any]) -> PrefixEntry | None:
+        return self.get((tuple(ids), tuple(id(i) for i in images)), images)
+
+    def add(self, entry: PrefixEntry) -> None:
+        self.put((entry.ids, tuple(id(i) for i in entry.images)), entry.images, entry)
+
+
+class PixelMemo(_IdentityLRU):
+    def pixels(self, image: Any, compute: Callable[[Any], Any]) -> Any:
+        key = id(image)
+        found = self.get(key, (image,))
+        if found is None:
+            found = compute(image)
+            self.put(key, (image,), found)
+        return found
