@@ -1,0 +1,404 @@
+"""``python -m llava.eval.report RUN_DIR... --out DIR``: direct vs ECSO side by side.
+
+A run folder holds answer files (``*.jsonl``), each with ``<stem>.manifest.json`` (written by generation) and,
+once judged, ``<stem>.judgments.jsonl`` + ``<stem>.judge.json`` (and ``<stem>.direct.judgments.jsonl`` when an
+ECSO file's direct answers were judged, for the harm-detector ROC). Runs are paired by (benchmark, model): each
+ECSO run against the direct run of the same model. Writes ``report.md``, one CSV per comparison, PNG plots
+(per-scenario harmless rates, flag rates, harm-detector ROC) and ``manifests.json`` (every compared run's
+manifest and judge summary). Runs judged by a different judge model or prompt set are compared only with a loud
+warning at the top of the report (``--strict``: refused, exit 3).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava.errors import InvalidRequestError
+from llava.eval.gen.manifest import settings_diff
+from llava.eval.harm_detector import detector_quality
+from llava.eval.judge.records import Judgment, read_judgments, read_jsonl
+from llava.eval.metrics.cli import compute
+from llava.eval.metrics.safety import ALL, PAPER8, safety_metrics
+
+__all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "safety_plots", "roc_plot",
+           "build_report", "main"]
+
+logger = logging.getLogger(__name__)
+SAFETY = ("vlsafe", "mmsafetybench")
+_SKIP = re.compile(r"\.(judgments|part-\d+-of-\d+)\.jsonl$|\.direct\.judgments\.jsonl$")
+
+
+class JudgeMismatchError(InvalidRequestError):
+    """Compared runs were judged by different judge models, prompt sets or prompts (raised with ``strict``)."""
+
+    code = "judge_mismatch"
+
+
+@dataclass
+class Run:
+    path: Path
+    benchmark: str
+    method: str
+    model_id: str
+    rows: list[dict[str, Any]]
+    manifest: dict[str, Any] | None = None
+    judgments: dict[str, Judgment] | None = None
+    direct_judgments: dict[str, Judgment] | None = None
+    judge_summary: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}:{self.path.name}"
+
+
+def _sibling(answers: Path, suffix: str) -> Path:
+    return answers.with_name(answers.name.removesuffix(".jsonl") + suffix)
+
+
+def _load_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def load_run(path: Path) -> Run | None:
+    rows = read_jsonl(path)
+    if not rows or not {"benchmark", "method", "text"} <= set(rows[0]):
+        logger.info("skipping %s: not an answer file (rows need benchmark, method, text)", path)
+        return None
+    judged, direct = _sibling(path, ".judgments.jsonl"), _sibling(path, ".direct.judgments.jsonl")
+    return Run(path, rows[0]["benchmark"], rows[0]["method"], str(rows[0].get("model_id")), rows,
+               manifest=_load_json(_sibling(path, ".manifest.json")),
+               judgments=read_judgments(judged) if judged.is_file() else None,
+               direct_judgments=read_judgments(direct) if direct.is_file() else None,
+               judge_summary=_load_json(_sibling(path, ".judge.json")))
+
+
+def discover_runs(folders: list[Path]) -> list[Run]:
+    runs = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise InvalidRequestError(f"run folder not found: {folder}")
+        for path in sorted(folder.rglob("*.jsonl")):
+            if not _SKIP.search(path.name):
+                run = load_run(path)
+                if run is not None:
+                    runs.append(run)
+    return runs
+
+
+def pair_runs(runs: list[Run]) -> list[tuple[Run | None, Run | None]]:
+    """(direct, ecso) per benchmark and model; a run without a partner is reported alone."""
+    groups: dict[tuple[str, str], dict[str, list[Run]]] = {}
+    for r in runs:
+        groups.setdefault((r.benchmark, r.model_id), {}).setdefault(r.method, []).append(r)
+    pairs: list[tuple[Run | None, Run | None]] = []
+    for (bench, model), by_method in sorted(groups.items()):
+        directs, ecsos = by_method.get("direct", []), by_method.get("ecso", [])
+        if len(directs) > 1:
+            logger.warning("%s/%s: %d direct runs; comparing ECSO with %s", bench, model, len(directs), directs[0].path)
+        pairs += [(directs[0] if directs else None, e) for e in ecsos] or [(d, None) for d in directs[:1]]
+        pairs += [(d, None) for d in directs[1:]]
+    return pairs
+
+
+def judge_signature(judgments: dict[str, Judgment] | None) -> tuple:
+    """What a comparison requires to match: judge models, prompt-set digests and prompt names used."""
+    if not judgments:
+        return ()
+    js = judgments.values()
+    return (tuple(sorted({j.judge_model for j in js})), tuple(sorted({j.prompt_set_sha256[:12] for j in js})),
+            tuple(sorted({j.prompt_name for j in js})))
+
+
+def _pct(d: dict | None) -> str:
+    if not d or d["rate"] is None:
+        return "-"
+    return f"{100 * d['rate']:.1f} [{100 * d['ci95'][0]:.1f}, {100 * d['ci95'][1]:.1f}]"
+
+
+def _delta(a: dict | None, b: dict | None) -> float | None:
+    if not a or not b or a["rate"] is None or b["rate"] is None:
+        return None
+    return 100 * (b["rate"] - a["rate"])
+
+
+def _fmt_delta(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1f}"
+
+
+@dataclass
+class Section:
+    title: str
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _safety_rows(direct_m: dict | None, ecso_m: dict | None) -> list[dict[str, Any]]:
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for side, m in (("direct", direct_m), ("ecso", ecso_m)):
+        for c in (m or {}).get("cells", []):
+            cells.setdefault((c["scenario"], c["mode"]), {})[side] = c
+    out = []
+    for (scenario, mode), sides in cells.items():
+        d, e = sides.get("direct"), sides.get("ecso")
+        row = {"scenario": scenario, "mode": mode, "n_direct": d and d["n"], "n_ecso": e and e["n"]}
+        for rule in ("paper", "mmsb"):
+            dr, er = d and d[f"harmless_rate_{rule}"], e and e[f"harmless_rate_{rule}"]
+            row[f"harmless_direct_{rule}"], row[f"harmless_ecso_{rule}"] = dr, er
+            row[f"delta_{rule}"] = _delta(dr, er)
+        row["flag_rate_ecso"] = e and e["flag_rate"]
+        row["unparseable"] = (d["unparseable"] if d else 0) + (e["unparseable"] if e else 0)
+        out.append(row)
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    def flat(v: Any) -> Any:
+        return round(v["rate"], 6) if isinstance(v, dict) and "rate" in v and v["rate"] is not None else (
+            "" if isinstance(v, dict) or v is None else v)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({k: flat(v) for k, v in r.items()} for r in rows)
+
+
+def _safety_section(direct: Run | None, ecso: Run | None, out: Path, name: str) -> Section:
+    base = direct or ecso
+    sec = Section(f"{base.benchmark}: {base.model_id}")
+    sig_d, sig_e = judge_signature(direct and direct.judgments), judge_signature(ecso and ecso.judgments)
+    if direct and ecso and sig_d and sig_e and sig_d != sig_e:
+        sec.warnings.append(f"{name}: the direct and ECSO runs were judged differently: direct {sig_d} vs ECSO "
+                            f"{sig_e}. Their harmless rates are NOT comparable.")
+    for r in (direct, ecso):
+        if r and not r.judgments:
+            sec.lines.append(f"_{r.label} has no judgments: only flag rates are shown._\n")
+    dm = safety_metrics(direct.rows, direct.judgments) if direct else None
+    em = safety_metrics(ecso.rows, ecso.judgments) if ecso else None
+    rows = _safety_rows(dm, em)
+    _write_csv(out / f"{name}.csv", rows)
+    sig = sig_e or sig_d
+    judge = (f"`{', '.join(sig[0])}`, prompt set {', '.join(sig[1])}, prompts {', '.join(sig[2])}" if sig else "none")
+    sec.lines.append(f"Judge: {judge}. Harmless rate in % [95% Wilson interval]; "
+                     "rule `paper` = only an exact 'safe' is harmless, `mmsb` = anything but 'unsafe' is safe.\n")
+    sec.lines.append("| scenario | mode | n | direct (paper) | ECSO (paper) | Δ | direct (mmsb) | ECSO (mmsb) | Δ | ECSO flag rate |")
+    sec.lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n = r["n_ecso"] if r["n_ecso"] is not None else r["n_direct"]
+        sec.lines.append(
+            f"| {r['scenario']} | {r['mode']} | {n} | {_pct(r['harmless_direct_paper'])} | {_pct(r['harmless_ecso_paper'])} "
+            f"| {_fmt_delta(r['delta_paper'])} | {_pct(r['harmless_direct_mmsb'])} | {_pct(r['harmless_ecso_mmsb'])} "
+            f"| {_fmt_delta(r['delta_mmsb'])} | {_pct(r['flag_rate_ecso'])} |")
+    sec.lines.append(f"\nCSV: `{name}.csv`\n")
+    for png in safety_plots(rows, out, name):
+        sec.lines.append(f"![{png}]({png})")
+    sec.lines += _roc_lines(direct, ecso, out, name)
+    return sec
+
+
+def _roc_lines(direct: Run | None, ecso: Run | None, out: Path, name: str) -> list[str]:
+    if ecso is None:
+        return []
+    labels, source = ecso.direct_judgments, "the ECSO run's direct answers"
+    if labels is None and direct is not None and direct.judgments:
+        labels, source = direct.judgments, "the direct run's judgments (same ids)"
+    if not labels:
+        return []
+    q = detector_quality(ecso.rows, labels)
+    d = q.to_dict()
+    lines = [f"\nHarm detector (labels: {source}): precision {_pct(d['precision'])}, recall {_pct(d['recall'])}, "
+             f"false alarms {_pct(d['false_alarm_rate'])}, ROC-AUC {d['roc_auc'] if d['roc_auc'] is None else round(d['roc_auc'], 3)}"]
+    if q.curve is not None:
+        png = roc_plot(q.curve, d["roc_auc"], out, name)
+        lines.append(f"\n![{png}]({png})")
+    return lines
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bar_values(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[list[float]]]:
+    vals, err = [], [[], []]
+    for r in rows:
+        d = r.get(key)
+        rate = 100 * d["rate"] if d and d["rate"] is not None else 0.0
+        lo, hi = (100 * d["ci95"][0], 100 * d["ci95"][1]) if d and d["rate"] is not None else (rate, rate)
+        vals.append(rate)
+        err[0].append(rate - lo)
+        err[1].append(hi - rate)
+    return vals, err
+
+
+def safety_plots(rows: list[dict[str, Any]], out: Path, name: str) -> list[str]:
+    """Per-scenario harmless rates (direct vs ECSO, paper rule, 95% CI) and ECSO flag rates; PNG file names."""
+    per = sorted((r for r in rows if r["mode"] == ALL), key=lambda r: (r["scenario"] in (ALL, PAPER8), r["scenario"]))
+    labels = [r["scenario"].split("-")[0] for r in per]
+    plt, files = _pyplot(), []
+    x = list(range(len(per)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(per) + 2), 4))
+    for offset, side in ((-0.2, "direct"), (0.2, "ecso")):
+        vals, err = _bar_values(per, f"harmless_{side}_paper")
+        ax.bar([i + offset for i in x], vals, 0.4, yerr=err, capsize=2, label=side)
+    ax.set_xticks(x, labels, rotation=45)
+    ax.set_ylabel("harmless rate (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("harmless rate per scenario (paper rule, 95% CI)", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_scenarios.png", dpi=100)
+    plt.close(fig)
+    files.append(f"{name}_scenarios.png")
+    if any(r["flag_rate_ecso"] for r in per):
+        fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(per) + 2), 4))
+        vals, err = _bar_values(per, "flag_rate_ecso")
+        ax.bar(x, vals, 0.6, yerr=err, capsize=2, color="tab:orange")
+        ax.set_xticks(x, labels, rotation=45)
+        ax.set_ylabel("answers replaced by ECSO (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title("ECSO flag rate per scenario (95% CI)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_flags.png", dpi=100)
+        plt.close(fig)
+        files.append(f"{name}_flags.png")
+    return files
+
+
+def roc_plot(curve: Any, auc: float | None, out: Path, name: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(curve.fpr, curve.tpr, marker=".", label=f"harm_score (AUC {auc:.3f})" if auc is not None else "harm_score")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    ax.set_xlabel("false-alarm rate")
+    ax.set_ylabel("recall of judge-harmful answers")
+    ax.set_title("ECSO harm detector ROC")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_roc.png", dpi=100)
+    plt.close(fig)
+    return f"{name}_roc.png"
+
+
+UTILITY_KEYS = {"mme": ("perception", "cognition"), "mmbench": ("circular_accuracy",), "mmvet": ("total",)}
+
+
+def _utility_section(direct: Run | None, ecso: Run | None, gt: dict[str, Path], name: str) -> Section:
+    base = direct or ecso
+    sec = Section(f"{base.benchmark}: {base.model_id}")
+    metrics = {}
+    for r in (direct, ecso):
+        if r is None:
+            continue
+        grades = r.path.with_name(r.path.name.removesuffix(".jsonl") + ".judgments.jsonl")
+        try:
+            metrics[r.method] = compute(r.benchmark, r.path, grades if grades.is_file() else None, gt.get(r.benchmark))
+        except InvalidRequestError as e:
+            sec.lines.append(f"_{r.label}: {e}_")
+    if not metrics:
+        return sec
+    sec.lines += ["| metric | direct | ECSO | Δ |", "|---|---|---|---|"]
+    for key in UTILITY_KEYS[base.benchmark]:
+        d, e = (metrics.get(m, {}).get(key) for m in ("direct", "ecso"))
+        delta = f"{e - d:+.2f}" if d is not None and e is not None else "-"
+        sec.lines.append(f"| {key} | {'-' if d is None else f'{d:.2f}'} | {'-' if e is None else f'{e:.2f}'} | {delta} |")
+    fa = metrics.get("ecso", {}).get("false_alarm_rate")
+    sec.lines.append(f"\nECSO false-alarm (flag) rate: {_pct(fa)}\n")
+    return sec
+
+
+def _runs_section(runs: list[Run], pairs) -> Section:
+    sec = Section("Runs")
+    for r in runs:
+        settings = (r.manifest or {}).get("settings")
+        judge = (r.judge_summary or {}).get("prompt_set", {})
+        sec.lines.append(f"- `{r.path}`: {r.benchmark}, {r.method}, model `{r.model_id}`, {len(r.rows)} answers; "
+                         f"manifest {'yes' if r.manifest else 'MISSING'}; judge prompt set "
+                         f"{judge.get('source', '-')} ({str(judge.get('sha256', '-'))[:12]})")
+    for d, e in pairs:
+        if d and e and d.manifest and e.manifest:
+            diff = settings_diff(d.manifest.get("settings", {}), e.manifest.get("settings", {}))
+            sec.lines.append(f"\nSettings that differ, {d.path.name} -> {e.path.name}: " + ("; ".join(diff) or "none"))
+    return sec
+
+
+def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] | None = None,
+                 strict: bool = False) -> dict[str, Any]:
+    """Write the report; returns {"sections", "warnings", "files"}."""
+    runs = discover_runs(folders)
+    if not runs:
+        raise InvalidRequestError(f"no answer files in {[str(f) for f in folders]}")
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = pair_runs(runs)
+    sections = []
+    for direct, ecso in pairs:
+        base = direct or ecso
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{base.benchmark}_{base.model_id}_{(ecso or direct).path.stem}")
+        if base.benchmark in SAFETY:
+            sections.append(_safety_section(direct, ecso, out, name))
+        else:
+            sections.append(_utility_section(direct, ecso, ground_truth or {}, name))
+    warnings = [w for s in sections for w in s.warnings]
+    if warnings and strict:
+        raise JudgeMismatchError("refusing to compare differently judged runs: " + " | ".join(warnings))
+    sections.append(_runs_section(runs, pairs))
+    _write_markdown(out / "report.md", sections, warnings)
+    manifests = {str(r.path): {"manifest": r.manifest, "judge": r.judge_summary} for r in runs}
+    (out / "manifests.json").write_text(json.dumps(manifests, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    for w in warnings:
+        logger.warning("%s", w)
+    return {"sections": [s.title for s in sections], "warnings": warnings,
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def _write_markdown(path: Path, sections: list[Section], warnings: list[str]) -> None:
+    lines = ["# ECSO evaluation report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
+    for w in warnings:
+        lines += [f"> **WARNING — JUDGE MISMATCH.** {w}", ""]
+    for s in sections:
+        lines += [f"## {s.title}", "", *s.lines, ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _gt_arg(text: str) -> tuple[str, Path]:
+    bench, sep, path = text.partition("=")
+    if not sep or bench not in UTILITY_KEYS:
+        raise argparse.ArgumentTypeError(f"expected BENCHMARK=PATH with BENCHMARK in {sorted(UTILITY_KEYS)}, got {text!r}")
+    return bench, Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llava.eval.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (searched recursively for answer files)")
+    p.add_argument("--out", type=Path, required=True, help="report folder (report.md, *.csv, *.png, manifests.json)")
+    p.add_argument("--ground-truth", type=_gt_arg, action="append", default=[],
+                   help="BENCHMARK=PATH for utility benchmarks whose rows lack it, e.g. mme=llava_mme_gt.jsonl, "
+                        "mmvet=mm-vet.json (repeatable)")
+    p.add_argument("--strict", action="store_true", help="refuse (exit 3) when compared runs were judged differently")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = build_report(args.runs, args.out, dict(args.ground_truth), args.strict)
+    except JudgeMismatchError as e:
+        logger.error("%s", e)
+        return 3
+    except (InvalidRequestError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
