@@ -1,0 +1,145 @@
+"""Samples -> answer rows (docs/answer-format.md), directly or through ECSO's four steps, a batch at a time.
+
+A sample that cannot be answered never takes its batch down: its image is loaded on its own (a corrupt file is a
+recorded failure), and a batch that a backend rejects is retried one sample at a time so only the culprit fails."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from PIL import Image
+
+from llava.ecso.backends import Backend, StepRequest
+from llava.ecso.pipeline import ECSO, ECSOConfig, ECSOInput, ECSOResult
+from llava.errors import ECSOError, ImageError
+from llava.eval.benchmarks import Sample, answer_fields
+from llava.mm_utils import ImageLimits, load_image
+
+__all__ = ["SampleFailure", "PreparedBatch", "BatchResult", "Answerer", "direct_row", "ecso_row",
+           "DATA_FAILURE_KINDS"]
+
+logger = logging.getLogger(__name__)
+
+# Failures that a rerun cannot fix (the data is bad): a run whose only failures are these is complete.
+DATA_FAILURE_KINDS = frozenset({"missing_image", ImageError.code})
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    id: str
+    kind: str  # the error's code (missing_image, invalid_image, context_length_exceeded, backend_error, ...)
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_error(cls, sample_id: str, exc: ECSOError) -> "SampleFailure":
+        return cls(sample_id, exc.code, str(exc))
+
+
+@dataclass
+class PreparedBatch:
+    """Samples with their images loaded; the ones that failed to load are in ``failures`` instead."""
+
+    samples: list[Sample] = field(default_factory=list)
+    images: list[list[Image.Image]] = field(default_factory=list)
+    failures: list[SampleFailure] = field(default_factory=list)
+
+
+@dataclass
+class BatchResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[SampleFailure] = field(default_factory=list)
+    flagged: int = 0
+
+    @property
+    def attempted(self) -> int:
+        return len(self.rows) + len(self.failures)
+
+
+def _base_row(sample: Sample, method: str, text: str, model_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The row's leading fields, and the id fields + meta (kept last, as in the format's table)."""
+    fields = answer_fields(sample)
+    head = {"id": fields.pop("id"), "benchmark": fields.pop("benchmark"), "method": method,
+            "image": fields.pop("image"), "query": fields.pop("query"), "text": text, "model_id": model_id}
+    return head, fields
+
+
+def direct_row(sample: Sample, text: str, model_id: str) -> dict[str, Any]:
+    head, tail = _base_row(sample, "direct", text, model_id)
+    return {**head, **tail}
+
+
+def ecso_row(sample: Sample, result: ECSOResult, model_id: str) -> dict[str, Any]:
+    head, tail = _base_row(sample, "ecso", result.final, model_id)
+    ecso = {"unsafe": "Yes" if result.flagged else "No", "harm_score": result.harm_score,
+            "caption": result.caption, "unsafe_answer": result.direct if result.flagged else None,
+            "direct": result.direct}
+    return {**head, **ecso, **tail}
+
+
+class Answerer:
+    """Answers batches of samples with ``backend``: ``method`` ``direct`` (one step) or ``ecso`` (the pipeline).
+    ``direct_answers`` (id -> direct answer) makes ECSO check those instead of generating step 1."""
+
+    def __init__(self, method: str, backend: Backend, config: ECSOConfig, model_id: str,
+                 direct_answers: dict[str, str] | None = None, image_limits: ImageLimits = ImageLimits(),
+                 strict: bool = False):
+        self.method = method
+        self.backend = backend
+        self.config = config
+        self.model_id = model_id
+        self.direct_answers = direct_answers
+        self.image_limits = image_limits
+        self.strict = strict
+        self.pipeline = ECSO(backend, config, image_limits) if method == "ecso" else None
+
+    def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
+        """Load each sample's image (thread-safe; the runner calls it ahead of generation)."""
+        batch = PreparedBatch()
+        for sample in samples:
+            try:
+                images = [] if sample.image is None else [load_image(sample.image, self.image_limits)]
+            except ImageError as exc:
+                if self.strict:
+                    raise
+                logger.warning("sample %s: %s", sample.id, exc)
+                batch.failures.append(SampleFailure.from_error(sample.id, exc))
+                continue
+            batch.samples.append(sample)
+            batch.images.append(images)
+        return batch
+
+    def answer(self, batch: PreparedBatch) -> BatchResult:
+        result = BatchResult(failures=list(batch.failures))
+        try:
+            rows, flagged = self._run(batch.samples, batch.images)
+        except ECSOError as exc:
+            if len(batch.samples) == 1:
+                logger.warning("sample %s failed: %s", batch.samples[0].id, exc)
+                result.failures.append(SampleFailure.from_error(batch.samples[0].id, exc))
+                return result
+            logger.info("a batch of %d failed (%s); retrying its samples one at a time", len(batch.samples), exc)
+            for sample, images in zip(batch.samples, batch.images):
+                one = self.answer(PreparedBatch([sample], [images]))
+                result.rows += one.rows
+                result.failures += one.failures
+                result.flagged += one.flagged
+            return result
+        result.rows, result.flagged = rows, flagged
+        return result
+
+    def _run(self, samples: list[Sample], images: list[list[Image.Image]]) -> tuple[list[dict[str, Any]], int]:
+        if not samples:
+            return [], 0
+        if self.pipeline is None:
+            params = self.config.params()
+            texts = self.backend.generate([StepRequest(s.query, imgs, params) for s, imgs in zip(samples, images)])
+            return [direct_row(s, t, self.model_id) for s, t in zip(samples, texts)], 0
+        direct = self.direct_answers or {}
+        inputs = [ECSOInput(s.query, imgs, direct.get(s.id)) for s, imgs in zip(samples, images)]
+        results = self.pipeline.run_batch(inputs)
+        rows = [ecso_row(s, r, self.model_id) for s, r in zip(samples, results)]
+        return rows, sum(r.flagged for r in results)
