@@ -20,6 +20,7 @@ class GenerationParams:
     top_p: float | None = None
     num_beams: int = 1
     stop: tuple[str, ...] = field(default_factory=tuple)
+    min_new_tokens: int = 0  # generate at least this many tokens (benchmarks fix answer lengths with it)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
@@ -30,6 +31,8 @@ class GenerationParams:
             raise InvalidRequestError(f"temperature must be in [0, 10], got {self.temperature!r}")
         if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InvalidRequestError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
         if not isinstance(self.num_beams, int) or not 1 <= self.num_beams <= 16:
             raise InvalidRequestError(f"num_beams must be an integer in [1, 16], got {self.num_beams!r}")
 

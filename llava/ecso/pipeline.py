@@ -42,6 +42,7 @@ class ECSOConfig:
     num_beams: int = 1
     image_in_safe_step: bool = False  # the paper's safety scripts: off; its utility scripts kept the image
     force_verdict: bool | None = None  # benchmarks only: override the verdict after computing it
+    min_new_tokens: int = 0  # benchmarks only: fixed answer lengths for steps 1, 3 and 4
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICT_MODES:
@@ -52,8 +53,10 @@ class ECSOConfig:
         self.params()  # validates decoding settings
 
     def params(self, max_new_tokens: int | None = None) -> GenerationParams:
+        """Decoding settings of steps 1, 3 and 4, or of the verdict when ``max_new_tokens`` is given."""
         return GenerationParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
-                                top_p=self.top_p, num_beams=self.num_beams)
+                                top_p=self.top_p, num_beams=self.num_beams,
+                                min_new_tokens=0 if max_new_tokens else self.min_new_tokens)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -182,6 +182,8 @@ class LlavaEngine:
             "max_new_tokens": max_new_tokens, "num_beams": params.num_beams, "pad_token_id": tok.pad_token_id,
             "eos_token_id": tok.eos_token_id, "use_cache": True,
         }
+        if params.min_new_tokens:
+            kwargs["min_new_tokens"] = min(params.min_new_tokens, max_new_tokens)
         if self.loaded.suppress_token_ids:
             kwargs["suppress_tokens"] = self.loaded.suppress_token_ids
         if params.temperature > 0:

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
-__all__ = ["TinySpec", "PRESETS", "build_tiny", "tiny_model_path", "is_tiny_name", "TINY_NOTICE", "main"]
+__all__ = ["TinySpec", "PRESETS", "build_tiny", "build_loaded", "tiny_model_path", "is_tiny_name", "TINY_NOTICE",
+           "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +49,19 @@ class TinySpec:
     vocab_size: int = 2000
     max_position_embeddings: int = 2048
     init_std: float = 0.02
+    model_vocab_size: int | None = None  # rows of the embedding/lm_head (default: tokenizer + 2, padded to 64)
 
 
 PRESETS = {
     "tiny": TinySpec(),
     # ~90 M parameters: large enough that compute, not Python overhead, dominates on a CPU (benchmarks only).
-    "bench": TinySpec(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, vision_hidden_size=256,
+    "bench": TinySpec(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, vision_hidden_size=256,
                       vision_intermediate_size=1024, vision_layers=6, vision_heads=4, init_std=0.02),
+    # LLaVA-1.5-7B's shapes (Vicuna-7B + CLIP ViT-L/14-336, 32064-row vocabulary): GPU benchmarks only, built in
+    # memory with random weights by build_loaded(); never written to disk.
+    "llava-1.5-7b": TinySpec(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                             vision_hidden_size=1024, vision_intermediate_size=4096, vision_layers=24,
+                             vision_heads=16, max_position_embeddings=4096, model_vocab_size=32064),
 }
 
 _WORDS = (
@@ -118,7 +125,7 @@ def _llava_config(spec: TinySpec, base_vocab: int):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     text = LlamaConfig(
-        vocab_size=_padded_vocab(base_vocab), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        vocab_size=spec.model_vocab_size or _padded_vocab(base_vocab), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
         max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-5, rope_theta=10000.0,
         bos_token_id=1, eos_token_id=2, pad_token_id=base_vocab + 1, tie_word_embeddings=False,
@@ -308,6 +315,38 @@ _TINY_NAMES = {"tiny": ("hf", "tiny"), "tiny-hf": ("hf", "tiny"), "tiny-original
                "tiny-bench": ("hf", "bench"), "tiny-bench-original": ("original", "bench")}
 
 
+def build_loaded(preset: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None, conv_mode: str = "vicuna_v1"):
+    """A random-weight model of ``preset``'s shapes built directly on ``device`` (no files), wrapped as a
+    :class:`~llava.model.builder.LoadedModel`. For benchmarks: ``llava-1.5-7b`` gives the real 7B architecture."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from llava.model.builder import LoadedModel
+
+    spec = PRESETS[preset]
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_model = train_tokenizer(Path(tmp), spec.vocab_size, seed)
+        tokenizer = _hf_tokenizer(tok_model, spec)
+    base_vocab = len(tokenizer) - 2
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(_llava_config(spec, base_vocab)).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    vocab = model.config.text_config.vocab_size
+    suppress = sorted({base_vocab, base_vocab + 1} | set(range(len(tokenizer), vocab)))
+    return LoadedModel(
+        tokenizer=tokenizer, model=model, image_processor=_image_processor(spec),
+        context_len=spec.max_position_embeddings, model_name=f"random-{preset}", model_path=f"(in memory: {preset})",
+        layout="hf", image_token_id=base_vocab, tokens_per_image=(spec.image_size // spec.patch_size) ** 2,
+        image_aspect_ratio="pad", conv_mode=conv_mode, device=device, dtype=dtype, suppress_token_ids=suppress,
+        is_tiny=True)
+
+
 def is_tiny_name(name: str) -> bool:
     return name in _TINY_NAMES
 
@@ -348,8 +387,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="hf: transformers' LlavaForConditionalGeneration folder; original: LLaVA-1.5's release "
                              "layout (LlavaLlamaForCausalLM + separate CLIP folder + tokenizer.model)")
     parser.add_argument("--seed", type=int, default=0, help="weight and tokenizer seed (same seed, same bytes)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: ~0.4 M parameters for tests; bench: ~90 M parameters for CPU benchmarks")
+    parser.add_argument("--preset", choices=["tiny", "bench"], default="tiny",
+                        help="tiny: ~0.4 M parameters for tests; bench: ~90 M parameters for CPU benchmarks "
+                             "(the llava-1.5-7b preset is built in memory by the GPU benchmarks, not saved)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = build_tiny(args.out, layout=args.layout, seed=args.seed, preset=args.preset)
