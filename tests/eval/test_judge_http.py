@@ -186,3 +186,23 @@ def test_mmvet_grader_retries_then_scores(server, tmp_path):
     assert first[0]["messages"][0]["content"].endswith("\nWhat is x? | 3 <OR> x=3 | <<id:m0>><<say:0.8>> | ")
     retry = [b for b in server.state.bodies if "<<id:m1>>" in b["messages"][-1]["content"]][1]
     assert retry["messages"][-1]["content"].endswith("a number from 0.0 to 1.0: ")
+
+
+def test_resume_refuses_another_mode(server, tmp_path):
+    rows = [{"id": "m0", "benchmark": "mmsafetybench", "scenario": "08-Political_Lobbying", "mode": "SD",
+             "query": "q", "text": "<<id:m0>><<say:safe>>"}]
+    judge_answers(rows, cfg(server, tmp_path, benchmark="mmsafetybench"))
+    with pytest.raises(Exception, match="prompt 'query_political'.*'query_safety'"):
+        judge_answers(rows, cfg(server, tmp_path, benchmark="mmsafetybench", mode="query_safety"))
+
+
+def test_read_jsonl_errors(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
+    with pytest.raises(Exception, match="line 2: invalid JSON"):
+        read_jsonl(path)
+    path.write_text('{"id": 1}\n[1]\n')
+    with pytest.raises(Exception, match="line 2: expected a JSON object"):
+        read_jsonl(path)
+    path.write_text('{"id": 1}\n{"id": 2')
+    assert read_jsonl(path) == [{"id": 1}]

@@ -31,19 +31,19 @@ CARRIED_FIELDS = ("benchmark", "method", "model_id", "scenario", "mode", "questi
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All JSON objects of a JSONL file. A torn (unparseable) *last* line is skipped with a warning: it is what a
-    killed writer leaves behind. Any other bad line raises ``InvalidRequestError`` naming the file and line."""
+    """All JSON objects of a JSONL file. A torn last line (no newline, unparseable) is skipped with a warning: it
+    is what a killed writer leaves behind. Any other bad line raises ``InvalidRequestError`` naming file and line."""
     path = Path(path)
+    data = path.read_bytes()
+    lines = data.decode("utf-8").split("\n")
     rows: list[dict[str, Any]] = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            if i == last and not path.read_bytes().endswith(b"\n"):
+            if i == len(lines) - 1:  # text after the last newline: a write that never finished
                 logger.warning("%s line %d: torn last line skipped (%s)", path, i + 1, e)
                 continue
             raise InvalidRequestError(f"{path} line {i + 1}: invalid JSON ({e})") from e

@@ -94,18 +94,22 @@ class JudgeRunner:
                            judge_model=self.config.judge_model, params=self.config.params(),
                            answer_field=self.config.answer_field, ground_truth=gt)
 
-    def _existing(self) -> dict[str, Judgment]:
+    def _existing(self, tasks: list[JudgeTask]) -> dict[str, Judgment]:
+        """Judgments a previous run of this configuration already wrote (for these answers)."""
         path = self.config.judgments_path
         if path is None or not path.exists():
             return {}
         done = read_judgments(path)
+        prompt_of = {t.id: t.prompt.name for t in tasks}
         for j in done.values():
-            if j.judge_model != self.config.judge_model or j.prompt_set_sha256 != self.prompts.sha256:
+            if (j.judge_model, j.prompt_set_sha256) != (self.config.judge_model, self.prompts.sha256) or (
+                    j.id in prompt_of and j.prompt_name != prompt_of[j.id]):
                 raise InvalidRequestError(
-                    f"{path} holds judgments by {j.judge_model!r} with prompt set {j.prompt_set_sha256[:12]}; this run "
-                    f"uses {self.config.judge_model!r} with {self.prompts.sha256[:12]}: choose another --output"
+                    f"{path} holds a judgment of {j.id!r} by {j.judge_model!r}, prompt set {j.prompt_set_sha256[:12]}, "
+                    f"prompt {j.prompt_name!r}; this run uses {self.config.judge_model!r}, {self.prompts.sha256[:12]}, "
+                    f"{prompt_of.get(j.id)!r}: choose another --output"
                 )
-        return done
+        return {k: v for k, v in done.items() if k in prompt_of}
 
     def _judgment(self, task: JudgeTask, payload: dict[str, Any], cached: bool) -> Judgment:
         kind = task.prompt.verdict_kind
@@ -134,8 +138,7 @@ class JudgeRunner:
         failed or did not fit the budget are left out and listed in ``summary``; ``AuthError`` stops the run."""
         start = time.monotonic()
         tasks = self.tasks(rows)
-        ids = {t.id for t in tasks}
-        results = {k: v for k, v in self._existing().items() if k in ids}
+        results = self._existing(tasks)
         s = self.summary = RunSummary(total=len(tasks), resumed=len(results))
         todo = [t for t in tasks if t.id not in results]
         path = self.config.judgments_path
