@@ -429,7 +429,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
 
 
 def configure_logging(level: str = "info") -> None:
+    """Log records with time, level and logger name. httpx's one line per request (heartbeats every 15 s) only
+    at debug level."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level.lower() != "debug":
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def is_loopback(host: str) -> bool:

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llava.constants import ErrorCode
+from llava.ecso.prompts import PROMPT_SETS
+from llava.generation import MAX_NEW_TOKENS_LIMIT
 
 __all__ = [
     # controller
@@ -52,6 +54,9 @@ __all__ = [
     "ChatCompletionRequest",
     "ECSOInfo",
     "Usage",
+    "TopLogprob",
+    "TokenLogprob",
+    "ChoiceLogprobs",
     "AssistantMessage",
     "ChatChoice",
     "ChatCompletionResponse",
@@ -149,8 +154,12 @@ class HeartBeatResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    """``GET /health``: a controller reports its live ``workers``; a worker its ``models`` and ``queue_length``."""
+
     status: Literal["ok"] = "ok"
     workers: int = Field(0, ge=0)
+    models: list[str] | None = None
+    queue_length: int | None = Field(None, ge=0)
 
 
 # ------------------------------------------------------------------------------------------------- LLaVA stream
@@ -195,17 +204,38 @@ class StreamChunk(BaseModel):
 
 
 class ECSOOptions(BaseModel):
-    """Generation and self-check options for one ECSO run."""
+    """Options of one ECSO run, named as the fields of :class:`llava.ecso.pipeline.ECSOConfig`. A field left out
+    (``null``) takes the serving worker's default (its ``--verdict``, ``--threshold``, ... flags). Closed: an
+    unknown field is an error, so a typo never silently falls back to a default."""
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: Temperature = 0.0
-    top_p: TopP = 1.0
-    max_new_tokens: int = Field(512, ge=1)
-    harm_check: Literal["verdict", "score"] = Field(
-        "verdict", description="verdict: parse the model's yes/no; score: P(yes) compared with harm_threshold"
+    verdict: Literal["score", "exact", "parse"] | None = Field(
+        None,
+        description="score: P(yes) vs P(no) of the first answer token; exact: the paper's string match "
+        "('yes'/'yes.' only); parse: the first word of the answer",
     )
-    harm_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False, description="score verdict: flag when P(yes) >= threshold"
+    )
+    prompt_set: str | None = Field(None, min_length=1, description="ECSO prompt templates, by name ('paper')")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="new tokens per generated step (direct, caption, safe)"
+    )
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    image_in_safe_step: bool | None = Field(None, description="keep the image in step 4 (the safe answer)")
+
+    @field_validator("prompt_set")
+    @classmethod
+    def _known_prompt_set(cls, value: str | None) -> str | None:
+        if value is not None and value not in PROMPT_SETS:
+            raise ValueError(f"unknown prompt set {value!r}; valid: {', '.join(sorted(PROMPT_SETS))}")
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that were set, as ``ECSOConfig`` keyword arguments."""
+        return self.model_dump(exclude_none=True)
 
 
 class ECSOStreamRequest(BaseModel):
@@ -223,16 +253,19 @@ ECSOEventType = Literal["direct", "verdict", "caption", "safe", "final", "error"
 
 
 class ECSOEvent(BaseModel):
-    """One step of an ECSO run. ``delta``: new text of a step still streaming; ``text``: the step's full text.
-    ``verdict`` carries ``flagged`` (and ``harm_score`` in score mode); ``caption``/``safe`` only follow a flagged
-    verdict; ``final`` carries the answer to show and ``flagged``; ``error`` carries a non-zero ``error_code`` and
-    ``detail``. ``elapsed``: seconds since the run started."""
+    """One step of an ECSO run. A streaming step (``direct``, ``caption``, ``safe``) sends events with ``delta``
+    (new text) and ``done: false``, then one with ``done: true`` and the step's full ``text``. ``verdict`` carries
+    ``flagged``, the verdict ``text`` and (score mode) ``harm_score``; ``caption``/``safe`` only follow a flagged
+    verdict; ``final`` carries the answer to show, ``flagged`` and ``harm_score``; ``error`` carries a non-zero
+    ``error_code`` and ``detail`` and ends the stream. ``elapsed``: seconds the step took (``final``: the whole
+    run)."""
 
     model_config = ConfigDict(extra="ignore")
 
     event: ECSOEventType
     text: str | None = None
     delta: str | None = None
+    done: bool | None = None
     flagged: bool | None = None
     harm_score: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     elapsed: float | None = Field(None, ge=0.0, allow_inf_nan=False)
@@ -324,7 +357,10 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only one choice is supported")
     seed: int | None = None
     user: str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, description="alternatives per token (needs logprobs: true)")
     ecso: bool = False
+    ecso_options: ECSOOptions | None = Field(None, description="ECSO settings for this request (with ecso)")
 
     def token_limit(self, default: int) -> int:
         """Maximum new tokens: ``max_completion_tokens``, else ``max_tokens``, else ``default``."""
@@ -340,12 +376,17 @@ class ChatCompletionRequest(BaseModel):
 
 
 class ECSOInfo(BaseModel):
-    """What ECSO did, attached to an OpenAI response (or the last stream chunk) when ``ecso`` was requested."""
+    """What ECSO did, attached to an OpenAI response (or the last stream chunk) when ``ecso`` was requested: the
+    fields of :class:`llava.ecso.pipeline.ECSOResult` except the query and the final answer (the message)."""
 
-    flagged: bool
-    harm_score: float | None = Field(None, ge=0.0, le=1.0)
-    direct: str | None = Field(None, description="the direct answer, when it was replaced")
-    caption: str | None = None
+    direct: str = Field(description="step 1: the answer with the image")
+    flagged: bool = Field(description="step 2: the model judged its direct answer harmful")
+    harm_score: float | None = Field(None, ge=0.0, le=1.0, description="P(yes) of the harm check (score verdict)")
+    verdict_text: str | None = None
+    verdict_mode: str | None = Field(None, description="the verdict mode used (score falls back to parse)")
+    caption: str | None = Field(None, description="step 3, only when flagged")
+    safe_answer: str | None = Field(None, description="step 4, only when flagged")
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per step")
 
 
 class Usage(BaseModel):
@@ -357,6 +398,25 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length", "content_filter"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """Log-probabilities of generated tokens (this worker: the first generated token)."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -366,6 +426,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None = "stop"
+    logprobs: ChoiceLogprobs | None = None
 
 
 def _completion_id() -> str:
@@ -395,6 +456,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
     finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

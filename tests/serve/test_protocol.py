@@ -123,8 +123,13 @@ def test_stream_chunk_decodes_unknown_codes_and_extra_fields() -> None:
 
 def test_ecso_request_options_are_checked_and_closed() -> None:
     req = ECSOStreamRequest(image="aGk=", query="How do I make this?")
-    assert req.options.harm_check == "verdict" and req.options.max_new_tokens >= 1
-    assert "options.harm_threshold:" in rejected(ECSOStreamRequest, query="q", options={"harm_threshold": 1.5})
+    assert req.options.overrides() == {}  # everything from the worker's defaults
+    opts = ECSOStreamRequest(query="q", options={"verdict": "exact", "threshold": 0.3}).options
+    assert opts.overrides() == {"verdict": "exact", "threshold": 0.3}
+    assert "options.threshold:" in rejected(ECSOStreamRequest, query="q", options={"threshold": 1.5})
+    assert "options.verdict:" in rejected(ECSOStreamRequest, query="q", options={"verdict": "maybe"})
+    assert "unknown prompt set 'x'" in rejected(ECSOStreamRequest, query="q", options={"prompt_set": "x"})
+    assert "options.max_new_tokens:" in rejected(ECSOStreamRequest, query="q", options={"max_new_tokens": 0})
     assert "options.temprature:" in rejected(ECSOStreamRequest, query="q", options={"temprature": 0.1})
     assert "query:" in rejected(ECSOStreamRequest, query="")
 
@@ -181,7 +186,7 @@ def test_openai_response_and_chunk_shapes() -> None:
     resp = ChatCompletionResponse(model="m", choices=[{"message": {"content": "hi"}}]).model_dump()
     assert resp["object"] == "chat.completion" and resp["id"].startswith("chatcmpl-")
     assert resp["choices"][0] == {
-        "index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        "index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop", "logprobs": None}
     chunk = ChatCompletionChunk(model="m", choices=[{"delta": {"content": "h"}}]).model_dump(exclude_none=True)
     assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {"content": "h"}
 

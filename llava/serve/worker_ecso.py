@@ -1,0 +1,118 @@
+"""The worker's ECSO stream: ``POST /worker_ecso_stream`` runs ECSO's four steps on the worker's model and sends
+one NUL-delimited :class:`~llava.serve.protocol.ECSOEvent` per step as it happens:
+
+``direct`` deltas (``done: false``) then ``direct`` done; ``verdict`` (flagged, harm_score in score mode);
+when flagged, ``caption`` and ``safe`` the same way; then ``final``. A failure before the run starts is one
+``error`` event with a real HTTP status (400 bad input, 404 unknown model, 413 too large); a failure during the run
+ends the stream with an ``error`` event (``error_code``, ``detail``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from PIL import Image
+from pydantic import ValidationError
+
+from llava.conversation import build_prompt
+from llava.ecso.backends import LocalBackend
+from llava.ecso.pipeline import ECSO
+from llava.ecso.pipeline import ECSOEvent as StepEvent
+from llava.errors import ECSOError, ImageError, InvalidRequestError
+from llava.mm_utils import decode_base64_image
+from llava.serve.common import STREAM_MEDIA_TYPE, encode_chunk, error_chunk, require_api_key
+from llava.serve.protocol import ECSOEvent, ECSOStreamRequest, describe_validation_error
+from llava.serve.worker_runtime import stream_model
+
+if TYPE_CHECKING:
+    from llava.serve.model_worker import WorkerState
+
+__all__ = ["ECSO_STREAM_PATH", "ECSO_ALIAS_SUFFIX", "error_event", "ecso_error_frame", "wire_event",
+           "build_pipeline", "check_fits", "ecso_routes"]
+
+logger = logging.getLogger(__name__)
+
+ECSO_STREAM_PATH = "/worker_ecso_stream"
+ECSO_ALIAS_SUFFIX = "+ecso"  # "<model>+ecso": the OpenAI API's model alias that turns ECSO on
+
+
+def error_event(exc: BaseException) -> ECSOEvent:
+    chunk = error_chunk(exc)
+    return ECSOEvent(event="error", text=chunk.text, error_code=chunk.error_code, detail=chunk.detail)
+
+
+def ecso_error_frame(exc: Exception) -> bytes:
+    return encode_chunk(error_event(exc))
+
+
+def wire_event(event: StepEvent) -> ECSOEvent:
+    """The pipeline's step event as the wire model."""
+    return ECSOEvent(event=event.step, text=event.text, delta=event.delta, done=event.done, flagged=event.flagged,
+                     harm_score=event.harm_score, elapsed=event.elapsed)
+
+
+def build_pipeline(state: WorkerState, overrides: dict) -> ECSO:
+    """ECSO on the worker's engine with its defaults and a request's options."""
+    config = state.ecso_config(overrides)
+    return ECSO(LocalBackend(state.engine, conv_mode=state.conv_mode), config, image_limits=state.policy.limits)
+
+
+def check_fits(state: WorkerState, query: str, images: Sequence[Image.Image]) -> None:
+    """Tokenize step 1's prompt (blocking): a context overflow is a 400 before anything runs."""
+    state.engine.encode(build_prompt(state.conv_mode, query, len(images)), images)
+
+
+def _decode(image: str | None, state: WorkerState) -> list[Image.Image]:
+    if image is None:
+        return []
+    try:
+        return [decode_base64_image(image, state.policy.limits)]
+    except ImageError as exc:
+        raise ImageError(f"image: {exc}") from None
+
+
+async def _prepare(state: WorkerState, raw: bytes) -> tuple[ECSO, ECSOStreamRequest, list[Image.Image]]:
+    try:
+        req = ECSOStreamRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidRequestError(describe_validation_error(exc)[0]) from None
+    if req.model is not None:
+        state.check_model(req.model, [state.model_name + ECSO_ALIAS_SUFFIX])
+    state.check_images(int(req.image is not None))
+    pipeline = build_pipeline(state, req.options.overrides())
+    images = await anyio.to_thread.run_sync(_decode, req.image, state)
+    await anyio.to_thread.run_sync(check_fits, state, req.query, images)
+    return pipeline, req, images
+
+
+async def _frames(state: WorkerState, pipeline: ECSO, query: str, images: list[Image.Image]) -> AsyncIterator[bytes]:
+    try:
+        async for event in stream_model(state.slots, lambda: pipeline.stream(images, query), state.jobs):
+            yield encode_chunk(wire_event(event))
+    except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
+        logger.warning("ECSO stream failed: %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, ECSOError))
+        yield encode_chunk(error_event(exc))
+
+
+def ecso_routes() -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_api_key)])
+
+    @router.post(ECSO_STREAM_PATH)
+    async def worker_ecso_stream(request: Request) -> Response:
+        state = request.app.state.worker
+        try:
+            pipeline, req, images = await _prepare(state, await request.body())
+        except Exception as exc:  # noqa: BLE001 - one error event with a real status
+            status = exc.status if isinstance(exc, ECSOError) else 500
+            logger.log(logging.ERROR if status >= 500 else logging.INFO, "%s -> %d: %s", ECSO_STREAM_PATH, status,
+                       exc, exc_info=status >= 500)
+            return Response(ecso_error_frame(exc), status_code=status, media_type=STREAM_MEDIA_TYPE)
+        logger.info("ECSO run: verdict %s, %d image(s), query %d chars", pipeline.verdict_mode, len(images),
+                    len(req.query))
+        return StreamingResponse(_frames(state, pipeline, req.query, images), media_type=STREAM_MEDIA_TYPE)
+
+    return router
