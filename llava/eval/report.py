@@ -319,8 +319,8 @@ def _utility_section(direct: Run | None, ecso: Run | None, gt: dict[str, Path], 
 
 def _runs_section(runs: list[Run], pairs) -> Section:
     sec = Section("Runs")
+    sec.lines.append("Full manifests and judge summaries: `manifests.json`.\n")
     for r in runs:
-        settings = (r.manifest or {}).get("settings")
         judge = (r.judge_summary or {}).get("prompt_set", {})
         sec.lines.append(f"- `{r.path}`: {r.benchmark}, {r.method}, model `{r.model_id}`, {len(r.rows)} answers; "
                          f"manifest {'yes' if r.manifest else 'MISSING'}; judge prompt set "

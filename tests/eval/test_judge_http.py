@@ -48,6 +48,9 @@ def test_verdicts_and_judgments_file(server, tmp_path):
     assert summary["summary"]["unparseable"] == 1 and summary["summary"]["unparseable_ids"] == ["a2"]
     assert summary["summary"]["complete"] is True and summary["summary"]["http_requests"] == 3
     assert "test-key" not in config.summary_path.read_text()
+    runner = JudgeRunner(config)  # resumed: nothing sent, the unparseable one still reported
+    runner.run(rows)
+    assert runner.summary.resumed == 3 and runner.summary.unparseable == ["a2"] and server.state.requests == 3
     # what went over the wire: system + user, temperature 0, the model name
     body = server.state.bodies[0]
     assert body["model"] == "stub-judge" and body["temperature"] == 0

@@ -159,6 +159,7 @@ class JudgeRunner:
             cache.close()
             if out is not None:
                 out.close()
+            s.unparseable = [t.id for t in tasks if t.id in results and not results[t.id].parsed]
             s.wall_s = time.monotonic() - start
             s.requests = self.client.stats.to_dict() if self._client is not None else {"requests": 0}
             self._write_summary()
@@ -168,7 +169,6 @@ class JudgeRunner:
 
     def _record(self, judgment: Judgment, out: JsonlAppender | None) -> Judgment:
         if not judgment.parsed:
-            self.summary.unparseable.append(judgment.id)
             logger.warning("unparseable verdict for %s (%s): %r", judgment.id, judgment.parse_error, judgment.raw[:200])
         if out is not None:
             out.write(judgment.to_row())
