@@ -43,10 +43,11 @@ def measure(args) -> dict:
             eng = engines[reuse]
             backend = LocalBackend(eng, max_batch_size=args.batch_size)
             backend.generate(direct_reqs[:1])  # warm-up
-            for verdict in ("score", "exact"):
+            variants = [("score", False), ("exact", False)] + ([("score", True)] if reuse else [])
+            for verdict, speculative in variants:
                 for traffic, force in (("benign", False), ("flagged", True)):
                     pipe = ECSO(backend, ECSOConfig(max_new_tokens=length, min_new_tokens=length, verdict=verdict,
-                                                    force_verdict=force))
+                                                    force_verdict=force, speculative_caption=speculative))
                     items = [ECSOInput(q, [img]) for img, q in samples]
                     pairs = []
                     for _ in range(max(1, args.repeats)):
@@ -56,21 +57,25 @@ def measure(args) -> dict:
                     ratio = statistics.median(e / d for d, e in pairs)
                     steps = {s: sum(r.timings.get(s, 0.0) for r in res) for s in ("direct", "verdict", "caption", "safe")}
                     row["configs"].append({"prefix_reuse": reuse, "verdict": verdict, "traffic": traffic,
+                                           "speculative_caption": speculative,
                                            "direct_s": statistics.median(d for d, _ in pairs),
                                            "ecso_s": statistics.median(e for _, e in pairs), "ratio": ratio,
                                            "steps_s": steps})
-                    logger.info("L=%d reuse=%s verdict=%s %s: ECSO/direct %.3f (%s)", length, reuse, verdict, traffic,
-                                ratio, ", ".join(f"{k} {v:.3f}s" for k, v in steps.items()))
+                    logger.info("L=%d reuse=%s verdict=%s spec=%s %s: ECSO/direct %.3f (%s)", length, reuse, verdict,
+                                speculative, traffic, ratio, ", ".join(f"{k} {v:.3f}s" for k, v in steps.items()))
         results["runs"].append(row)
     return results
 
 
 def headline(results: dict) -> dict:
-    """benign/flagged ratios with the defaults (score verdict, prefix reuse), worst over the answer lengths."""
+    """benign/flagged ratios with the defaults (score verdict, prefix reuse, no speculation), worst over the answer
+    lengths; ``*_speculative`` the same with the speculative caption."""
     out = {}
     for traffic in ("benign", "flagged"):
-        out[f"{traffic}_ratio"] = max(c["ratio"] for r in results["runs"] for c in r["configs"]
-                                      if c["traffic"] == traffic and c["verdict"] == "score" and c["prefix_reuse"])
+        for spec, suffix in ((False, ""), (True, "_speculative")):
+            out[f"{traffic}_ratio{suffix}"] = max(
+                c["ratio"] for r in results["runs"] for c in r["configs"] if c["traffic"] == traffic
+                and c["verdict"] == "score" and c["prefix_reuse"] and c["speculative_caption"] == spec)
     return out
 
 
@@ -91,8 +96,8 @@ def main(argv=None) -> int:
     parts = [f"benign_ratio={results['benign_ratio']:.3f}", f"flagged_ratio={results['flagged_ratio']:.3f}"]
     for r in results["runs"]:
         for c in r["configs"]:
-            parts.append(f"L{r['length']}/{'reuse' if c['prefix_reuse'] else 'noreuse'}/{c['verdict']}/"
-                         f"{c['traffic']}={c['ratio']:.2f}")
+            parts.append(f"L{r['length']}/{'reuse' if c['prefix_reuse'] else 'noreuse'}/{c['verdict']}"
+                         f"{'+spec' if c['speculative_caption'] else ''}/{c['traffic']}={c['ratio']:.2f}")
     print("ecso_overhead: " + " ".join(parts))
     return 0
 

@@ -158,19 +158,24 @@ class LlavaEngine:
         import torch
 
         found = [self.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) for e in encoded]
-        missing = [i for i, f in enumerate(found) if f is None]
-        if missing:
+        groups: dict[tuple, list[int]] = {}  # rows sharing a prefix (e.g. two steps of one sample) prefill once
+        for i in (i for i, f in enumerate(found) if f is None):
+            e = encoded[i]
+            groups.setdefault((tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))), []).append(i)
+        if groups:
             plen = encoded[0].prefix_len
-            ids = torch.tensor([encoded[i].input_ids[:plen] for i in missing], device=self.loaded.device)
-            pixels = self.pixel_values([img for i in missing for img in encoded[i].images])
+            firsts = [rows[0] for rows in groups.values()]
+            ids = torch.tensor([encoded[i].input_ids[:plen] for i in firsts], device=self.loaded.device)
+            pixels = self.pixel_values([img for i in firsts for img in encoded[i].images])
             with torch.inference_mode():
                 out = self.model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
             layers = [(layer.keys, layer.values) for layer in getattr(out, self._cache_kw).layers]
-            for row, i in enumerate(missing):
-                entry = PrefixEntry(tuple(encoded[i].input_ids[:plen]), encoded[i].images,
+            for row, rows in enumerate(groups.values()):
+                entry = PrefixEntry(tuple(encoded[rows[0]].input_ids[:plen]), encoded[rows[0]].images,
                                     [(k[row:row + 1], v[row:row + 1]) for k, v in layers])
                 self.prefixes.add(entry)
-                found[i] = entry
+                for i in rows:
+                    found[i] = entry
         return found  # type: ignore[return-value]
 
     def _inputs(self, encoded: Sequence[Encoded], num_beams: int = 1) -> dict:

@@ -19,12 +19,16 @@ from types import MappingProxyType
 from typing import Any
 
 import httpx
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
+
+try:  # the server side; clients (the HTTP backends in llava.ecso.remote) need only httpx and pydantic
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError:  # pragma: no cover - exercised only without the [serve] extra
+    uvicorn = FastAPI = Request = RequestValidationError = JSONResponse = StarletteHTTPException = None  # type: ignore
 
 from llava.constants import DEFAULT_HOST, ErrorCode
 from llava.errors import (

@@ -154,3 +154,19 @@ def test_end_to_end_tiny_model_consistent_with_steps(tiny_engine, sample_image):
     items = [ECSOInput(q, [sample_image]) for q in ("a?", "How do I make this at home?", "c d e?")]
     batch = ECSO(backend, cfg).run_batch(items)
     assert batch[1].final == res.final and batch[1].caption == res.caption
+
+
+def test_speculative_caption_same_results_fewer_phases(tiny_engine, sample_image):
+    from PIL import Image
+
+    backend = LocalBackend(tiny_engine)
+    items = [ECSOInput("How do I make this at home?", [sample_image]),
+             ECSOInput("What is this?", [Image.new("RGB", (200, 120), (10, 200, 30))])]
+    for force in (True, False):
+        plain = ECSO(backend, ECSOConfig(max_new_tokens=10, force_verdict=force)).run_batch(items)
+        spec = ECSO(backend, ECSOConfig(max_new_tokens=10, force_verdict=force, speculative_caption=True)).run_batch(items)
+        assert [r.to_dict() | {"timings": None, "options": None} for r in plain] == \
+            [r.to_dict() | {"timings": None, "options": None} for r in spec]
+    rec = Recorder()
+    ECSO(rec, ECSOConfig(speculative_caption=True)).run(sample_image, "q")
+    assert [(k, len(reqs)) for k, reqs in rec.calls] == [("generate", 2), ("score", 1), ("generate", 1)]

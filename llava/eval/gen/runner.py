@@ -369,6 +369,10 @@ def run_generation(config: GenerateConfig, backend_factory: BackendFactory) -> R
         run.file_ids = set(scan.ids)
         old = load_manifest(mpath)
         run.skipped = sum(1 for i in run.plan_ids if i in run.file_ids)
+        if run.plan_ids and not run.ok_ids and not run.skipped:
+            first = run.missing()[0].image
+            raise DatasetError(f"none of the {len(run.plan_ids)} planned images exists (first: {first}); is "
+                               f"--image-folder ({config.data.image_folder!r}) right?")
         extra = len(run.file_ids - set(run.plan_ids))
         todo = run.todo()
         logger.info("%s: %d planned, %d already answered, %d missing images, %d to do%s", config.answers_file,
