@@ -213,12 +213,14 @@ async def _heart_beat(state: WorkerState) -> bool:
 
 async def _registration_loop(state: WorkerState) -> None:
     """Register (retrying with backoff), then heart-beat forever; re-register when told ``exist: false``."""
-    cfg, delay, registered = state.config, 1.0, False
+    cfg, registered = state.config, False
+    first_delay = min(1.0, cfg.heart_beat_interval)
+    delay = first_delay
     while True:
         if not registered:
             try:
                 await _register(state)
-                registered, delay = True, 1.0
+                registered, delay = True, first_delay
             except ECSOError as exc:
                 logger.warning("cannot register with controller %s (%s); retrying in %.0f s", cfg.controller_url,
                                exc, delay)
