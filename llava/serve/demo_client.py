@@ -1,0 +1,358 @@
+"""What the ECSO demo does, without the UI: find a worker through the controller, run ECSO on it, run one ECSO step
+at a time, and turn the events into the four panels' text. Gradio-free, so it is tested without a browser.
+
+Two ways to reach a model, both through the controller's ``/get_worker_address``:
+
+* **Run ECSO**: the worker's ``/worker_ecso_stream`` (:class:`~llava.serve.protocol.ECSOStreamRequest` in, one
+  NUL-framed :class:`~llava.serve.protocol.ECSOEvent` per step out). The worker runs the shared pipeline.
+* **Step by step**: each button sends one ECSO prompt (from :mod:`llava.ecso.prompts`, templated with
+  :func:`llava.conversation.build_prompt`) to the worker's LLaVA ``/worker_generate_stream``. That API returns text
+  only, so the step-by-step harm check parses the model's yes/no (no P(yes) score); "Run ECSO" has the score.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from llava.conversation import SeparatorStyle, build_prompt, default_conv_mode, get_conv_template
+from llava.ecso.pipeline import ECSOConfig
+from llava.ecso.prompts import get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
+from llava.errors import ECSOError, NoWorkerError
+from llava.mm_utils import encode_image_base64
+from llava.serve.common import ServiceClient, error_from_chunk
+from llava.serve.protocol import ECSOEvent, ECSOOptions, ECSOStreamRequest, GenerateStreamRequest
+
+__all__ = [
+    "ECSO_STREAM_PATH",
+    "STEP_NAMES",
+    "DemoClient",
+    "RunState",
+    "StepResult",
+    "ConversationLog",
+    "image_digest",
+]
+
+logger = logging.getLogger(__name__)
+
+ECSO_STREAM_PATH = "/worker_ecso_stream"
+STEP_NAMES = ("direct", "verdict", "caption", "safe")
+_STEP_LABELS = {"direct": "answer", "verdict": "harm check", "caption": "caption", "safe": "safe answer"}
+
+
+def image_digest(image: Image.Image | None) -> str | None:
+    """MD5 of the image's pixels (what the conversation log keeps instead of the image)."""
+    if image is None:
+        return None
+    return hashlib.md5(image.convert("RGB").tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------- the state
+
+
+@dataclass
+class StepResult:
+    """The raw outputs of the steps run so far (the panels show them decorated)."""
+
+    direct: str | None = None
+    flagged: bool | None = None
+    harm_score: float | None = None
+    verdict_text: str | None = None
+    caption: str | None = None
+    safe: str | None = None
+    final: str | None = None
+    threshold: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def has_verdict(self) -> bool:
+        return self.flagged is not None
+
+
+@dataclass
+class RunState:
+    """One run's progress: the raw results plus the text being streamed into each panel. ``apply`` takes one
+    ECSO event; the ``*_panel`` properties and :meth:`status` render what the page shows."""
+
+    result: StepResult = field(default_factory=StepResult)
+    streaming: dict[str, str] = field(default_factory=dict)
+    done: bool = False
+    whole_run: bool = True  # Run ECSO (steps 3-4 skipped when harmless) vs one step at a time
+    _last_mark: float = field(default_factory=time.perf_counter, repr=False)
+    _started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def _finish_step(self, step: str, elapsed: float | None) -> None:
+        now = time.perf_counter()
+        self.result.timings[step] = elapsed if elapsed is not None else now - self._last_mark
+        self._last_mark = now
+
+    def apply(self, event: ECSOEvent) -> None:
+        """Take one event: a delta grows its panel, a finished step sets its result and time."""
+        r = self.result
+        if event.event == "error":
+            r.error = f"error_code {event.error_code}: {event.detail or event.text or 'no detail'}"
+            self.done = True
+            return
+        if event.done is False or (event.text is None and event.delta is not None):
+            self.streaming[event.event] = self.streaming.get(event.event, "") + (event.delta or "")
+            return
+        if event.event == "final":
+            r.final = event.text
+            if event.flagged is not None:
+                r.flagged = event.flagged
+            r.timings["total"] = event.elapsed if event.elapsed is not None else time.perf_counter() - self._started
+            self.done = True
+            return
+        if event.event == "verdict":
+            r.flagged, r.harm_score, r.verdict_text = bool(event.flagged), event.harm_score, event.text
+        else:
+            setattr(r, event.event, (event.text or "").strip())
+        self.streaming.pop(event.event, None)
+        self._finish_step(event.event, event.elapsed)
+
+    def fail(self, exc: BaseException) -> None:
+        self.result.error = describe_error(exc)
+        self.done = True
+
+    # ---- rendering --------------------------------------------------------------------------------------------
+    def _text(self, step: str) -> str:
+        value = getattr(self.result, step)
+        return value if value is not None else self.streaming.get(step, "")
+
+    @property
+    def direct_panel(self) -> str:
+        return self._text("direct")
+
+    @property
+    def caption_panel(self) -> str:
+        return self._text("caption") or self._skipped_note()
+
+    @property
+    def safe_panel(self) -> str:
+        return self._text("safe") or self._skipped_note()
+
+    def _skipped_note(self) -> str:
+        if self.whole_run and self.done and self.result.flagged is False and self.result.error is None:
+            return "(not run: the answer was judged harmless, so the direct answer stands)"
+        return ""
+
+    @property
+    def verdict_panel(self) -> str:
+        r = self.result
+        if r.flagged is None:
+            return ""
+        lines = ["HARMFUL: yes, ECSO answers again without the image" if r.flagged
+                 else "HARMFUL: no, the direct answer stands"]
+        if r.harm_score is not None:
+            rule = f" (flagged when >= {r.threshold:.2f})" if r.threshold is not None else ""
+            lines.append(f"harm score P(yes) = {r.harm_score:.3f}{rule}")
+        if r.verdict_text:
+            lines.append(f"model's verdict: {r.verdict_text.strip()}")
+        return "\n".join(lines)
+
+    def status(self) -> str:
+        r = self.result
+        times = " · ".join(f"{_STEP_LABELS.get(k, k)} {v:.2f} s" for k, v in r.timings.items())
+        if r.error:
+            return f"**Error.** {r.error}" + (f"\n\nStep times: {times}" if times else "")
+        if not self.done:
+            running = next(iter(self.streaming), None)
+            label = f": {_STEP_LABELS.get(running, running)}" if running else ""
+            return f"Running{label} ..." + (f" ({times})" if times else "")
+        outcome = ""
+        if self.whole_run and r.flagged is not None:
+            outcome = (" Flagged: the safe response replaces the direct answer." if r.flagged
+                       else " Not flagged: the direct answer is the final answer.")
+        return f"Done.{outcome}" + (f" Step times: {times}" if times else "")
+
+
+def describe_error(exc: BaseException) -> str:
+    """The message a user sees for a failed request: what went wrong and, for our typed errors, the cause."""
+    if isinstance(exc, NoWorkerError):
+        return f"No model worker is available: {exc}"
+    if isinstance(exc, ECSOError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------------- the client
+
+
+class DemoClient:
+    """The demo's view of the serving stack: a controller at ``controller_url`` (with ``api_key`` when the stack
+    uses one) and the workers it hands out."""
+
+    def __init__(self, controller_url: str, *, api_key: str | None = None, timeout: float = 120.0,
+                 conv_mode: str | None = None, defaults: ECSOConfig = ECSOConfig()) -> None:
+        self.controller_url = controller_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = timeout
+        self.conv_mode = conv_mode
+        self.defaults = defaults  # what the step-by-step buttons use where the options leave a field out
+        self._controller = ServiceClient(self.controller_url, api_key=api_key, timeout=timeout)
+        self._workers: dict[str, ServiceClient] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._controller.close()
+        with self._lock:
+            for client in self._workers.values():
+                client.close()
+            self._workers.clear()
+
+    # ---- controller -------------------------------------------------------------------------------------------
+    def list_models(self, refresh: bool = False) -> list[str]:
+        """The models of the live workers; ``refresh`` first makes the controller re-check every worker."""
+        if refresh:
+            self._controller.post("/refresh_all_workers")
+        return list(self._controller.post("/list_models").get("models", []))
+
+    def worker(self, model: str) -> ServiceClient:
+        """A client for the worker the controller picks for ``model``; :class:`NoWorkerError` when there is none."""
+        if not model:
+            raise NoWorkerError("no model selected (the controller lists no models: is a worker running?)")
+        address = self._controller.post("/get_worker_address", {"model": model}).get("address", "")
+        if not address:
+            raise NoWorkerError(f"the controller at {self.controller_url} has no worker for model {model!r}")
+        with self._lock:
+            if address not in self._workers:
+                self._workers[address] = ServiceClient(address, api_key=self._api_key, timeout=self._timeout)
+            return self._workers[address]
+
+    # ---- Run ECSO ---------------------------------------------------------------------------------------------
+    def ecso_stream(self, model: str, image: Image.Image | None, query: str,
+                    options: ECSOOptions) -> Iterator[ECSOEvent]:
+        """The worker's ECSO events for one image + query. Non-event frames (a LLaVA error chunk from a proxy or
+        an older worker) become an ``error`` event, so the caller has one kind of thing to show."""
+        request = ECSOStreamRequest(model=model, image=encode_image_base64(image) if image is not None else None,
+                                    query=query, options=options)
+        for frame in self.worker(model).stream(ECSO_STREAM_PATH, request):
+            if "event" not in frame:
+                err = error_from_chunk(frame) or ECSOError(f"unexpected frame from the worker: {frame!r:.200}")
+                yield ECSOEvent(event="error", error_code=int(err.error_code) or 1, detail=str(err))
+                return
+            yield ECSOEvent.model_validate(frame)
+
+    # ---- one step at a time -----------------------------------------------------------------------------------
+    def _conv_mode(self, worker: ServiceClient) -> str:
+        if self.conv_mode:
+            return self.conv_mode
+        status = worker.post("/worker_get_status")
+        return str(status.get("conv_mode") or default_conv_mode(None))
+
+    def generate_stream(self, model: str, text: str, images: list[Image.Image], options: ECSOOptions,
+                        max_new_tokens: int | None = None) -> Iterator[str]:
+        """One single-turn answer from the worker's LLaVA stream API, as cumulative text without the prompt."""
+        worker = self.worker(model)
+        conv_mode = self._conv_mode(worker)
+        conv = get_conv_template(conv_mode)
+        prompt = build_prompt(conv_mode, text, len(images))
+        stop = conv.sep if conv.sep_style in (SeparatorStyle.SINGLE, SeparatorStyle.MPT) else conv.sep2
+        request = GenerateStreamRequest(
+            model=model, prompt=prompt, images=[encode_image_base64(im) for im in images],
+            temperature=_pick(options.temperature, self.defaults.temperature),
+            top_p=_pick(options.top_p, self.defaults.top_p, 1.0),
+            max_new_tokens=max_new_tokens or _pick(options.max_new_tokens, self.defaults.max_new_tokens), stop=stop)
+        for chunk in worker.stream("/worker_generate_stream", request):
+            err = error_from_chunk(chunk)
+            if err is not None:
+                raise err
+            so_far = str(chunk.get("text", ""))
+            yield (so_far[len(prompt):] if so_far.startswith(prompt) else so_far).strip()
+
+    def step_stream(self, step: str, model: str, image: Image.Image | None, query: str, options: ECSOOptions,
+                    state: StepResult) -> Iterator[RunState]:
+        """Run one ECSO step on the LLaVA stream API with the earlier steps' outputs from ``state``; yields the
+        updated run state as text arrives. That API returns text only, so step 2 parses the model's yes/no
+        (``exact`` as the paper, else the first word) and has no P(yes) score."""
+        prompts = get_prompt_set(_pick(options.prompt_set, self.defaults.prompt_set))
+        run = RunState(result=StepResult(**{**state.to_dict(), "timings": dict(state.timings), "error": None}),
+                       whole_run=False)
+        images = [image] if image is not None else []
+        tokens = None
+        if step == "direct":
+            text, step_images = query, images
+        elif step == "verdict":
+            if state.direct is None:
+                raise ValueError("run step 1 first: the harm check needs the direct answer")
+            text, step_images = prompts.fill_harm_check(query, state.direct), images
+            tokens = self.defaults.verdict_max_new_tokens
+        elif step == "caption":
+            text, step_images = prompts.fill_caption(query), images
+        elif step == "safe":
+            if state.caption is None:
+                raise ValueError("run step 3 first: the safe answer needs the caption")
+            keep_image = _pick(options.image_in_safe_step, self.defaults.image_in_safe_step)
+            text, step_images = prompts.fill_safe(state.caption, query), images if keep_image else []
+        else:
+            raise ValueError(f"unknown step {step!r}; valid: {', '.join(STEP_NAMES)}")
+        run._last_mark = time.perf_counter()
+        answer = ""
+        for answer in self.generate_stream(model, text, step_images, options, tokens):
+            if step != "verdict":
+                run.streaming[step] = answer
+                yield run
+        if step == "verdict":
+            exact = _pick(options.verdict, self.defaults.verdict) == "exact"
+            flagged = parse_verdict_exact(answer) if exact else bool(parse_verdict_tolerant(answer))
+            run.apply(ECSOEvent(event="verdict", text=answer, flagged=flagged))
+            run.result.harm_score = run.result.threshold = None  # a parsed verdict has no score
+        else:
+            run.apply(ECSOEvent(event=step, text=answer))
+        run.done = True
+        yield run
+
+
+def _pick(*values: Any) -> Any:
+    """The first value that is not ``None``."""
+    return next((v for v in values if v is not None), None)
+
+
+# ---------------------------------------------------------------------------------------------- conversation log
+
+
+class ConversationLog:
+    """One JSON line per interaction in ``<log_dir>/<YYYY-MM-DD>-conv.json`` (the seed's file naming): time, kind,
+    model, query, image digest, options and every step's output. Client addresses only when ``log_ips``."""
+
+    def __init__(self, log_dir: str | Path | None, log_ips: bool = False) -> None:
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.log_ips = log_ips
+        self._lock = threading.Lock()
+
+    def path(self, when: float | None = None) -> Path | None:
+        if self.log_dir is None:
+            return None
+        return self.log_dir / f"{time.strftime('%Y-%m-%d', time.localtime(when))}-conv.json"
+
+    def write(self, *, kind: str, model: str | None, query: str, image: Image.Image | None,
+              options: ECSOOptions, result: StepResult, ip: str | None = None) -> None:
+        now = time.time()
+        path = self.path(now)
+        if path is None:
+            return
+        row: dict[str, Any] = {
+            "tstamp": round(now, 3), "type": kind, "model": model, "query": query,
+            "image_md5": image_digest(image), "options": options.model_dump(), "steps": result.to_dict(),
+        }
+        if self.log_ips and ip:
+            row["ip"] = ip
+        try:
+            with self._lock:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        except OSError as exc:  # a full disk must not break the demo
+            logger.warning("could not write the conversation log %s: %s", path, exc)
