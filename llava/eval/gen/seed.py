@@ -105,27 +105,34 @@ def _direct_run(question_file: str) -> dict | None:
     return manifest if manifest and manifest["settings"].get("method") == "direct" else None
 
 
+def _scenario_parent(entry: SeedEntry, image_folder: str, question_file: str) -> str:
+    """The seed passed MM-SafetyBench's per-scenario folder (``images/{scenario}``); the reader wants ``images``."""
+    if entry.has_mode and image_folder and Path(image_folder).name == Path(question_file).stem:
+        return str(Path(image_folder).parent)
+    return image_folder
+
+
 def _data_args(entry: SeedEntry, args: argparse.Namespace) -> list[str]:
     """--benchmark/--question-file/--image-folder/--mode(/--from-answers) for generate."""
     image_folder = getattr(args, "image_folder", "")
     mode = getattr(args, "mode", None)
     direct = _direct_run(args.question_file) if entry.method == "ecso" else None
     if direct is not None:
-        s = direct["settings"]
+        s, inputs = direct["settings"], direct["inputs"]
         logger.info("%s is a direct run's answer file: ECSO checks its answers (two-pass)", args.question_file)
         if mode is not None and mode != s["data"].get("mode"):
             raise InvalidRequestError(f"--mode {mode} but the direct answers in {args.question_file} are mode "
                                       f"{s['data'].get('mode')}")
-        out = ["--benchmark", s["benchmark"], "--question-file", direct["inputs"]["question_file"],
-               "--image-folder", image_folder or direct["inputs"]["image_folder"], "--from-answers", args.question_file]
+        image_folder = _scenario_parent(entry, image_folder, inputs["question_file"]) or inputs["image_folder"]
+        out = ["--benchmark", s["benchmark"], "--question-file", inputs["question_file"],
+               "--image-folder", image_folder, "--from-answers", args.question_file]
         out += ["--mode", s["data"]["mode"]] if s["data"].get("mode") else []
         out += ["--scenarios", ",".join(s["data"]["scenarios"])] if s["data"].get("scenarios") else []
         for flag, key in (("--tiny-list", "tiny_list"), ("--gt-file", "gt_file")):
-            out += [flag, direct["inputs"][key]] if direct["inputs"].get(key) else []
+            out += [flag, inputs[key]] if inputs.get(key) else []
         return out
     benchmark = entry.benchmark or getattr(args, "benchmark", None) or _vqa_benchmark(args.question_file)
-    if entry.has_mode and image_folder and Path(image_folder).name == Path(args.question_file).stem:
-        image_folder = str(Path(image_folder).parent)  # the seed passed the scenario's own image folder
+    image_folder = _scenario_parent(entry, image_folder, args.question_file)
     out = ["--benchmark", benchmark, "--question-file", args.question_file]
     out += ["--image-folder", image_folder] if image_folder else []
     return out + (["--mode", mode] if mode else [])
