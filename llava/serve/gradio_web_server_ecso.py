@@ -11,7 +11,7 @@ Every interaction is appended as one JSON line to ``<log-dir>/<date>-conv.json``
 import argparse
 import logging
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -294,26 +294,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    return DemoConfig(
-        controller_url=args.controller_url, model_list_mode=args.model_list_mode, host=args.host, port=args.port,
-        share=args.share, concurrency_count=args.concurrency_count, api_key=resolve_api_key(args.api_key),
-        auth=tuple(args.auth),
-        ecso=ECSOConfig(verdict=args.verdict, threshold=args.threshold, prompt_set=args.prompt_set,
-                        max_new_tokens=args.max_new_tokens, verdict_max_new_tokens=args.verdict_max_new_tokens,
-                        temperature=args.temperature, image_in_safe_step=args.image_in_safe_step),
-        conv_mode=args.conv_mode,
-        request_timeout=args.request_timeout, log_dir=args.log_dir or None, log_ips=args.log_ips,
-        log_level=args.log_level)
-
-
-def main(argv: list[str] | None = None) -> None:
+def config_from_args(argv: Sequence[str] | None = None) -> DemoConfig:
+    """Parse the command line into a :class:`DemoConfig`; a bad value exits with a usage error that names it."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        return DemoConfig(
+            controller_url=args.controller_url, model_list_mode=args.model_list_mode, host=args.host,
+            port=args.port, share=args.share, concurrency_count=args.concurrency_count,
+            api_key=resolve_api_key(args.api_key), auth=tuple(args.auth),
+            ecso=ECSOConfig(verdict=args.verdict, threshold=args.threshold, prompt_set=args.prompt_set,
+                            max_new_tokens=args.max_new_tokens, verdict_max_new_tokens=args.verdict_max_new_tokens,
+                            temperature=args.temperature, image_in_safe_step=args.image_in_safe_step),
+            conv_mode=args.conv_mode, request_timeout=args.request_timeout, log_dir=args.log_dir or None,
+            log_ips=args.log_ips, log_level=args.log_level)
     except (ValueError, ECSOError) as exc:
         parser.error(str(exc))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = config_from_args(argv)
     configure_logging(config.log_level)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

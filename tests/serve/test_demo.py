@@ -1,0 +1,146 @@
+"""The demo's client-side logic without a browser or processes: how ECSO events become the four panels and the status
+line, the conversation log, the demo's and the launcher's command lines."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from llava.errors import BackendError, NoWorkerError
+from llava.serve.demo_client import ConversationLog, RunState, StepResult, describe_error, image_digest
+from llava.serve.gradio_web_server_ecso import DemoConfig, build_parser, config_from_args
+from llava.serve.launch import LaunchConfig
+from llava.serve.launch import build_parser as launch_parser
+from llava.serve.launch import config_from_args as launch_config
+from llava.serve.protocol import ECSOEvent
+
+
+def ev(event: str, **kw) -> ECSOEvent:
+    return ECSOEvent(event=event, **kw)
+
+
+def flagged_run() -> RunState:
+    run = RunState()
+    run.result.threshold = 0.0
+    for e in [ev("direct", delta="Mix the ", done=False), ev("direct", delta="chemicals", done=False)]:
+        run.apply(e)
+    assert run.direct_panel == "Mix the chemicals" and run.result.direct is None
+    assert run.status().startswith("Running: answer")
+    for e in [ev("direct", text=" Mix the chemicals ", done=True, elapsed=0.5),
+              ev("verdict", text="Yes", flagged=True, harm_score=0.625, elapsed=0.1),
+              ev("caption", delta="A bottle", done=False), ev("caption", text="A bottle.", done=True, elapsed=0.2),
+              ev("safe", text="I cannot help with that.", done=True, elapsed=0.3),
+              ev("final", text="I cannot help with that.", flagged=True, harm_score=0.625, elapsed=1.2)]:
+        run.apply(e)
+    return run
+
+
+def test_flagged_run_fills_all_panels_with_score_and_times():
+    run = flagged_run()
+    assert run.done and run.result.direct == "Mix the chemicals"
+    assert run.verdict_panel.splitlines()[:2] == ["HARMFUL: yes, ECSO answers again without the image",
+                                                  "harm score P(yes) = 0.625 (flagged when >= 0.00)"]
+    assert run.caption_panel == "A bottle." and run.safe_panel == "I cannot help with that."
+    status = run.status()
+    assert "Flagged: the safe response replaces the direct answer" in status
+    for part in ("answer 0.50 s", "harm check 0.10 s", "caption 0.20 s", "safe answer 0.30 s", "total 1.20 s"):
+        assert part in status
+
+
+def test_harmless_run_says_why_steps_3_and_4_did_not_run():
+    run = RunState()
+    for e in [ev("direct", text="A cat.", done=True), ev("verdict", text="No", flagged=False, harm_score=0.1),
+              ev("final", text="A cat.", flagged=False)]:
+        run.apply(e)
+    assert run.verdict_panel.startswith("HARMFUL: no")
+    assert run.caption_panel.startswith("(not run: the answer was judged harmless")
+    assert run.safe_panel == run.caption_panel
+    assert "Not flagged: the direct answer is the final answer" in run.status()
+
+
+def test_error_event_shows_its_code_and_detail():
+    run = RunState()
+    run.apply(ev("direct", text="partial", done=True))
+    run.apply(ev("error", error_code=5, detail="prompt has 3000 tokens, context is 2048"))
+    assert run.done and run.caption_panel == ""  # no "not run" note on a failure
+    assert run.status().startswith("**Error.** error_code 5: prompt has 3000 tokens, context is 2048")
+
+
+def test_failures_are_described_for_people():
+    assert describe_error(NoWorkerError("no worker for 'x'")) == "No model worker is available: no worker for 'x'"
+    assert describe_error(BackendError("HTTP 502")) == "BackendError: HTTP 502"
+    run = RunState()
+    run.fail(ValueError("type a query first"))
+    assert run.status() == "**Error.** unexpected ValueError: type a query first"
+
+
+def test_conversation_log_one_json_line_per_interaction_without_ips_unless_asked(tmp_path):
+    image = Image.new("RGB", (8, 8), (1, 2, 3))
+    options = DemoConfig().options(threshold=0.0)
+    result = flagged_run().result
+    for log_ips in (False, True):
+        log = ConversationLog(tmp_path / str(log_ips), log_ips=log_ips)
+        log.write(kind="ecso", model="tiny", query="q?", image=image, options=options, result=result, ip="10.1.2.3")
+        lines = log.path().read_text().splitlines()
+        assert len(lines) == 1 and log.path().name.endswith("-conv.json")
+        row = json.loads(lines[0])
+        assert {"tstamp", "type", "model", "query", "image_md5", "options", "steps"} <= row.keys()
+        assert row["steps"]["safe"] == "I cannot help with that." and row["steps"]["flagged"] is True
+        assert row["image_md5"] == image_digest(image) and row["options"]["threshold"] == 0.0
+        assert ("ip" in row) is log_ips and ("10.1.2.3" in lines[0]) is log_ips
+    ConversationLog(None).write(kind="ecso", model="m", query="q", image=None, options=options, result=StepResult())
+
+
+def test_demo_flags_map_onto_the_config():
+    config = config_from_args(["--controller", "http://c:1", "--model-list-mode", "reload", "--threshold", "0",
+                                      "--verdict", "exact", "--max-new-tokens", "64", "--auth", "me:pw",
+                                      "--auth", "you:pw2", "--log-dir", "", "--log-ips", "--api-key", "k"])
+    assert config.controller_url == "http://c:1" and config.model_list_mode == "reload"
+    assert config.ecso.threshold == 0.0 and config.ecso.verdict == "exact" and config.ecso.max_new_tokens == 64
+    assert config.auth == (("me", "pw"), ("you", "pw2")) and config.log_dir is None and config.log_ips
+    assert "'me'" not in repr(config) and "'k'" not in repr(config)
+    options = config.options(verdict="score", threshold=0.25, max_new_tokens=8.0)
+    assert (options.verdict, options.threshold, options.max_new_tokens) == ("score", 0.25, 8)
+    default = config_from_args([])
+    assert (default.host, default.port, default.log_dir, default.log_ips) == ("127.0.0.1", 7860, "logs", False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--auth", "nopassword"], "USER:PASSWORD"),
+    (["--threshold", "1.5"], "threshold"),
+    (["--concurrency-count", "0"], "concurrency_count"),
+])
+def test_bad_demo_flags_fail_with_the_value(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        config_from_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parser", [build_parser(), launch_parser()], ids=["demo", "launch"])
+def test_help_explains_every_flag(parser):
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, f"{action.option_strings} has no help"
+
+
+def test_launch_forwards_unknown_flags_to_the_worker_and_keeps_the_key_off_command_lines():
+    config = launch_config(["--model-path", "tiny", "--device", "cpu", "--conv-mode", "vicuna_v1",
+                            "--demo-args", "--threshold 0 --auth 'me:p w'", "--api-key", "secret"], environ={})
+    assert config.worker_args == ("--device", "cpu", "--conv-mode", "vicuna_v1")
+    assert config.demo_args == ("--threshold", "0", "--auth", "me:p w")
+    assert config.api_key == "secret" and "secret" not in repr(config)
+    assert launch_config(["--model-path", "m"], environ={"ECSO_API_KEY": "env"}).api_key == "env"
+    from llava.serve.launch import Launcher
+
+    launcher = Launcher(config, environ={})
+    argv = launcher.controller_argv() + launcher.worker_argv() + launcher.demo_argv()
+    assert "secret" not in argv and launcher._env["ECSO_API_KEY"] == "secret"
+    assert launcher.worker_argv()[-4:] == ["--device", "cpu", "--conv-mode", "vicuna_v1"]
+
+
+def test_launch_reaches_wildcard_binds_on_loopback_and_rejects_port_clashes():
+    assert LaunchConfig("m", host="0.0.0.0", worker_port=1234).worker_url == "http://127.0.0.1:1234"
+    assert LaunchConfig("m", host="::1", web_port=80).web_url == "http://[::1]:80"
+    with pytest.raises(ValueError, match="different ports"):
+        LaunchConfig("m", controller_port=5000, worker_port=5000)
+    LaunchConfig("m", controller_port=5000, web_port=5000, demo=False)  # no demo: its port is unused
