@@ -114,20 +114,24 @@ class _HTTPBackend(Backend):
 
 class WorkerBackend(_HTTPBackend):
     """LLaVA's worker protocol through a controller (see the module docstring). ``api_key``: the services' shared
-    key (default ``$ECSO_API_KEY``). ``model_name=None``: the controller's only model."""
+    key (default ``$ECSO_API_KEY``). ``model_name=None``: the controller's only model. ``transport``: an httpx
+    transport (tests)."""
 
     name = "worker"
     supports_score = False
 
     def __init__(self, controller_url: str = "http://127.0.0.1:10000", model_name: str | None = None,
                  conv_mode: str | None = None, timeout: float = 300.0, image_aspect_ratio: str | None = None,
-                 api_key: str | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+                 api_key: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+                 transport: httpx.BaseTransport | None = None) -> None:
         super().__init__(image_aspect_ratio, concurrency, timeout)
         self.controller_url = controller_url.rstrip("/")
+        self._transport = transport
         self.conv_mode = conv_mode or "vicuna_v1"
         get_conv_template(self.conv_mode)  # fail fast on an unknown template
         self.api_key = resolve_api_key(api_key)
-        self.controller = ServiceClient(self.controller_url, api_key=self.api_key, timeout=min(timeout, 30.0))
+        self.controller = ServiceClient(self.controller_url, api_key=self.api_key, timeout=min(timeout, 30.0),
+                                        transport=transport)
         self._workers: dict[str, ServiceClient] = {}
         self.model_name = model_name or self._only_model()
 
@@ -149,7 +153,8 @@ class WorkerBackend(_HTTPBackend):
         with self._lock:
             client = self._workers.get(address)
             if client is None:
-                client = self._workers[address] = ServiceClient(address, api_key=self.api_key, timeout=self.timeout)
+                client = self._workers[address] = ServiceClient(address, api_key=self.api_key, timeout=self.timeout,
+                                                                transport=self._transport)
         return client
 
     def prompt(self, request: StepRequest) -> str:
@@ -230,13 +235,15 @@ class OpenAIBackend(_HTTPBackend):
     """An OpenAI-compatible chat endpoint (see the module docstring). ``base_url``: up to ``/v1``; ``api_key``:
     default ``$OPENAI_API_KEY``; ``model_name=None``: the endpoint's only model; ``logprobs``: ``None`` probes
     whether first-token ``top_logprobs`` come back (one tiny request, on first use of ``supports_score``);
-    ``top_logprobs``: alternatives asked for when scoring (OpenAI and vLLM allow 20 by default)."""
+    ``top_logprobs``: alternatives asked for when scoring (OpenAI and vLLM allow 20 by default); ``transport``: an
+    httpx transport (tests)."""
 
     name = "openai"
 
     def __init__(self, base_url: str | None = None, model_name: str | None = None, timeout: float = 300.0,
                  image_aspect_ratio: str | None = None, api_key: str | None = None, logprobs: bool | None = None,
-                 top_logprobs: int = 20, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+                 top_logprobs: int = 20, concurrency: int = DEFAULT_CONCURRENCY,
+                 transport: httpx.BaseTransport | None = None) -> None:
         super().__init__(image_aspect_ratio, concurrency, timeout)
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
@@ -251,7 +258,7 @@ class OpenAIBackend(_HTTPBackend):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         # Proxy settings apply to remote endpoints, never to this machine's own services.
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
-                                  trust_env=not _is_loopback_url(self.base_url))
+                                  trust_env=not _is_loopback_url(self.base_url), transport=transport)
         self._logprobs = logprobs
         self.top_logprobs = top_logprobs
         self.model_name = model_name or self._only_model()
