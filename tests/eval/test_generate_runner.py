@@ -3,7 +3,7 @@ chunks and merge, concurrency, failures, --from-answers. (The tiny model end to 
 import json
 
 import pytest
-from generate_testdata import FakeBackend, by_id, draw_image, make_mmsafe, make_vlsafe, read_rows
+from generate_testdata import FakeBackend, draw_image, make_mmsafe, make_vlsafe, read_rows
 
 from llava.errors import InvalidRequestError
 from llava.eval.benchmarks.base import DatasetError

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["AnswerFileError", "AnswerFileBusyError", "AnswerScan", "AnswerFile", "read_answer_rows", "parse_rows",
-           "rewrite_rows", "dumps_row"]
+           "rewrite_rows", "sort_in_plan_order", "dumps_row"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +178,20 @@ def rewrite_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sort_in_plan_order(path: str | Path, plan_ids: list[str]) -> None:
+    """Rewrite a finished answer file in plan order (batches finish out of order with --concurrency, and a resumed
+    run appends retried samples last), so every finished run, merged or not, reads the same."""
+    rows = read_answer_rows(path)
+    order = {i: n for n, i in enumerate(plan_ids)}
+    keys = [str(r["id"]) for r in rows]
+    planned = [k for k in keys if k in order]
+    if len(set(keys)) == len(keys) and planned == sorted(planned, key=order.__getitem__):
+        return
+    first: dict[str, dict[str, Any]] = {}
+    for key, row in zip(keys, rows):
+        first.setdefault(key, row)
+    ordered = sorted((k for k in first if k in order), key=order.__getitem__)
+    rewrite_rows(path, [first[k] for k in ordered] + [first[k] for k in first if k not in order])
+    logger.info("%s rewritten in sample order", path)

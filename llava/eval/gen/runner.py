@@ -7,22 +7,21 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
 from llava.ecso.backends import Backend
-from llava.ecso.prompts import get_prompt_set
 from llava.errors import ECSOError
 from llava.eval.benchmarks import Sample, check_images, load_samples
 from llava.eval.benchmarks.base import DatasetError
 from llava.eval.gen.answering import DATA_FAILURE_KINDS, Answerer, BatchResult, PreparedBatch, SampleFailure
-from llava.eval.gen.answers import AnswerFile, read_answer_rows, rewrite_rows
+from llava.eval.gen.answers import AnswerFile, read_answer_rows, sort_in_plan_order
 from llava.eval.gen.config import GenerateConfig
-from llava.eval.gen.manifest import (MANIFEST_VERSION, UNCOMPARED_MODEL_KEYS, ResumeMismatchError, environment,
-                                     file_digest, ids_digest, load_manifest, manifest_path, now_iso,
-                                     settings_diff, write_manifest)
+from llava.eval.gen.manifest import (MANIFEST_VERSION, ResumeMismatchError, environment, file_digest, ids_digest,
+                                     load_manifest, manifest_path, now_iso, write_manifest)
+from llava.eval.gen.settings import check_resume, data_settings, model_settings
 from llava.eval.gen.shards import chunk_bounds, select_chunk
 
 __all__ = ["TooManyErrorsError", "RunSummary", "plan_samples", "load_direct_answers", "run_generation"]
@@ -92,54 +91,6 @@ def load_direct_answers(config: GenerateConfig, samples: list[Sample]) -> dict[s
         answers[key] = row["direct"] if row.get("method") == "ecso" and "direct" in row else row["text"]
     logger.info("%d direct answers read from %s", len(answers), config.from_answers)
     return answers
-
-
-def _data_settings(config: GenerateConfig) -> dict[str, Any]:
-    d = config.data
-    return {"benchmark": config.benchmark, "method": config.method,
-            "data": {"question_file_sha256": file_digest(d.question_file), "mode": d.mode,
-                     "scenarios": list(d.scenarios), "tiny_list_sha256": file_digest(d.tiny_list),
-                     "gt_file_sha256": file_digest(d.gt_file)},
-            "decoding": asdict(config.decoding),
-            "ecso": _ecso_settings(config), "direct_answers": "from_answers" if config.from_answers else "generated"}
-
-
-def _ecso_settings(config: GenerateConfig) -> dict[str, Any] | None:
-    if config.method != "ecso":
-        return None
-    prompts = get_prompt_set(config.ecso.prompt_set)
-    return {**config.ecso.to_dict(), "prompts_sha256": ids_digest([prompts.harm_check, prompts.caption,
-                                                                   prompts.safe])}
-
-
-def _model_settings(backend: Backend, answerer: Answerer) -> dict[str, Any]:
-    desc = {k: v for k, v in backend.describe().items() if k not in UNCOMPARED_MODEL_KEYS}
-    if answerer.pipeline is not None:
-        desc["verdict_used"] = answerer.pipeline.verdict_mode
-    return desc
-
-
-def _check_resume(old: dict[str, Any] | None, has_rows: bool, new: dict[str, Any], config: GenerateConfig,
-                  compare_model: bool) -> list[str]:
-    """The differences between the answer file's settings and this run's; raises unless --force-mismatch."""
-    if old is None:
-        if not has_rows:
-            return []
-        diffs = [f"{config.answers_file} has answers but no manifest ({manifest_path(config.answers_file).name})"]
-    else:
-        a, b = dict(old["settings"]), dict(new)
-        if not compare_model:
-            a.pop("model", None)
-            b.pop("model", None)
-        diffs = settings_diff(a, b)
-    if diffs and not config.force_mismatch:
-        raise ResumeMismatchError(
-            f"{config.answers_file} was started with other settings; resuming would mix answers:\n  "
-            + "\n  ".join(diffs) + "\nUse another --answers-file, --overwrite to start again, or --force-mismatch "
-            "to resume anyway")
-    if diffs:
-        logger.warning("resuming despite different settings (--force-mismatch): %s", "; ".join(diffs))
-    return diffs
 
 
 def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
@@ -296,23 +247,6 @@ def _loop(run: _Run, answers: AnswerFile, answerer: Answerer, todo: list[Sample]
         bar.close()
 
 
-def _sort_file(path, plan_ids: list[str]) -> None:
-    """Rewrite a finished answer file in plan order (batches finish out of order with --concurrency, and a resumed
-    run appends retried samples last), so every finished run, merged or not, reads the same."""
-    rows = read_answer_rows(path)
-    order = {i: n for n, i in enumerate(plan_ids)}
-    keys = [str(r["id"]) for r in rows]
-    planned = [k for k in keys if k in order]
-    if len(set(keys)) == len(keys) and planned == sorted(planned, key=order.__getitem__):
-        return
-    first: dict[str, dict[str, Any]] = {}
-    for key, row in zip(keys, rows):
-        first.setdefault(key, row)
-    ordered = sorted((k for k in first if k in order), key=order.__getitem__)
-    rewrite_rows(path, [first[k] for k in ordered] + [first[k] for k in first if k not in order])
-    logger.info("%s rewritten in sample order", path)
-
-
 def _log_summary(s: RunSummary) -> None:
     rate = f", {s.samples_per_s:.2f} samples/s" if s.samples_per_s else ""
     logger.info("%s: %s; %d/%d answered (%d now, %d already there), %d missing images, %d failed%s",
@@ -323,7 +257,7 @@ def _log_summary(s: RunSummary) -> None:
 
 
 def _generate(run: _Run, answers: AnswerFile, backend: Backend, old: dict[str, Any] | None, has_rows: bool,
-              data_settings: dict[str, Any]) -> RunSummary:
+              base_settings: dict[str, Any]) -> RunSummary:
     c = run.config
     if c.concurrency > 1 and backend.name == "local":
         logger.warning("--concurrency %d ignored: the local backend runs one batch at a time (use --batch-size)",
@@ -332,8 +266,9 @@ def _generate(run: _Run, answers: AnswerFile, backend: Backend, old: dict[str, A
     desc = backend.describe()
     model_id = c.model_id or desc.get("model_name") or desc.get("model") or "unknown"
     answerer = Answerer(c.method, backend, c.ecso, model_id, run.direct, strict=c.strict)
-    settings = {**data_settings, "model": _model_settings(backend, answerer)}
-    run.forced = _check_resume(old, has_rows, settings, c, compare_model=True)
+    verdict_used = answerer.pipeline.verdict_mode if answerer.pipeline is not None else None
+    settings = {**base_settings, "model": model_settings(backend, verdict_used)}
+    run.forced = check_resume(old, has_rows, settings, c, compare_model=True)
     mpath = manifest_path(c.answers_file)
     write_manifest(mpath, run.manifest(old, settings, "running"))
     status = "failed"
@@ -341,7 +276,7 @@ def _generate(run: _Run, answers: AnswerFile, backend: Backend, old: dict[str, A
         _loop(run, answers, answerer, run.todo())
         status = run.status()
         if status == "complete":
-            _sort_file(c.answers_file, run.plan_ids)
+            sort_in_plan_order(c.answers_file, run.plan_ids)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -378,19 +313,19 @@ def run_generation(config: GenerateConfig, backend_factory: BackendFactory) -> R
         logger.info("%s: %d planned, %d already answered, %d missing images, %d to do%s", config.answers_file,
                     len(run.plan_ids), run.skipped, len(run.missing()), len(todo),
                     f" ({extra} rows in the file are outside this plan)" if extra else "")
-        data_settings = _data_settings(config)
+        base_settings = data_settings(config)
         if not todo:
-            run.forced = _check_resume(old, bool(scan.ids), data_settings, config, compare_model=False)
-            settings = {**data_settings, "model": (old or {}).get("settings", {}).get("model")}
+            run.forced = check_resume(old, bool(scan.ids), base_settings, config, compare_model=False)
+            settings = {**base_settings, "model": (old or {}).get("settings", {}).get("model")}
             status = run.status()
             if status == "complete" and scan.ids:
-                _sort_file(config.answers_file, run.plan_ids)
+                sort_in_plan_order(config.answers_file, run.plan_ids)
             write_manifest(mpath, run.manifest(old, settings, status))
             summary = run.summary(status)
             _log_summary(summary)
             return summary
         backend = backend_factory()
         try:
-            return _generate(run, answers, backend, old, bool(scan.ids), data_settings)
+            return _generate(run, answers, backend, old, bool(scan.ids), base_settings)
         finally:
             backend.close()
