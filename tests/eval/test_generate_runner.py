@@ -247,3 +247,37 @@ def test_limit_from_the_environment_and_data_root_layout(tmp_path, shared_data, 
     monkeypatch.setenv("ECSO_LIMIT", "three")
     with pytest.raises(InvalidRequestError, match="ECSO_LIMIT"):
         config("--benchmark", "mmvet", "--data-root", str(root), "--answers-file", str(tmp_path / "w.jsonl"))
+
+
+def test_openai_backend_with_concurrency_keeps_requests_in_flight(tmp_path, vlsafe):
+    """--backend openai (a vLLM/SGLang fleet) driven from one process: batches of 1, 4 in flight."""
+    import threading
+    import time
+
+    import httpx
+
+    from llava.ecso.remote import OpenAIBackend
+
+    state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+
+    def server(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+        text = f"answer to {body['messages'][-1]['content'][-1]['text'][:30]}"
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": {"content": text}}]})
+
+    backend = OpenAIBackend("http://fleet.test/v1", model_name="llava-served", logprobs=False,
+                            transport=httpx.MockTransport(server))
+    out = tmp_path / "o.jsonl"
+    summary = run_generation(config(*vlsafe, "--backend", "openai", "--answers-file", str(out), "--batch-size", "1",
+                                    "--concurrency", "4"), lambda: backend)
+    rows = read_rows(out)
+    assert summary.status == "complete" and state["peak"] >= 2 and len(rows) == 7
+    assert rows[0]["model_id"] == "llava-served" and rows[0]["text"].startswith("answer to How")
+    assert load_manifest(manifest_path(out))["settings"]["model"]["base_url"] == "http://fleet.test/v1"
