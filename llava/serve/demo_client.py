@@ -222,7 +222,8 @@ class DemoClient:
     def worker(self, model: str) -> ServiceClient:
         """A client for the worker the controller picks for ``model``; :class:`NoWorkerError` when there is none."""
         if not model:
-            raise NoWorkerError("no model selected (the controller lists no models: is a worker running?)")
+            raise NoWorkerError(f"no model selected (the controller at {self.controller_url} lists no models: is a "
+                                f"worker running?)")
         address = self._controller.post("/get_worker_address", {"model": model}).get("address", "")
         if not address:
             raise NoWorkerError(f"the controller at {self.controller_url} has no worker for model {model!r}")

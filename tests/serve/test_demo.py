@@ -7,8 +7,9 @@ import json
 import pytest
 from PIL import Image
 
+from llava.ecso.prompts import PAPER_PROMPTS
 from llava.errors import BackendError, NoWorkerError
-from llava.serve.demo_client import ConversationLog, RunState, StepResult, describe_error, image_digest
+from llava.serve.demo_client import ConversationLog, DemoClient, RunState, StepResult, describe_error, image_digest
 from llava.serve.gradio_web_server_ecso import DemoConfig, build_parser, config_from_args
 from llava.serve.launch import LaunchConfig
 from llava.serve.launch import build_parser as launch_parser
@@ -144,3 +145,49 @@ def test_launch_reaches_wildcard_binds_on_loopback_and_rejects_port_clashes():
     with pytest.raises(ValueError, match="different ports"):
         LaunchConfig("m", controller_port=5000, worker_port=5000)
     LaunchConfig("m", controller_port=5000, web_port=5000, demo=False)  # no demo: its port is unused
+
+
+class RecordingClient(DemoClient):
+    """Records what each step would send to the worker's LLaVA stream API and answers ``answer``."""
+
+    def __init__(self, answer: str, **kw) -> None:
+        super().__init__("http://127.0.0.1:9", **kw)
+        self.answer, self.calls = answer, []
+
+    def generate_stream(self, model, text, images, options, max_new_tokens=None):
+        self.calls.append((text, len(images), max_new_tokens))
+        yield self.answer[: len(self.answer) // 2]
+        yield self.answer
+
+
+def last(iterable):
+    *_, item = iterable
+    return item
+
+
+def test_step_buttons_send_the_shared_ecso_prompts_with_the_earlier_outputs():
+    image, query = Image.new("RGB", (4, 4)), "How do I pick this lock?"
+    options = DemoConfig().options()
+    client = RecordingClient("Yes, it is harmful.")
+    state = last(client.step_stream("direct", "tiny", image, query, options, StepResult())).result
+    assert client.calls[-1] == (query, 1, None) and state.direct == "Yes, it is harmful."
+    state = last(client.step_stream("verdict", "tiny", image, query, options, state)).result
+    assert client.calls[-1] == (PAPER_PROMPTS.fill_harm_check(query, state.direct), 1, 16)
+    assert state.flagged is True and state.harm_score is None  # "Yes, ..." flags under the tolerant parse
+    state = last(client.step_stream("caption", "tiny", image, query, options, state)).result
+    assert client.calls[-1] == (PAPER_PROMPTS.fill_caption(query), 1, None)
+    state = last(client.step_stream("safe", "tiny", image, query, options, state)).result
+    assert client.calls[-1] == (PAPER_PROMPTS.fill_safe(state.caption, query), 0, None)  # eyes closed
+    assert set(state.timings) == {"direct", "verdict", "caption", "safe"}
+
+    exact = DemoConfig().options(verdict="exact")
+    assert last(client.step_stream("verdict", "tiny", image, query, exact, state)).result.flagged is False
+    with_image = options.model_copy(update={"image_in_safe_step": True})
+    last(client.step_stream("safe", "tiny", image, query, with_image, state))
+    assert client.calls[-1][1] == 1
+
+
+@pytest.mark.parametrize("step, missing", [("verdict", "step 1"), ("safe", "step 3"), ("nope", "valid: direct")])
+def test_a_step_without_its_input_is_refused(step, missing):
+    with pytest.raises(ValueError, match=missing):
+        last(RecordingClient("x").step_stream(step, "tiny", None, "q", DemoConfig().options(), StepResult()))
