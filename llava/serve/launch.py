@@ -3,11 +3,11 @@
     python -m llava.serve.launch --model-path tiny                 # or a real checkpoint
     python -m llava.serve.launch --model-path llava-hf/llava-1.5-7b-hf --device cuda --web-port 7861
 
-Starts the three services in that order, each as ``python -m llava.serve.<service>`` in its own process group, and
-waits until each is ready (``/health``; the worker also listed by the controller's ``/list_models``; the demo page
-answering). Then it prints the URLs and watches: Ctrl-C (SIGINT) or SIGTERM stops all three (exit status 0); a
-service that exits on its own stops the others, with a message naming it, and exit status 1. So does a service that
-is not ready within ``--startup-timeout``.
+Starts the controller, then the worker and the demo side by side, each as ``python -m llava.serve.<service>`` in its
+own process group, and waits until each is ready (``/health``; the worker also listed by the controller's
+``/list_models``; the demo page answering). Then it prints the URLs and watches: Ctrl-C (SIGINT) or SIGTERM stops
+all three (exit status 0); a service that exits on its own stops the others, with a message naming it, and exit
+status 1. So does a service that is not ready within ``--startup-timeout``.
 
 Flags this command does not know are passed to the worker (``--device``, ``--dtype``, ``--conv-mode``, ...). The
 API key goes to the children in the ``ECSO_API_KEY`` environment variable, never on their command lines.
@@ -166,11 +166,13 @@ class Launcher:
         try:
             self._start("controller", "llava.serve.controller", self.controller_argv())
             self._wait("controller", lambda: self._get_ok(f"{c.controller_url}/health"))
+            # The demo needs no worker to start (it asks the controller for models on each page load): start both.
             self._start("worker", "llava.serve.model_worker", self.worker_argv())
+            if c.demo:
+                self._start("demo", "llava.serve.gradio_web_server_ecso", self.demo_argv())
             self._wait("worker", lambda: self._get_ok(f"{c.worker_url}/health"))
             models = self._wait("worker registration", self._worker_listed)
             if c.demo:
-                self._start("demo", "llava.serve.gradio_web_server_ecso", self.demo_argv())
                 self._wait("demo", lambda: self._get_ok(c.web_url))
             self._announce(models)
             self._watch()

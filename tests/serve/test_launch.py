@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from service_procs import REPO_ROOT, free_port, group_pids
 
+from llava.errors import AuthError
 from llava.serve.demo_client import DemoClient
 from llava.serve.protocol import ECSOOptions
 
@@ -108,14 +109,20 @@ def assert_all_gone(launch: Launch) -> None:
 
 
 def test_launch_serves_and_stops_everything_on_sigint(tmp_path, tiny_hf_path):
-    with launched(tmp_path) as launch:
+    key = "launch-test-key"
+    with launched(tmp_path, "--api-key", key) as launch:
         children = launch.children()
         assert set(children) == {"controller", "worker", "demo"}
+        for pid in children.values():  # the key reaches the children in the environment only
+            assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert key not in launch.log()
+        with pytest.raises(AuthError):
+            DemoClient(launch.url("controller")).list_models()
         assert f"demo        {launch.url('demo')}" in launch.log()
         page = httpx.get(launch.url("demo"), timeout=10, trust_env=False)
         assert page.status_code == 200 and "gradio" in page.text.lower()
         # One ECSO run through the worker address the controller hands out, as the demo does it.
-        client = DemoClient(launch.url("controller"))
+        client = DemoClient(launch.url("controller"), api_key=key)
         try:
             assert client.list_models() == ["tiny"]
             events = list(client.ecso_stream("tiny", Image.new("RGB", (64, 48), (200, 30, 30)), "What is this?",
