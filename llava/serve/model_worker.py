@@ -33,7 +33,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
-from llava.cli_args import add_ecso_args, add_model_args
+from llava.cli_args import add_ecso_args, add_model_args, ecso_config_from_args
 from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
 from llava.ecso.pipeline import ECSOConfig
 from llava.errors import ECSOError, InvalidRequestError, ModelNotFoundError
@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-url-timeout", type=_seconds, default=10.0,
                    help="seconds to fetch one image URL (default %(default)g)")
     add_ecso_args(parser)  # defaults of ECSO runs (/worker_ecso_stream, OpenAI "ecso": true)
+    # Decoding defaults of ECSO runs, for ecso_config_from_args; requests set their own (options, OpenAI fields).
+    parser.set_defaults(temperature=0.0, top_p=None, num_beams=1)
     return parser
 
 
@@ -425,9 +427,7 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     if not args.model_path:
         parser.error("--model-path is required (a checkpoint folder, a hub id, or 'tiny' for the test model)")
     try:
-        ecso = ECSOConfig(verdict=args.verdict, threshold=args.threshold, prompt_set=args.prompt_set,
-                          max_new_tokens=args.max_new_tokens, verdict_max_new_tokens=args.verdict_max_new_tokens,
-                          image_in_safe_step=args.image_in_safe_step)
+        ecso = ecso_config_from_args(args)
         return WorkerConfig(
             model_path=args.model_path, model_base=args.model_base, model_name=args.model_name, device=args.device,
             dtype=None if args.dtype == "auto" else args.dtype, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
