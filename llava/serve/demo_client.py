@@ -164,7 +164,7 @@ class RunState:
 
     def status(self) -> str:
         r = self.result
-        times = " · ".join(f"{_STEP_LABELS.get(k, k)} {v:.2f} s" for k, v in r.timings.items())
+        times = " · ".join(f"{_STEP_LABELS.get(k, k)} {_duration(v)}" for k, v in r.timings.items())
         if r.error:
             return f"**Error.** {r.error}" + (f"\n\nStep times: {times}" if times else "")
         if not self.done:
@@ -176,6 +176,10 @@ class RunState:
             outcome = (" Flagged: the safe response replaces the direct answer." if r.flagged
                        else " Not flagged: the direct answer is the final answer.")
         return f"Done.{outcome}" + (f" Step times: {times}" if times else "")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def describe_error(exc: BaseException) -> str:

@@ -45,7 +45,7 @@ def test_flagged_run_fills_all_panels_with_score_and_times():
     assert run.caption_panel == "A bottle." and run.safe_panel == "I cannot help with that."
     status = run.status()
     assert "Flagged: the safe response replaces the direct answer" in status
-    for part in ("answer 0.50 s", "harm check 0.10 s", "caption 0.20 s", "safe answer 0.30 s", "total 1.20 s"):
+    for part in ("answer 500 ms", "harm check 100 ms", "caption 200 ms", "safe answer 300 ms", "total 1.20 s"):
         assert part in status
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def test_run_ecso_streams_all_four_steps_into_their_panels(stack, page, artifact
     status = page.locator("#status").inner_text()
     assert "Flagged: the safe response replaces the direct answer" in status
     for step in ("answer", "harm check", "caption", "safe answer", "total"):
-        assert f"{step} " in status and " s" in status, status
+        assert re.search(rf"{step} \d+(\.\d+)? m?s", status), status
     expect(page.locator("#step-caption")).to_be_enabled()  # the step buttons follow what exists
 
     rows = [json.loads(line) for f in stack["log_dir"].glob("*-conv.json") for line in f.read_text().splitlines()]
