@@ -53,10 +53,10 @@ from llava.serve.common import (
 )
 from llava.serve.protocol import (
     GenerateStreamRequest,
-    HealthResponse,
     HeartBeatRequest,
     RegisterWorkerRequest,
     StreamChunk,
+    WorkerHealthResponse,
     WorkerStatus,
     describe_validation_error,
 )
@@ -349,9 +349,9 @@ def create_app(config: WorkerConfig, engine: Any = None) -> FastAPI:
     app.include_router(openai_routes())
 
     @app.get("/health")
-    async def health(request: Request) -> HealthResponse:
+    async def health(request: Request) -> WorkerHealthResponse:
         state = get_state(request)
-        return HealthResponse(models=[state.model_name], queue_length=state.slots.queue_length)
+        return WorkerHealthResponse(models=[state.model_name], queue_length=state.slots.queue_length)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes,
                        error_bodies={"/worker_generate_stream": llava_error_frame, ECSO_STREAM_PATH: ecso_error_frame})

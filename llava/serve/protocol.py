@@ -36,6 +36,7 @@ __all__ = [
     "HeartBeatRequest",
     "HeartBeatResponse",
     "HealthResponse",
+    "WorkerHealthResponse",
     # LLaVA stream
     "GenerateStreamRequest",
     "StreamChunk",
@@ -154,12 +155,18 @@ class HeartBeatResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    """``GET /health``: a controller reports its live ``workers``; a worker its ``models`` and ``queue_length``."""
+    """A controller's ``GET /health``: its live ``workers``."""
 
     status: Literal["ok"] = "ok"
     workers: int = Field(0, ge=0)
-    models: list[str] | None = None
-    queue_length: int | None = Field(None, ge=0)
+
+
+class WorkerHealthResponse(BaseModel):
+    """A model worker's ``GET /health`` (answered once the model is loaded)."""
+
+    status: Literal["ok"] = "ok"
+    models: list[str]
+    queue_length: int = Field(0, ge=0)
 
 
 # ------------------------------------------------------------------------------------------------- LLaVA stream
