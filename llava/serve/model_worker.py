@@ -42,7 +42,6 @@ from llava.mm_utils import ImageLimits
 from llava.serve.common import (
     STREAM_MEDIA_TYPE,
     add_server_arguments,
-    apost_json,
     configure_logging,
     encode_chunk,
     error_chunk,
@@ -53,13 +52,12 @@ from llava.serve.common import (
 )
 from llava.serve.protocol import (
     GenerateStreamRequest,
-    HeartBeatRequest,
-    RegisterWorkerRequest,
     StreamChunk,
     WorkerHealthResponse,
     WorkerStatus,
     describe_validation_error,
 )
+from llava.serve.worker_registration import registration_loop
 from llava.serve.worker_runtime import (
     BodyLimitMiddleware,
     ImagePolicy,
@@ -72,9 +70,6 @@ from llava.serve.worker_runtime import (
 __all__ = ["WorkerConfig", "WorkerState", "create_app", "build_parser", "config_from_args", "main"]
 
 logger = logging.getLogger(__name__)
-
-REGISTER_BACKOFF_MAX = 30.0  # seconds between registration attempts, at most
-
 
 # -------------------------------------------------------------------------------------------------- config
 
@@ -192,51 +187,6 @@ def get_state(request: Request) -> WorkerState:
     return request.app.state.worker
 
 
-# ---------------------------------------------------------------------------------------------- registration
-
-
-async def _register(state: WorkerState) -> None:
-    cfg = state.config
-    body = RegisterWorkerRequest(worker_name=cfg.address, check_heart_beat=True, worker_status=state.status())
-    await apost_json(state.http, f"{cfg.controller_url}/register_worker", body, api_key=cfg.api_key, timeout=10.0)
-    logger.info("registered with controller %s as %s (model %s)", cfg.controller_url, cfg.address, state.model_name)
-
-
-async def _heart_beat(state: WorkerState) -> bool:
-    """One heartbeat; False when the controller does not know this worker (it must register again)."""
-    cfg = state.config
-    body = HeartBeatRequest(worker_name=cfg.address, queue_length=state.slots.queue_length)
-    answer = await apost_json(state.http, f"{cfg.controller_url}/receive_heart_beat", body, api_key=cfg.api_key,
-                              timeout=10.0)
-    return bool(answer.get("exist"))
-
-
-async def _registration_loop(state: WorkerState) -> None:
-    """Register (retrying with backoff), then heart-beat forever; re-register when told ``exist: false``."""
-    cfg, registered = state.config, False
-    first_delay = min(1.0, cfg.heart_beat_interval)
-    delay = first_delay
-    while True:
-        if not registered:
-            try:
-                await _register(state)
-                registered, delay = True, first_delay
-            except ECSOError as exc:
-                logger.warning("cannot register with controller %s (%s); retrying in %.0f s", cfg.controller_url,
-                               exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, REGISTER_BACKOFF_MAX)
-                continue
-        await asyncio.sleep(cfg.heart_beat_interval)
-        try:
-            if not await _heart_beat(state):
-                logger.warning("controller %s does not know this worker (%s); registering again",
-                               cfg.controller_url, cfg.address)
-                registered = False
-        except ECSOError as exc:
-            logger.warning("heartbeat to controller %s failed: %s", cfg.controller_url, exc)
-
-
 # ------------------------------------------------------------------------------------------------- LLaVA API
 
 
@@ -328,7 +278,7 @@ def create_app(config: WorkerConfig, engine: Any = None) -> FastAPI:
             app.state.worker = state
             tasks = []
             if config.register:
-                tasks.append(asyncio.create_task(_registration_loop(state), name="worker-registration"))
+                tasks.append(asyncio.create_task(registration_loop(state), name="worker-registration"))
             logger.info("worker ready at %s: model %s (%s), template %s, multimodal %s, concurrency %d, auth %s, "
                         "controller %s", config.address, state.model_name, eng.loaded.layout, state.conv_mode,
                         state.multimodal, config.limit_model_concurrency, "on" if config.api_key else "off",
