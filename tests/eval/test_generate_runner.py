@@ -192,6 +192,8 @@ def test_missing_and_corrupt_images_are_recorded_and_the_run_goes_on(tmp_path, v
     assert summary.status == "complete" and summary.done == 5 and summary.missing_images == 1
     errors = {e["id"]: e["kind"] for e in load_manifest(manifest_path(out))["errors"]}
     assert errors == {rows[1]["image_id"]: "missing_image", rows[4]["image_id"]: "invalid_image"}
+    rerun = run_generation(config(*vlsafe, "--answers-file", str(out)), no_backend)  # only the bad images left
+    assert rerun.status == "complete" and [f["kind"] for f in rerun.failures] == ["invalid_image"]
     with pytest.raises(InvalidRequestError, match="not found"):
         run(*vlsafe, "--answers-file", str(tmp_path / "strict.jsonl"), "--strict")
     draw_image(tmp_path / "coco" / rows[1]["image_id"], 1)

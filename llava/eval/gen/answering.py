@@ -16,8 +16,8 @@ from llava.errors import ECSOError, ImageError
 from llava.eval.benchmarks import Sample, answer_fields
 from llava.mm_utils import ImageLimits, load_image
 
-__all__ = ["SampleFailure", "PreparedBatch", "BatchResult", "Answerer", "direct_row", "ecso_row",
-           "DATA_FAILURE_KINDS"]
+__all__ = ["SampleFailure", "PreparedBatch", "BatchResult", "Answerer", "load_sample_images", "direct_row",
+           "ecso_row", "DATA_FAILURE_KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,24 @@ def ecso_row(sample: Sample, result: ECSOResult, model_id: str) -> dict[str, Any
     return {**head, **ecso, **tail}
 
 
+def load_sample_images(samples: Sequence[Sample], limits: ImageLimits = ImageLimits(),
+                       strict: bool = False) -> PreparedBatch:
+    """Each sample's image as RGB; a sample whose image cannot be read is a failure (raised when ``strict``)."""
+    batch = PreparedBatch()
+    for sample in samples:
+        try:
+            images = [] if sample.image is None else [load_image(sample.image, limits)]
+        except ImageError as exc:
+            if strict:
+                raise
+            logger.warning("sample %s: %s", sample.id, exc)
+            batch.failures.append(SampleFailure.from_error(sample.id, exc))
+            continue
+        batch.samples.append(sample)
+        batch.images.append(images)
+    return batch
+
+
 class Answerer:
     """Answers batches of samples with ``backend``: ``method`` ``direct`` (one step) or ``ecso`` (the pipeline).
     ``direct_answers`` (id -> direct answer) makes ECSO check those instead of generating step 1."""
@@ -98,19 +116,7 @@ class Answerer:
 
     def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
         """Load each sample's image (thread-safe; the runner calls it ahead of generation)."""
-        batch = PreparedBatch()
-        for sample in samples:
-            try:
-                images = [] if sample.image is None else [load_image(sample.image, self.image_limits)]
-            except ImageError as exc:
-                if self.strict:
-                    raise
-                logger.warning("sample %s: %s", sample.id, exc)
-                batch.failures.append(SampleFailure.from_error(sample.id, exc))
-                continue
-            batch.samples.append(sample)
-            batch.images.append(images)
-        return batch
+        return load_sample_images(samples, self.image_limits, self.strict)
 
     def answer(self, batch: PreparedBatch) -> BatchResult:
         result = BatchResult(failures=list(batch.failures))

@@ -7,7 +7,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
@@ -16,7 +16,8 @@ from llava.ecso.backends import Backend
 from llava.errors import ECSOError
 from llava.eval.benchmarks import Sample, check_images, load_samples
 from llava.eval.benchmarks.base import DatasetError
-from llava.eval.gen.answering import DATA_FAILURE_KINDS, Answerer, BatchResult, PreparedBatch, SampleFailure
+from llava.eval.gen.answering import (DATA_FAILURE_KINDS, Answerer, BatchResult, PreparedBatch, SampleFailure,
+                                      load_sample_images)
 from llava.eval.gen.answers import AnswerFile, read_answer_rows, sort_in_plan_order
 from llava.eval.gen.config import GenerateConfig
 from llava.eval.gen.manifest import (MANIFEST_VERSION, ResumeMismatchError, environment, file_digest, ids_digest,
@@ -262,7 +263,7 @@ def _generate(run: _Run, answers: AnswerFile, backend: Backend, old: dict[str, A
     if c.concurrency > 1 and backend.name == "local":
         logger.warning("--concurrency %d ignored: the local backend runs one batch at a time (use --batch-size)",
                        c.concurrency)
-        c = run.config = _replace(c, concurrency=1)
+        c = run.config = replace(c, concurrency=1)
     desc = backend.describe()
     model_id = c.model_id or desc.get("model_name") or desc.get("model") or "unknown"
     answerer = Answerer(c.method, backend, c.ecso, model_id, run.direct, strict=c.strict)
@@ -286,10 +287,28 @@ def _generate(run: _Run, answers: AnswerFile, backend: Backend, old: dict[str, A
     return run.summary(status)
 
 
-def _replace(config: GenerateConfig, **changes: Any) -> GenerateConfig:
-    from dataclasses import replace
+def _still_unreadable(run: _Run, old: dict[str, Any] | None, todo: list[Sample]) -> list[SampleFailure]:
+    """When everything left failed to load last time, check those images again without loading the model: the
+    failures if they still fail (so a finished run with a corrupt image is a no-op), else []."""
+    known = {e["id"] for e in (old or {}).get("errors", []) if e.get("kind") in DATA_FAILURE_KINDS}
+    if not todo or not {s.id for s in todo} <= known:
+        return []
+    batch = load_sample_images(todo, strict=run.config.strict)
+    return batch.failures if not batch.samples else []
 
-    return replace(config, **changes)
+
+def _finish_without_model(run: _Run, old: dict[str, Any] | None, has_rows: bool,
+                          base_settings: dict[str, Any]) -> RunSummary:
+    c = run.config
+    run.forced = check_resume(old, has_rows, base_settings, c, compare_model=False)
+    settings = {**base_settings, "model": (old or {}).get("settings", {}).get("model")}
+    status = run.status()
+    if status == "complete" and has_rows:
+        sort_in_plan_order(c.answers_file, run.plan_ids)
+    write_manifest(manifest_path(c.answers_file), run.manifest(old, settings, status))
+    summary = run.summary(status)
+    _log_summary(summary)
+    return summary
 
 
 def run_generation(config: GenerateConfig, backend_factory: BackendFactory) -> RunSummary:
@@ -298,9 +317,9 @@ def run_generation(config: GenerateConfig, backend_factory: BackendFactory) -> R
     run = _Run(config)
     mpath = manifest_path(config.answers_file)
     with AnswerFile(config.answers_file) as answers:
+        scan = answers.open(overwrite=config.overwrite)
         if config.overwrite:
             mpath.unlink(missing_ok=True)
-        scan = answers.open(overwrite=config.overwrite)
         run.file_ids = set(scan.ids)
         old = load_manifest(mpath)
         run.skipped = sum(1 for i in run.plan_ids if i in run.file_ids)
@@ -314,16 +333,10 @@ def run_generation(config: GenerateConfig, backend_factory: BackendFactory) -> R
                     len(run.plan_ids), run.skipped, len(run.missing()), len(todo),
                     f" ({extra} rows in the file are outside this plan)" if extra else "")
         base_settings = data_settings(config)
-        if not todo:
-            run.forced = check_resume(old, bool(scan.ids), base_settings, config, compare_model=False)
-            settings = {**base_settings, "model": (old or {}).get("settings", {}).get("model")}
-            status = run.status()
-            if status == "complete" and scan.ids:
-                sort_in_plan_order(config.answers_file, run.plan_ids)
-            write_manifest(mpath, run.manifest(old, settings, status))
-            summary = run.summary(status)
-            _log_summary(summary)
-            return summary
+        unreadable = _still_unreadable(run, old, todo)
+        if not todo or unreadable:
+            run.failures.update((f.id, f) for f in unreadable)
+            return _finish_without_model(run, old, bool(scan.ids), base_settings)
         backend = backend_factory()
         try:
             return _generate(run, answers, backend, old, bool(scan.ids), base_settings)
