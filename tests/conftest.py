@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per process: the suite runs model servers and clients side by side on a 2-core machine, where
+# competing thread pools made generation ~50x slower (measured in the worker tests).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

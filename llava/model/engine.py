@@ -8,7 +8,7 @@ import inspect
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image
 
@@ -224,16 +224,24 @@ class LlavaEngine:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [truncate_at_stop(t, params.stop).strip() for t in texts]
 
-    def stream(self, prompt: str, images: Sequence[Image.Image],
-               params: GenerationParams = GenerationParams()) -> Iterator[str]:
-        """Yield text deltas as they are generated (stop strings honoured)."""
+    def stream(self, prompt: str, images: Sequence[Image.Image], params: GenerationParams = GenerationParams(),
+               should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Yield text deltas as they are generated (stop strings honoured). ``should_stop`` (e.g. "the client
+        disconnected") is polled at every decoding step and ends generation early."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         encoded = self.encode(prompt, images, params.max_new_tokens)
         inputs = self._inputs([encoded], params.num_beams)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         kwargs = {**inputs, **self._generate_kwargs(params, self._budget([encoded], params)), "streamer": streamer}
+        if should_stop is not None:
+            class _Stop(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kw):
+                    return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool,
+                                      device=input_ids.device)
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
         failure: list[BaseException] = []
 
         def run() -> None:

@@ -8,6 +8,7 @@ updates concatenate into new tensors, so one step's decoding never mutates anoth
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
@@ -23,33 +24,38 @@ class PrefixEntry:
 
 
 class _IdentityLRU:
-    """An LRU keyed by a hashable key plus the identity of the objects it was built from."""
+    """An LRU keyed by a hashable key plus the identity of the objects it was built from. Thread-safe: a worker
+    runs several model calls at once."""
 
     def __init__(self, capacity: int):
         self.capacity = max(0, capacity)
         self._items: OrderedDict[Hashable, tuple[tuple[Any, ...], Any]] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, key: Hashable, objects: Sequence[Any]) -> Any | None:
-        item = self._items.get(key)
-        if item is None or len(item[0]) != len(objects) or any(a is not b for a, b in zip(item[0], objects)):
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return item[1]
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or len(item[0]) != len(objects) or any(a is not b for a, b in zip(item[0], objects)):
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[1]
 
     def put(self, key: Hashable, objects: Sequence[Any], value: Any) -> None:
         if self.capacity == 0:
             return
-        self._items[key] = (tuple(objects), value)
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = (tuple(objects), value)
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)

@@ -167,3 +167,17 @@ def test_pixels_computed_once_per_image(tiny_loaded, sample_image):
     for _ in range(3):
         eng.yes_no_scores([prompt], [[sample_image]])
     assert eng.pixel_memo.misses == 1 and eng.pixel_memo.hits == 2
+
+
+def test_stream_should_stop_ends_early(tiny_engine, sample_image):
+    prompt = build_prompt("vicuna_v1", "What is in the image?", 1)
+    params = GenerationParams(max_new_tokens=40, min_new_tokens=40)
+    full = "".join(tiny_engine.stream(prompt, [sample_image], params))
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 3
+
+    short = "".join(tiny_engine.stream(prompt, [sample_image], params, should_stop=stop))
+    assert len(short) < len(full) and full.startswith(short.strip()[:5])
