@@ -17,7 +17,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_PAD_TOKEN
 from llava.conversation import default_conv_mode
 from llava.errors import ModelNotFoundError, UnsupportedError
 
-__all__ = ["LoadedModel", "load_model", "load_pretrained_model", "resolve_model_path", "resolve_device"]
+__all__ = ["LoadedModel", "load_model", "load_pretrained_model", "resolve_model_path", "resolve_device", "hub_snapshot"]
 
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -92,15 +92,27 @@ def resolve_model_path(model_path: str) -> Path:
             f"model path {model_path!r} is not a local folder or a hub id (owner/name). "
             "Pass a checkpoint folder, a hub id such as llava-hf/llava-1.5-7b-hf, or 'tiny' for the offline test model")
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model_path))
+        return hub_snapshot(model_path)
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear error
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelNotFoundError(
             f"model {model_path!r} is not in the local hub cache and could not be downloaded"
             f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(exc).__name__}. Download it first or pass its "
             "local folder") from None
+
+
+_HUB_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A hub repository's folder with only what loading needs: configs, tokenizer files, and one weight format
+    (safetensors when present, else ``.bin``), never the TF/Flax copies some repositories also hold."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["*.safetensors"]))
+    if not any(folder.glob("*.safetensors")):
+        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["*.bin"]))
+    return folder
 
 
 def _read_config(folder: Path) -> dict:

@@ -21,9 +21,9 @@ def resolve_vision_tower(name: str, checkpoint: Path) -> Path:
         if (candidate / "config.json").exists():
             return candidate
     try:
-        from huggingface_hub import snapshot_download
+        from llava.model.builder import hub_snapshot
 
-        return Path(snapshot_download(name))
+        return hub_snapshot(name)
     except Exception as exc:  # noqa: BLE001
         raise ModelNotFoundError(
             f"vision tower {name!r} (mm_vision_tower of {checkpoint}) is not a folder next to the checkpoint or in "
