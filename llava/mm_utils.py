@@ -55,14 +55,19 @@ def _image_from_bytes(data: bytes, origin: str, limits: ImageLimits) -> Image.Im
         raise ImageError(f"image {origin} is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageError(f"image {origin} is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    # PIL's parsers meet untrusted bytes here and raise many kinds of exception on corrupt input (OSError,
+    # SyntaxError, struct.error, IndexError, TypeError, ... found by fuzzing): every one is a bad image, not a
+    # server error. MemoryError is not the image's fault and propagates.
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(f"image {origin} is not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image {origin} declares too many pixels ({exc}); over the limit") from None
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"image {origin} cannot be opened: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise ImageError(f"image {origin} cannot be opened: {_describe(exc)}") from None
     w, h = img.size
     if w * h > limits.max_pixels:
         raise ImageError(f"image {origin} is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
@@ -73,9 +78,16 @@ def _image_from_bytes(data: bytes, origin: str, limits: ImageLimits) -> Image.Im
             logger.info("image %s has %d frames; using the first", origin, img.n_frames)
             img.seek(0)
         img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"image {origin} is truncated or corrupt: {exc}") from None
-    return _to_rgb(ImageOps.exif_transpose(img))
+        return _to_rgb(ImageOps.exif_transpose(img))
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise ImageError(f"image {origin} is truncated or corrupt: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)[:200]
+    return text if isinstance(exc, OSError) and text else f"{type(exc).__name__}: {text}"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -206,6 +218,11 @@ def tokenizer_image_token(prompt: str, tokenizer: Any, image_token_id: int, toke
     """Token ids as LLaVA's ``tokenizer_image_token``: each text chunk around ``<image>`` is tokenized on its own
     (so each starts with SentencePiece's ``▁`` prefix), the BOS of later chunks is dropped, and each ``<image>``
     becomes ``tokens_per_image`` copies of ``image_token_id`` (LLaVA: one -200; transformers' Llava: 576 copies)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates (JSON "\\ud800", surrogateescape'd argv): tokenizers refuse them
+        raise InvalidRequestError(f"the text is not valid Unicode: {exc.reason} at character {exc.start} "
+                                  f"({prompt[exc.start]!r})") from None
     chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
     bos = tokenizer.bos_token_id
     ids: list[int] = []
