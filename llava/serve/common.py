@@ -9,12 +9,13 @@ time and never logged.
 from __future__ import annotations
 
 import argparse
+import copy
 import hmac
 import ipaddress
 import json
 import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -66,11 +67,14 @@ __all__ = [
     "raise_for_chunk",
     "error_from_response",
     "install_error_handlers",
+    "BodyLimitMiddleware",
+    "llava_error_frame",
     "ServiceClient",
     "apost_json",
     "add_server_arguments",
     "configure_logging",
     "is_loopback",
+    "uvicorn_log_config",
     "run_app",
 ]
 
@@ -167,8 +171,10 @@ async def require_api_key(request: Request) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode()):
         return
-    client = request.client.host if request.client else "?"
-    logger.warning("rejected %s %s from %s: missing or wrong bearer key", request.method, request.url.path, client)
+    where = ""
+    if getattr(request.app.state, "log_ips", False):  # client addresses only when asked (--log-ips)
+        where = f" from {request.client.host if request.client else '?'}"
+    logger.warning("rejected %s %s%s: missing or wrong bearer key", request.method, request.url.path, where)
     raise AuthError("missing or invalid API key: send 'Authorization: Bearer <key>'")
 
 
@@ -296,7 +302,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        error = OpenAIError(message=str(exc.detail), type=kind, code=f"http_{exc.status_code}")
+        code = "invalid_request" if exc.status_code == 400 else f"http_{exc.status_code}"  # e.g. a body not UTF-8
+        error = OpenAIError(message=str(exc.detail), type=kind, code=code)
         body = OpenAIErrorResponse(error=error)
         return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -308,6 +315,70 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+# ---------------------------------------------------------------------------------------------- request size
+
+
+def llava_error_frame(exc: Exception) -> bytes:
+    """One LLaVA error chunk, framed."""
+    return encode_chunk(error_chunk(exc))
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: buffer each HTTP request body up to ``max_bytes`` and answer 413 beyond it. The body of
+    the 413 is what the path's clients read: ``error_bodies[path](exc)`` (frames for stream endpoints), else an
+    OpenAI error body. The buffered body is then replayed to the app."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int,
+                 error_bodies: Mapping[str, Callable[[Exception], bytes]] | None = None, service: str = "worker") -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.error_bodies = dict(error_bodies or {})
+        self.service = service
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send, int(declared))
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, send, len(body), at_least=True)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, send: Callable, size: int, at_least: bool = False) -> None:
+        err = RequestTooLargeError(f"request body is {'over ' if at_least else ''}{size} bytes; this {self.service} accepts at "
+                                   f"most {self.max_bytes} (--max-request-bytes)")
+        logger.info("%s %s -> 413: %s", scope.get("method"), scope.get("path"), err)
+        encoder = self.error_bodies.get(scope.get("path", ""))
+        if encoder is not None:
+            payload, media = encoder(err), STREAM_MEDIA_TYPE
+        else:
+            payload, media = openai_error(err).model_dump_json().encode(), "application/json"
+        await send({"type": "http.response.start", "status": err.status,
+                    "headers": [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
 
 
 # ------------------------------------------------------------------------------------------------------- client
@@ -430,6 +501,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int) 
         choices=["debug", "info", "warning", "error"],
         help="logging level for this service and uvicorn (default %(default)s)",
     )
+    parser.add_argument(
+        "--log-ips",
+        action="store_true",
+        help="put client IP addresses in the logs (uvicorn's access lines, rejected keys). Default: the access "
+        "lines carry method, path and status only",
+    )
 
 
 def configure_logging(level: str = "info") -> None:
@@ -450,8 +527,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run_app(app: FastAPI, *, host: str, port: int, api_key: str | None, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until SIGINT/SIGTERM; warns when it is reachable beyond loopback without a key."""
+def uvicorn_log_config(log_ips: bool = False) -> dict[str, Any]:
+    """uvicorn's logging configuration; without ``log_ips`` its access lines leave out the client address."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    if not log_ips:
+        config["formatters"]["access"]["fmt"] = '%(levelprefix)s "%(request_line)s" %(status_code)s'
+    return config
+
+
+def run_app(app: FastAPI, *, host: str, port: int, api_key: str | None, log_level: str = "info",
+            log_ips: bool = False) -> None:
+    """Serve ``app`` with uvicorn until SIGINT/SIGTERM; warns when it is reachable beyond loopback without a key.
+    Client addresses are logged only with ``log_ips``."""
     if not api_key and not is_loopback(host):
         logger.warning(
             "serving on %s:%d without an API key: anyone who can reach this port can use the service "
@@ -460,4 +547,5 @@ def run_app(app: FastAPI, *, host: str, port: int, api_key: str | None, log_leve
             port,
             API_KEY_ENV,
         )
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app.state.log_ips = log_ips
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips))

@@ -33,6 +33,7 @@ from llava.errors import AuthError, BackendError, BackendTimeoutError, ECSOError
 from llava.serve.common import (
     STREAM_DELIMITER,
     STREAM_MEDIA_TYPE,
+    BodyLimitMiddleware,
     ChunkDecoder,
     add_server_arguments,
     apost_json,
@@ -42,6 +43,7 @@ from llava.serve.common import (
     error_chunk,
     error_from_response,
     install_error_handlers,
+    llava_error_frame,
     require_api_key,
     resolve_api_key,
     run_app,
@@ -204,10 +206,14 @@ class ControllerConfig:
     status_timeout: float = 5.0
     api_key: str | None = field(default=None, repr=False)
     log_level: str = "info"
+    log_ips: bool = False
+    max_request_bytes: int = 64 * 1024 * 1024
     seed: int | None = None
 
     def __post_init__(self) -> None:
         get_dispatch_method(self.dispatch_method)
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be at least 1, got {self.max_request_bytes}")
         for name in ("heart_beat_expiration", "worker_timeout", "status_timeout"):
             value = getattr(self, name)
             if not value > 0 or math.isinf(value):
@@ -318,7 +324,7 @@ async def _generate_stream(app: FastAPI, request: Request) -> Response:
     try:
         params = json.loads(await request.body())
         GenerateStreamRequest.model_validate(params)
-    except ValueError as exc:  # JSONDecodeError and ValidationError are ValueErrors
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and ValidationError are ValueErrors; deep nesting
         detail = describe_validation_error(exc)[0] if isinstance(exc, ValidationError) else f"body is not JSON: {exc}"
         return _chunk_response(InvalidRequestError(detail))
     try:
@@ -397,7 +403,7 @@ def _routes() -> APIRouter:
             logger.info("heartbeat from unknown worker %s; told it to re-register", body.worker_name)
         return HeartBeatResponse(exist=exist)
 
-    @router.post("/worker_get_status")
+    @router.post("/worker_get_status", response_model_exclude_none=True)  # LLaVA's three fields (no conv_mode)
     async def worker_get_status(request: Request) -> WorkerStatus:
         _expire(request.app)
         return request.app.state.registry.total_status()
@@ -426,6 +432,7 @@ def create_app(config: ControllerConfig) -> FastAPI:
     app = FastAPI(title="ECSO controller", lifespan=lifespan)
     app.state.config = config
     app.state.api_key = config.api_key
+    app.state.log_ips = config.log_ips
     app.state.registry = WorkerRegistry()
     app.state.dispatch = get_dispatch_method(config.dispatch_method)
     app.state.rng = random.Random(config.seed)
@@ -436,6 +443,8 @@ def create_app(config: ControllerConfig) -> FastAPI:
     async def health() -> HealthResponse:
         return HealthResponse(workers=len(app.state.registry))
 
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes, service="controller",
+                       error_bodies={"/worker_generate_stream": llava_error_frame})
     return app
 
 
@@ -446,6 +455,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -478,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
         "error_code 3 (timeout) (default %(default)g)",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=64 * 1024 * 1024,
+        help="largest request body (a /worker_generate_stream body carries its base64 images); larger ones get 413 "
+        "(default %(default)s, the worker's default)",
+    )
+    parser.add_argument(
         "--status-timeout",
         type=_seconds,
         default=5.0,
@@ -497,13 +520,16 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         status_timeout=args.status_timeout,
         api_key=resolve_api_key(args.api_key, environ),
         log_level=args.log_level,
+        log_ips=args.log_ips,
+        max_request_bytes=args.max_request_bytes,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = config_from_args(argv)
     configure_logging(config.log_level)
-    run_app(create_app(config), host=config.host, port=config.port, api_key=config.api_key, log_level=config.log_level)
+    run_app(create_app(config), host=config.host, port=config.port, api_key=config.api_key, log_level=config.log_level,
+            log_ips=config.log_ips)
 
 
 if __name__ == "__main__":

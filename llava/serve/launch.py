@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WEB_PORT, WORKER_PORT
-from llava.serve.common import API_KEY_ENV, auth_headers, configure_logging, resolve_api_key
+from llava.serve.common import API_KEY_ENV, auth_headers, configure_logging, is_loopback, resolve_api_key
 
 __all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "build_parser", "config_from_args", "main"]
 
@@ -352,6 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     configure_logging(config.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not config.api_key and not is_loopback(config.host):
+        logger.warning("launching on %s without an API key: anyone who can reach the ports can use the models and "
+                       "register workers; set --api-key or %s (and pass --auth to the demo with --demo-args)",
+                       config.host, API_KEY_ENV)
     launcher = Launcher(config)
     launcher.install_signal_handlers()
     logger.info("launching %s", config)

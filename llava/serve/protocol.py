@@ -98,6 +98,7 @@ class WorkerStatus(BaseModel):
     model_names: list[str] = Field(default_factory=list)
     speed: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="relative throughput; dispatch weight")
     queue_length: int = Field(0, ge=0)
+    conv_mode: str | None = Field(None, description="the worker's chat template (LLaVA clients ignore it)")
 
 
 class RegisterWorkerRequest(BaseModel):
@@ -254,6 +255,8 @@ class ECSOStreamRequest(BaseModel):
     image: str | None = Field(None, description="base64-encoded image; null for a text-only query")
     query: str = Field(min_length=1)
     options: ECSOOptions = Field(default_factory=ECSOOptions)
+    direct: str | None = Field(None, description="check this answer instead of generating step 1 (the first event is "
+                               "then a done 'direct' event with this text)")
 
 
 ECSOEventType = Literal["direct", "verdict", "caption", "safe", "final", "error"]
@@ -521,12 +524,16 @@ def describe_validation_error(err: ValidationError | Any) -> tuple[str, str | No
         loc = [str(p) for p in e.get("loc", ())]
         if loc and loc[0] == "body":
             loc = loc[1:]
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "json_invalid":  # FastAPI's body parser: loc ("body", offset), ctx {"error": ...}
+            where = f" at character {loc[-1]}" if loc and loc[-1].isdigit() else ""
+            parts.append(f"the request body is not valid JSON ({(e.get('ctx') or {}).get('error', msg)}{where})")
+            continue
         field = ".".join(loc) or "request"
         if loc:
             params.append(field)
-        msg = e.get("msg", "invalid")
         if e.get("type") == "missing":
-            parts.append(f"{field}: field required")
+            parts.append(f"{field}: field required" if loc else "the request body is empty: send a JSON object")
         else:
             parts.append(f"{field}: {msg} (got {_short(e.get('input'))})")
     if len(parts) > _MAX_LISTED:
