@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class WorkerConfig:
     ecso: ECSOConfig = field(default_factory=lambda: ECSOConfig(max_new_tokens=512))
     api_key: str | None = field(default=None, repr=False)
     log_level: str = "info"
+    log_ips: bool = False
 
     def __post_init__(self) -> None:
         for name in ("limit_model_concurrency", "max_image_pixels", "max_request_bytes", "max_images_per_request"):
@@ -167,7 +169,8 @@ class WorkerState:
         return getattr(self.engine.model.config, "vision_config", None) is not None
 
     def status(self) -> WorkerStatus:
-        return WorkerStatus(model_names=[self.model_name], speed=1.0, queue_length=self.slots.queue_length)
+        return WorkerStatus(model_names=[self.model_name], speed=1.0, queue_length=self.slots.queue_length,
+                            conv_mode=self.conv_mode)
 
     def check_model(self, name: str, aliases: Sequence[str] = ()) -> None:
         served = [self.model_name, *aliases]
@@ -215,10 +218,13 @@ async def _prepare_generate(state: WorkerState, raw: bytes) -> tuple[GenerateStr
 
 
 async def _llava_chunks(state: WorkerState, prompt: str, images: list, params: GenerationParams) -> AsyncIterator[bytes]:
-    """Cumulative chunks (prompt + text so far); a failure ends the stream with an error chunk."""
-    text, sent = "", False
+    """Cumulative chunks (prompt + text so far); a failure ends the stream with an error chunk. A client that goes
+    away stops the generation at the next token (``stop``), which frees the slot."""
+    text, sent, stop = "", False, threading.Event()
     try:
-        async for delta in stream_model(state.slots, lambda: state.engine.stream(prompt, images, params), state.jobs):
+        async for delta in stream_model(state.slots, lambda: state.engine.stream(prompt, images, params,
+                                                                                 should_stop=stop.is_set),
+                                        state.jobs, stop):
             text += delta
             sent = True
             yield encode_chunk(StreamChunk(text=prompt + text))
@@ -228,6 +234,8 @@ async def _llava_chunks(state: WorkerState, prompt: str, images: list, params: G
         logger.warning("worker_generate_stream failed mid-stream: %s: %s", type(exc).__name__, exc,
                        exc_info=not isinstance(exc, ECSOError))
         yield encode_chunk(error_chunk(exc))
+    finally:
+        stop.set()  # the stream ended or its client left (GeneratorExit / cancellation): nothing more is wanted
 
 
 def _llava_routes() -> APIRouter:
@@ -293,6 +301,7 @@ def create_app(config: WorkerConfig, engine: Any = None) -> FastAPI:
     app = FastAPI(title="ECSO model worker", lifespan=lifespan)
     app.state.config = config
     app.state.api_key = config.api_key
+    app.state.log_ips = config.log_ips
     install_error_handlers(app)
     app.include_router(_llava_routes())
     app.include_router(ecso_routes())
@@ -389,7 +398,7 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
             max_images_per_request=args.max_images_per_request, allow_image_urls=args.allow_image_urls,
             allow_private_image_urls=args.allow_private_image_urls, image_url_timeout=args.image_url_timeout,
             max_top_logprobs=args.max_top_logprobs, ecso=ecso, api_key=resolve_api_key(args.api_key, environ),
-            log_level=args.log_level,
+            log_level=args.log_level, log_ips=args.log_ips,
         )
     except (ValueError, ECSOError) as exc:
         parser.error(str(exc))
@@ -398,7 +407,8 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
 def main(argv: Sequence[str] | None = None) -> None:
     config = config_from_args(argv)
     configure_logging(config.log_level)
-    run_app(create_app(config), host=config.host, port=config.port, api_key=config.api_key, log_level=config.log_level)
+    run_app(create_app(config), host=config.host, port=config.port, api_key=config.api_key, log_level=config.log_level,
+            log_ips=config.log_ips)
 
 
 if __name__ == "__main__":

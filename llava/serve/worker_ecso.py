@@ -1,7 +1,8 @@
 """The worker's ECSO stream: ``POST /worker_ecso_stream`` runs ECSO's four steps on the worker's model and sends
 one NUL-delimited :class:`~llava.serve.protocol.ECSOEvent` per step as it happens:
 
-``direct`` deltas (``done: false``) then ``direct`` done; ``verdict`` (flagged, harm_score in score mode);
+``direct`` deltas (``done: false``) then ``direct`` done (just the done event when the request gives ``direct``,
+the answer to check); ``verdict`` (flagged, harm_score in score mode);
 when flagged, ``caption`` and ``safe`` the same way; then ``final``. A failure before the run starts is one
 ``error`` event with a real HTTP status (400 bad input, 404 unknown model, 413 too large); a failure during the run
 ends the stream with an ``error`` event (``error_code``, ``detail``).
@@ -9,8 +10,9 @@ ends the stream with an ``error`` event (``error_code``, ``detail``).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
@@ -19,7 +21,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from llava.conversation import build_prompt
-from llava.ecso.backends import LocalBackend
+from llava.ecso.backends import LocalBackend, StepRequest
 from llava.ecso.pipeline import ECSO
 from llava.ecso.pipeline import ECSOEvent as StepEvent
 from llava.errors import ECSOError, ImageError, InvalidRequestError
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from llava.serve.model_worker import WorkerState
 
 __all__ = ["ECSO_STREAM_PATH", "ECSO_ALIAS_SUFFIX", "error_event", "ecso_error_frame", "wire_event",
-           "build_pipeline", "check_fits", "ecso_routes"]
+           "StoppableBackend", "build_pipeline", "check_fits", "ecso_routes"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +57,31 @@ def wire_event(event: StepEvent) -> ECSOEvent:
                      harm_score=event.harm_score, elapsed=event.elapsed)
 
 
-def build_pipeline(state: WorkerState, overrides: dict) -> ECSO:
+class StoppableBackend(LocalBackend):
+    """The worker's engine for one ECSO run whose streamed steps end early once ``should_stop()`` is true (the
+    client went away), so the run frees its slot at the next token."""
+
+    def __init__(self, engine: Any, conv_mode: str, should_stop: Callable[[], bool] | None = None) -> None:
+        super().__init__(engine, conv_mode=conv_mode)
+        self.should_stop = should_stop
+
+    def stream(self, request: StepRequest) -> Iterator[str]:
+        return self.engine.stream(self.prompt(request), request.images, request.params, should_stop=self.should_stop)
+
+
+def build_pipeline(state: WorkerState, overrides: dict, should_stop: Callable[[], bool] | None = None) -> ECSO:
     """ECSO on the worker's engine with its defaults and a request's options."""
     config = state.ecso_config(overrides)
-    return ECSO(LocalBackend(state.engine, conv_mode=state.conv_mode), config, image_limits=state.policy.limits)
+    backend = StoppableBackend(state.engine, state.conv_mode, should_stop)
+    return ECSO(backend, config, image_limits=state.policy.limits)
 
 
-def check_fits(state: WorkerState, query: str, images: Sequence[Image.Image]) -> None:
-    """Tokenize step 1's prompt (blocking): a context overflow is a 400 before anything runs."""
-    state.engine.encode(build_prompt(state.conv_mode, query, len(images)), images)
+def check_fits(state: WorkerState, query: str, images: Sequence[Image.Image], direct: str | None = None,
+               pipeline: ECSO | None = None) -> None:
+    """Tokenize the first prompt the run will send (blocking): step 1's, or the harm check's when ``direct`` is
+    given, so a context overflow is a 400 before anything runs."""
+    text = query if direct is None or pipeline is None else pipeline.prompts.fill_harm_check(query, direct)
+    state.engine.encode(build_prompt(state.conv_mode, text, len(images)), images)
 
 
 def _decode(image: str | None, state: WorkerState) -> list[Image.Image]:
@@ -75,7 +93,8 @@ def _decode(image: str | None, state: WorkerState) -> list[Image.Image]:
         raise ImageError(f"image: {exc}") from None
 
 
-async def _prepare(state: WorkerState, raw: bytes) -> tuple[ECSO, ECSOStreamRequest, list[Image.Image]]:
+async def _prepare(state: WorkerState, raw: bytes,
+                   stop: threading.Event) -> tuple[ECSO, ECSOStreamRequest, list[Image.Image]]:
     try:
         req = ECSOStreamRequest.model_validate_json(raw)
     except ValidationError as exc:
@@ -83,19 +102,23 @@ async def _prepare(state: WorkerState, raw: bytes) -> tuple[ECSO, ECSOStreamRequ
     if req.model is not None:
         state.check_model(req.model, [state.model_name + ECSO_ALIAS_SUFFIX])
     state.check_images(int(req.image is not None))
-    pipeline = build_pipeline(state, req.options.overrides())
+    pipeline = build_pipeline(state, req.options.overrides(), stop.is_set)
     images = await anyio.to_thread.run_sync(_decode, req.image, state)
-    await anyio.to_thread.run_sync(check_fits, state, req.query, images)
+    await anyio.to_thread.run_sync(check_fits, state, req.query, images, req.direct, pipeline)
     return pipeline, req, images
 
 
-async def _frames(state: WorkerState, pipeline: ECSO, query: str, images: list[Image.Image]) -> AsyncIterator[bytes]:
+async def _frames(state: WorkerState, pipeline: ECSO, req: ECSOStreamRequest, images: list[Image.Image],
+                  stop: threading.Event) -> AsyncIterator[bytes]:
     try:
-        async for event in stream_model(state.slots, lambda: pipeline.stream(images, query), state.jobs):
+        async for event in stream_model(state.slots, lambda: pipeline.stream(images, req.query, direct=req.direct),
+                                        state.jobs, stop):
             yield encode_chunk(wire_event(event))
     except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
         logger.warning("ECSO stream failed: %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, ECSOError))
         yield encode_chunk(error_event(exc))
+    finally:
+        stop.set()  # the run ended or its client left: stop generating, end the pipeline, free the slot
 
 
 def ecso_routes() -> APIRouter:
@@ -103,16 +126,16 @@ def ecso_routes() -> APIRouter:
 
     @router.post(ECSO_STREAM_PATH)
     async def worker_ecso_stream(request: Request) -> Response:
-        state = request.app.state.worker
+        state, stop = request.app.state.worker, threading.Event()
         try:
-            pipeline, req, images = await _prepare(state, await request.body())
+            pipeline, req, images = await _prepare(state, await request.body(), stop)
         except Exception as exc:  # noqa: BLE001 - one error event with a real status
             status = exc.status if isinstance(exc, ECSOError) else 500
             logger.log(logging.ERROR if status >= 500 else logging.INFO, "%s -> %d: %s", ECSO_STREAM_PATH, status,
                        exc, exc_info=status >= 500)
             return Response(ecso_error_frame(exc), status_code=status, media_type=STREAM_MEDIA_TYPE)
-        logger.info("ECSO run: verdict %s, %d image(s), query %d chars", pipeline.verdict_mode, len(images),
-                    len(req.query))
-        return StreamingResponse(_frames(state, pipeline, req.query, images), media_type=STREAM_MEDIA_TYPE)
+        logger.info("ECSO run: verdict %s, %d image(s), query %d chars%s", pipeline.verdict_mode, len(images),
+                    len(req.query), "" if req.direct is None else f", direct answer given ({len(req.direct)} chars)")
+        return StreamingResponse(_frames(state, pipeline, req, images, stop), media_type=STREAM_MEDIA_TYPE)
 
     return router

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -208,6 +209,7 @@ class _Prepared:
     top_logprobs: int | None
     pipeline: ECSO | None = None
     query: str = ""
+    stop: threading.Event = field(default_factory=threading.Event)  # set when a streaming client goes away
 
 
 def _ecso_overrides(req: ChatCompletionRequest) -> dict[str, Any]:
@@ -242,7 +244,8 @@ async def _prepare(state: WorkerState, req: ChatCompletionRequest) -> _Prepared:
     if ecso and top_logprobs is not None:
         raise InvalidRequestError("logprobs are not available with ecso")
     state.check_images(len(chat.image_urls))
-    pipeline = build_pipeline(state, _ecso_overrides(req)) if ecso else None
+    stop = threading.Event()
+    pipeline = build_pipeline(state, _ecso_overrides(req), stop.is_set) if ecso else None
     images = await load_image_urls(chat.image_urls, state.policy, state.http)
     params = GenerationParams(max_new_tokens=req.token_limit(state.config.max_new_tokens), temperature=req.temperature,
                               top_p=req.top_p, stop=tuple(req.stop_list))
@@ -251,7 +254,7 @@ async def _prepare(state: WorkerState, req: ChatCompletionRequest) -> _Prepared:
         await anyio.to_thread.run_sync(check_fits, state, chat.turns[0][0], images)
     encoded = await anyio.to_thread.run_sync(state.engine.encode, prompt, images)
     return _Prepared(req, req.model, prompt, images, params, len(encoded.input_ids), top_logprobs, pipeline,
-                     chat.turns[0][0])
+                     chat.turns[0][0], stop)
 
 
 def _finish_reason(completion_tokens: int, params: GenerationParams) -> str:
@@ -287,7 +290,7 @@ async def _complete(state: WorkerState, p: _Prepared) -> ChatCompletionResponse:
 def _direct_job(state: WorkerState, p: _Prepared) -> Iterator[tuple[str, Any]]:
     """Blocking: ("delta", text) items, then ("end", (completion tokens, logprobs))."""
     text = ""
-    for delta in state.engine.stream(p.prompt, p.images, p.params):
+    for delta in state.engine.stream(p.prompt, p.images, p.params, should_stop=p.stop.is_set):
         text += delta
         yield "delta", delta
     logprobs = None
@@ -326,7 +329,7 @@ async def _sse_stream(state: WorkerState, p: _Prepared) -> AsyncIterator[bytes]:
     yield _sse(first)
     job = _ecso_job if p.pipeline is not None else _direct_job
     try:
-        async for kind, value in stream_model(state.slots, lambda: job(state, p), state.jobs):
+        async for kind, value in stream_model(state.slots, lambda: job(state, p), state.jobs, p.stop):
             if kind == "delta":
                 if value:
                     yield _sse(ChatCompletionChunk(**base, choices=[ChunkChoice(delta=ChunkDelta(content=value))]))
@@ -343,6 +346,8 @@ async def _sse_stream(state: WorkerState, p: _Prepared) -> AsyncIterator[bytes]:
         logger.warning("chat completion stream failed: %s: %s", type(exc).__name__, exc,
                        exc_info=not isinstance(exc, ECSOError))
         yield _sse(openai_error(exc).model_dump(exclude_none=True))
+    finally:
+        p.stop.set()  # the stream ended or its client left: stop generating and free the slot
     yield _SSE_DONE
 
 

@@ -3,11 +3,12 @@
 * :class:`ModelSlots`: the ``--limit-model-concurrency`` semaphore around model calls, with an honest queue length
   (requests waiting + running);
 * :func:`call_model` / :func:`stream_model`: run blocking engine work in a thread while holding a slot. A stream is
-  pumped by its own task, so a client that disconnects mid-stream never leaves a slot taken: the job runs to its end
-  (the engine cannot be interrupted) and then releases the slot;
+  pumped by its own task, so a client that disconnects mid-stream never leaves a slot taken: the endpoint sets the
+  stream's stop event, the engine's ``should_stop`` ends generation at the next token, and the slot is released;
 * image intake: base64 / data URLs, and http(s) URLs only when allowed, with size caps, a timeout and a refusal of
   loopback and private addresses;
-* :class:`BodyLimitMiddleware`: a request body over ``--max-request-bytes`` gets 413 before any endpoint reads it.
+* :class:`BodyLimitMiddleware` (now in :mod:`llava.serve.common`, shared with the controller): a request body over
+  ``--max-request-bytes`` gets 413 before any endpoint reads it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,9 +28,9 @@ import anyio.to_thread
 import httpx
 from PIL import Image
 
-from llava.errors import ImageError, InvalidRequestError, RequestTooLargeError
+from llava.errors import ImageError, InvalidRequestError
 from llava.mm_utils import ImageLimits, decode_base64_image, load_image
-from llava.serve.common import STREAM_MEDIA_TYPE, encode_chunk, error_chunk, openai_error
+from llava.serve.common import BodyLimitMiddleware, llava_error_frame  # noqa: F401 - re-exported (moved to common)
 
 __all__ = [
     "ModelSlots",
@@ -93,11 +95,18 @@ class _Failure:
     exc: BaseException
 
 
-async def _pump(slots: ModelSlots, make: Callable[[], Iterator[Any]], queue: asyncio.Queue) -> None:
+async def _pump(slots: ModelSlots, make: Callable[[], Iterator[Any]], queue: asyncio.Queue,
+                stop: threading.Event | None) -> None:
     try:
         async with slots.slot():
             items = await anyio.to_thread.run_sync(make)
             while True:
+                if stop is not None and stop.is_set():  # the consumer left: stop pulling, end the iterator
+                    close = getattr(items, "close", None)
+                    if close is not None:
+                        await anyio.to_thread.run_sync(close)
+                    queue.put_nowait(_DONE)
+                    return
                 item = await anyio.to_thread.run_sync(next, items, _DONE)
                 queue.put_nowait(item)
                 if item is _DONE:
@@ -108,12 +117,16 @@ async def _pump(slots: ModelSlots, make: Callable[[], Iterator[Any]], queue: asy
             raise
 
 
-def stream_model(slots: ModelSlots, make: Callable[[], Iterator[T]], jobs: set[asyncio.Task]) -> AsyncIterator[T]:
+def stream_model(slots: ModelSlots, make: Callable[[], Iterator[T]], jobs: set[asyncio.Task],
+                 stop: threading.Event | None = None) -> AsyncIterator[T]:
     """Items of the blocking iterator ``make()``, produced in a thread under a slot by a task of its own (kept in
-    ``jobs`` until it ends). The consumer may stop at any time: the task still runs the iterator to its end and
-    releases the slot. An exception of the iterator is raised in the consumer."""
+    ``jobs`` until it ends). An exception of the iterator is raised in the consumer.
+
+    The consumer may stop at any time. Without ``stop`` the task still runs the iterator to its end, then releases
+    the slot. With ``stop`` (set by the consumer when its client goes away; the iterator's own ``should_stop``
+    should poll it too) the task stops pulling items at once, closes the iterator and releases the slot."""
     queue: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(_pump(slots, make, queue), name="model-stream")
+    task = asyncio.create_task(_pump(slots, make, queue, stop), name="model-stream")
     jobs.add(task)
     task.add_done_callback(jobs.discard)
 
@@ -220,66 +233,3 @@ async def load_image_urls(urls: Sequence[str], policy: ImagePolicy, http: httpx.
         except ImageError as exc:
             raise ImageError(f"image {i}: {exc}") from None
     return out
-
-
-# ---------------------------------------------------------------------------------------------- request size
-
-
-def llava_error_frame(exc: Exception) -> bytes:
-    """One LLaVA error chunk, framed."""
-    return encode_chunk(error_chunk(exc))
-
-
-class BodyLimitMiddleware:
-    """Pure ASGI middleware: buffer each HTTP request body up to ``max_bytes`` and answer 413 beyond it. The body of
-    the 413 is what the path's clients read: ``error_bodies[path](exc)`` (frames for stream endpoints), else an
-    OpenAI error body. The buffered body is then replayed to the app."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int,
-                 error_bodies: Mapping[str, Callable[[Exception], bytes]] | None = None) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.error_bodies = dict(error_bodies or {})
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, send, int(declared))
-            return
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await self._refuse(scope, send, len(body), at_least=True)
-                return
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: dict, send: Callable, size: int, at_least: bool = False) -> None:
-        err = RequestTooLargeError(f"request body is {'over ' if at_least else ''}{size} bytes; this worker accepts at "
-                                   f"most {self.max_bytes} (--max-request-bytes)")
-        logger.info("%s %s -> 413: %s", scope.get("method"), scope.get("path"), err)
-        encoder = self.error_bodies.get(scope.get("path", ""))
-        if encoder is not None:
-            payload, media = encoder(err), STREAM_MEDIA_TYPE
-        else:
-            payload, media = openai_error(err).model_dump_json().encode(), "application/json"
-        await send({"type": "http.response.start", "status": err.status,
-                    "headers": [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": payload})
