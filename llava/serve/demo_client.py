@@ -5,12 +5,14 @@ Two ways to reach a model, both through the controller's ``/get_worker_address``
 
 * **Run ECSO**: the worker's ``/worker_ecso_stream`` (:class:`~llava.serve.protocol.ECSOStreamRequest` in, one
   NUL-framed :class:`~llava.serve.protocol.ECSOEvent` per step out). The worker runs the shared pipeline.
-* **Step by step**: each button sends one ECSO prompt (from :mod:`llava.ecso.prompts`, templated with
-  :func:`llava.conversation.build_prompt`) to the worker's LLaVA ``/worker_generate_stream``. That API returns text
-  only, so the step-by-step harm check parses the model's yes/no (no P(yes) score); "Run ECSO" has the score.
+* **Step by step**: the buttons of steps 1, 3 and 4 send one ECSO prompt (from :mod:`llava.ecso.prompts`, templated
+  with :func:`llava.conversation.build_prompt`) to the worker's LLaVA ``/worker_generate_stream``. Step 2 sends the
+  direct answer to the worker's ECSO stream (``direct``), which runs the harm check of a whole run (P(yes) score in
+  ``score`` mode) and is closed after the verdict.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +27,7 @@ from PIL import Image
 
 from llava.conversation import SeparatorStyle, build_prompt, default_conv_mode, get_conv_template
 from llava.ecso.pipeline import ECSOConfig
-from llava.ecso.prompts import get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
+from llava.ecso.prompts import get_prompt_set
 from llava.errors import ECSOError, NoWorkerError
 from llava.mm_utils import encode_image_base64
 from llava.serve.common import ServiceClient, error_from_chunk
@@ -238,11 +240,13 @@ class DemoClient:
 
     # ---- Run ECSO ---------------------------------------------------------------------------------------------
     def ecso_stream(self, model: str, image: Image.Image | None, query: str,
-                    options: ECSOOptions) -> Iterator[ECSOEvent]:
-        """The worker's ECSO events for one image + query. Non-event frames (a LLaVA error chunk from a proxy or
-        an older worker) become an ``error`` event, so the caller has one kind of thing to show."""
+                    options: ECSOOptions, direct: str | None = None) -> Iterator[ECSOEvent]:
+        """The worker's ECSO events for one image + query (``direct``: check this answer instead of generating
+        step 1). Non-event frames (a LLaVA error chunk from a proxy or an older worker) become an ``error`` event,
+        so the caller has one kind of thing to show. Closing the generator closes the connection, and the worker
+        then stops the run."""
         request = ECSOStreamRequest(model=model, image=encode_image_base64(image) if image is not None else None,
-                                    query=query, options=options)
+                                    query=query, options=options, direct=direct)
         for frame in self.worker(model).stream(ECSO_STREAM_PATH, request):
             if "event" not in frame:
                 err = error_from_chunk(frame) or ECSOError(f"unexpected frame from the worker: {frame!r:.200}")
@@ -279,21 +283,21 @@ class DemoClient:
 
     def step_stream(self, step: str, model: str, image: Image.Image | None, query: str, options: ECSOOptions,
                     state: StepResult) -> Iterator[RunState]:
-        """Run one ECSO step on the LLaVA stream API with the earlier steps' outputs from ``state``; yields the
-        updated run state as text arrives. That API returns text only, so step 2 parses the model's yes/no
-        (``exact`` as the paper, else the first word) and has no P(yes) score."""
+        """Run one ECSO step with the earlier steps' outputs from ``state``; yields the updated run state as text
+        arrives. Steps 1, 3 and 4 send their prompt to the worker's LLaVA stream API. Step 2 runs on the worker's
+        ECSO stream with the direct answer given, so it is the very harm check of a whole run, P(yes) score
+        included; the stream is closed after the verdict."""
         prompts = get_prompt_set(_pick(options.prompt_set, self.defaults.prompt_set))
         run = RunState(result=StepResult(**{**state.to_dict(), "timings": dict(state.timings), "error": None}),
                        whole_run=False)
         images = [image] if image is not None else []
-        tokens = None
-        if step == "direct":
-            text, step_images = query, images
-        elif step == "verdict":
+        if step == "verdict":
             if state.direct is None:
                 raise ValueError("run step 1 first: the harm check needs the direct answer")
-            text, step_images = prompts.fill_harm_check(query, state.direct), images
-            tokens = self.defaults.verdict_max_new_tokens
+            yield self._verdict_step(run, model, image, query, options, state.direct)
+            return
+        if step == "direct":
+            text, step_images = query, images
         elif step == "caption":
             text, step_images = prompts.fill_caption(query), images
         elif step == "safe":
@@ -305,19 +309,29 @@ class DemoClient:
             raise ValueError(f"unknown step {step!r}; valid: {', '.join(STEP_NAMES)}")
         run._last_mark = time.perf_counter()
         answer = ""
-        for answer in self.generate_stream(model, text, step_images, options, tokens):
-            if step != "verdict":
-                run.streaming[step] = answer
-                yield run
-        if step == "verdict":
-            exact = _pick(options.verdict, self.defaults.verdict) == "exact"
-            flagged = parse_verdict_exact(answer) if exact else bool(parse_verdict_tolerant(answer))
-            run.apply(ECSOEvent(event="verdict", text=answer, flagged=flagged))
-            run.result.harm_score = run.result.threshold = None  # a parsed verdict has no score
-        else:
-            run.apply(ECSOEvent(event=step, text=answer))
+        for answer in self.generate_stream(model, text, step_images, options):
+            run.streaming[step] = answer
+            yield run
+        run.apply(ECSOEvent(event=step, text=answer))
         run.done = True
         yield run
+
+    def _verdict_step(self, run: RunState, model: str, image: Image.Image | None, query: str, options: ECSOOptions,
+                      direct: str) -> RunState:
+        """Step 2: the worker's ECSO stream checks ``direct``; the stream is closed after the verdict event."""
+        run._last_mark = time.perf_counter()
+        events = self.ecso_stream(model, image, query, options, direct=direct)
+        with contextlib.closing(events):
+            for event in events:
+                if event.event in ("verdict", "error"):
+                    run.apply(event)
+                    break
+            else:
+                run.fail(ECSOError("the worker's ECSO stream ended before the verdict"))
+        r = run.result
+        r.threshold = _pick(options.threshold, self.defaults.threshold) if r.harm_score is not None else None
+        run.done = True
+        return run
 
 
 def _pick(*values: Any) -> Any:

@@ -148,16 +148,30 @@ def test_launch_reaches_wildcard_binds_on_loopback_and_rejects_port_clashes():
 
 
 class RecordingClient(DemoClient):
-    """Records what each step would send to the worker's LLaVA stream API and answers ``answer``."""
+    """Records what each step would send to the worker's LLaVA stream API (and, for step 2, to its ECSO stream)
+    and answers ``answer``; the ECSO stream flags with P(yes) 0.8 in score mode, not at all otherwise."""
 
     def __init__(self, answer: str, **kw) -> None:
         super().__init__("http://127.0.0.1:9", **kw)
-        self.answer, self.calls = answer, []
+        self.answer, self.calls, self.ecso_calls, self.closed = answer, [], [], []
 
     def generate_stream(self, model, text, images, options, max_new_tokens=None):
         self.calls.append((text, len(images), max_new_tokens))
         yield self.answer[: len(self.answer) // 2]
         yield self.answer
+
+    def ecso_stream(self, model, image, query, options, direct=None):
+        self.ecso_calls.append((query, image is not None, direct, options.verdict))
+        score = options.verdict in (None, "score")
+        try:
+            yield ECSOEvent(event="direct", text=direct, done=True, elapsed=0.0)
+            yield ECSOEvent(event="verdict", text="Yes" if score else "No", flagged=score,
+                            harm_score=0.8 if score else None, elapsed=0.01)
+            yield ECSOEvent(event="caption", delta="more", done=False)
+            self.closed.append(False)
+        except GeneratorExit:
+            self.closed.append(True)
+            raise
 
 
 def last(iterable):
@@ -172,8 +186,10 @@ def test_step_buttons_send_the_shared_ecso_prompts_with_the_earlier_outputs():
     state = last(client.step_stream("direct", "tiny", image, query, options, StepResult())).result
     assert client.calls[-1] == (query, 1, None) and state.direct == "Yes, it is harmful."
     state = last(client.step_stream("verdict", "tiny", image, query, options, state)).result
-    assert client.calls[-1] == (PAPER_PROMPTS.fill_harm_check(query, state.direct), 1, 16)
-    assert state.flagged is True and state.harm_score is None  # "Yes, ..." flags under the tolerant parse
+    # step 2 is the worker's ECSO harm check of the direct answer, with its score; the stream is closed after it
+    assert client.ecso_calls[-1] == (query, True, "Yes, it is harmful.", "score") and client.closed == [True]
+    assert state.flagged is True and state.harm_score == 0.8 and state.threshold == 0.5
+    assert state.verdict_text == "Yes" and len(client.calls) == 1
     state = last(client.step_stream("caption", "tiny", image, query, options, state)).result
     assert client.calls[-1] == (PAPER_PROMPTS.fill_caption(query), 1, None)
     state = last(client.step_stream("safe", "tiny", image, query, options, state)).result
@@ -181,7 +197,9 @@ def test_step_buttons_send_the_shared_ecso_prompts_with_the_earlier_outputs():
     assert set(state.timings) == {"direct", "verdict", "caption", "safe"}
 
     exact = DemoConfig().options(verdict="exact")
-    assert last(client.step_stream("verdict", "tiny", image, query, exact, state)).result.flagged is False
+    checked = last(client.step_stream("verdict", "tiny", image, query, exact, state)).result
+    assert checked.flagged is False and checked.harm_score is None and checked.threshold is None
+    assert client.ecso_calls[-1][3] == "exact"
     with_image = options.model_copy(update={"image_in_safe_step": True})
     last(client.step_stream("safe", "tiny", image, query, with_image, state))
     assert client.calls[-1][1] == 1
