@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except ECSOError as exc:
         logger.error("%s", exc)
         return 2
+    except OSError as exc:  # an unwritable --answers-file, a full disk while writing the manifest or the final sort
+        logger.error("cannot write the results: %s: %s", type(exc).__name__, exc)
+        return 2
     return 0 if summary.status == "complete" else 1
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable
 
-from llava.errors import InvalidRequestError
+from llava.errors import ECSOError, InvalidRequestError
 from llava.eval.benchmarks.base import DatasetError
 
 try:  # POSIX; elsewhere the file is not locked
@@ -19,7 +19,7 @@ try:  # POSIX; elsewhere the file is not locked
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["AnswerFileError", "AnswerFileBusyError", "AnswerScan", "AnswerFile", "read_answer_rows", "parse_rows",
+__all__ = ["AnswerFileError", "AnswerFileBusyError", "AnswerFileWriteError", "append_whole", "AnswerScan", "AnswerFile", "read_answer_rows", "parse_rows",
            "rewrite_rows", "sort_in_plan_order", "dumps_row"]
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,35 @@ class AnswerFileError(DatasetError):
     """An answer file that cannot be resumed or merged (a corrupt line before the last, a row without ``id``)."""
 
     code = "invalid_answer_file"
+
+
+class AnswerFileWriteError(ECSOError):
+    """Appending to an answer (or judgments) file failed; the file was cut back to its last complete line."""
+
+    code = "write_failed"
+
+
+def append_whole(fh: IO[Any], data: bytes, path: Path, what: str) -> None:
+    """Append ``data`` (whole lines) to the file open as ``fh`` (in append mode) and fsync it; on any OSError cut
+    the file back to its size before the write and raise :class:`AnswerFileWriteError` naming ``path`` and the
+    cause. Unbuffered (``os.write``), so no half-written buffer is flushed later."""
+    fh.flush()
+    fd = fh.fileno()
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, end)
+            kept = "the file was cut back to its last complete line"
+        except OSError as again:  # pragma: no cover - a truncate that fails too; the next open repairs the tail
+            kept = f"cutting it back failed too ({again.strerror}); the next run moves the torn line aside"
+        raise AnswerFileWriteError(f"cannot write {what} to {path}: {exc.strerror or exc}; nothing of them was "
+                                   f"kept ({kept}). Free space or fix the path, then rerun the same command to "
+                                   "resume") from exc
 
 
 class AnswerFileBusyError(InvalidRequestError):
@@ -145,14 +174,15 @@ class AnswerFile:
         os.fsync(self._fh.fileno())
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Write rows as whole lines in one write, flush and fsync (what a kill can lose is what is in flight)."""
+        """Write rows as whole lines and fsync (what a kill can lose is what is in flight). A failed write (disk
+        full, I/O error) is undone: the file is cut back to its last complete line and AnswerFileWriteError says
+        so, so a write error never leaves a torn or partial line behind."""
         if self._fh is None:
             raise RuntimeError("AnswerFile.append before open()")
-        text = "".join(dumps_row(r) + "\n" for r in rows)
-        if text:
-            self._fh.seek(0, os.SEEK_END)
-            self._fh.write(text.encode("utf-8"))
-            self._sync()
+        rows = list(rows)
+        data = "".join(dumps_row(r) + "\n" for r in rows).encode("utf-8")
+        if data:
+            append_whole(self._fh, data, self.path, f"{len(rows)} answer row(s)")
 
     def close(self) -> None:
         if self._fh is not None:

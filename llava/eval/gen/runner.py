@@ -282,7 +282,10 @@ def _generate(run: _Run, answers: AnswerFile, backend: Backend, old: dict[str, A
         status = "interrupted"
         raise
     finally:
-        write_manifest(mpath, run.manifest(old, settings, status))
+        try:
+            write_manifest(mpath, run.manifest(old, settings, status))
+        except OSError as exc:  # e.g. the disk filled up: keep the error that got us here; resuming still works
+            logger.error("cannot update the manifest %s: %s", mpath, exc)
         _log_summary(run.summary(status))
     return run.summary(status)
 

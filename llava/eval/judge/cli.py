@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
 from llava.errors import AuthError, InvalidRequestError
+from llava.eval.gen.answers import AnswerFileWriteError
 from llava.eval.judge.config import JudgeConfig, RetryPolicy
 from llava.eval.judge.protocols import BENCHMARKS
 from llava.eval.judge.records import read_jsonl
@@ -95,6 +97,9 @@ def run_cli(config: JudgeConfig, answers: Path) -> int:
         return EXIT_AUTH
     except (InvalidRequestError, ValueError, OSError) as e:
         logger.error("%s", e)
+        return EXIT_BAD_INPUT
+    except (AnswerFileWriteError, sqlite3.Error) as e:  # a full disk, an unwritable --output or --cache
+        logger.error("cannot write the results: %s", e)
         return EXIT_BAD_INPUT
     s = runner.summary
     print(json.dumps({"judgments": str(config.judgments_path), **s.to_dict(), "unparseable_ids": s.unparseable[:20]}))

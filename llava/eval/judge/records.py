@@ -107,14 +107,16 @@ def read_judgments(path: str | os.PathLike) -> dict[str, Judgment]:
 
 
 class JsonlAppender:
-    """Append-only JSONL writer: one ``write`` per line, flushed. On open, a torn tail left by a killed writer is
-    truncated back to the last complete line so the next line starts clean."""
+    """Append-only JSONL writer: one unbuffered write per line. On open, a torn tail left by a killed writer is
+    truncated back to the last complete line so the next line starts clean; a failed write (disk full) is cut back
+    the same way and raises :class:`~llava.eval.gen.answers.AnswerFileWriteError`, so the file always ends with a
+    complete line."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh = open(self.path, "ab")  # noqa: SIM115 - held until close()
 
     def _repair_tail(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -128,8 +130,10 @@ class JsonlAppender:
             fh.truncate(keep)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._fh.flush()
+        from llava.eval.gen.answers import append_whole
+
+        append_whole(self._fh, (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"), self.path,
+                     f"the judgment of {row.get('id')!r}")
 
     def write_all(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -213,7 +214,10 @@ class JudgeRunner:
             s.failed[task.id] = str(e)
             logger.warning("no judgment for %s: %s", task.id, e)
             return
-        cache.put(task.key, self.config.judge_model, task.prompt.name, payload)
+        try:
+            cache.put(task.key, self.config.judge_model, task.prompt.name, payload)
+        except sqlite3.Error as e:  # e.g. the disk is full: the judgment line below is what counts
+            logger.warning("could not cache the judgment of %s: %s", task.id, e)
         results[task.id] = self._record(self._judgment(task, payload, cached=False), out)
         s.judged += 1
 
@@ -227,10 +231,14 @@ class JudgeRunner:
         data = {"config": cfg, "prompt_set": {"source": self.prompts.source, "sha256": self.prompts.sha256,
                                               "names": names},
                 "summary": self.summary.to_dict(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as e:  # e.g. the disk is full: keep the error that stopped the run, if any
+            logger.error("cannot write the run summary %s: %s", path, e)
+            tmp.unlink(missing_ok=True)
 
 
 def judge_answers(rows: Iterable[dict[str, Any]], config: JudgeConfig, *, client: JudgeClient | None = None,
