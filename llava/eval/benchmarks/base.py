@@ -22,6 +22,7 @@ __all__ = [
     "check_images",
     "summarize_missing",
     "read_jsonl",
+    "require_fields",
     "require_file",
     "numbered_ids",
     "is_missing",
@@ -147,18 +148,38 @@ def require_file(path: str | Path, what: str) -> Path:
 
 
 def read_jsonl(path: str | Path, what: str = "question file") -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; blank lines skipped; a bad line raises DatasetError with its number."""
+    """Rows (JSON objects) of a JSON-lines file; blank lines skipped. A line that is not UTF-8, not JSON or not an
+    object, and a file without rows, raise DatasetError naming the file (and the line)."""
     path = require_file(path, what)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise DatasetError(f"{what} {path} has no rows (empty file?)")
     return rows
+
+
+def require_fields(row: dict[str, Any], n: int, path: str | Path, fields: Iterable[str],
+                   text: Iterable[str] = ()) -> None:
+    """Row ``n`` of ``path`` has every field of ``fields``, and those in ``text`` are strings; DatasetError
+    naming the row otherwise."""
+    absent = [f for f in fields if f not in row]
+    if absent:
+        raise DatasetError(f"{path}: row {n} lacks {absent} (has {sorted(row)})")
+    for f in text:
+        if not isinstance(row[f], str):
+            raise DatasetError(f"{path}: row {n}: {f!r} must be a string, got {type(row[f]).__name__} "
+                               f"{str(row[f])[:80]!r}")
 
 
 def numbered_ids(keys: Iterable[str], always: bool) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, numbered_ids,
-                                        read_jsonl)
+                                        read_jsonl, require_fields)
 
 __all__ = ["SPEC", "LLAVA_SUFFIX", "MME_SUFFIX", "MMEGroundTruth", "mme_question_variants", "gt_file_name",
            "resolve_mme_image", "read_mme"]
@@ -114,9 +114,8 @@ def read_mme(config: BenchmarkConfig) -> Iterator[Sample]:
     ids = numbered_ids((str(row.get("question_id")) for row in rows), always=True)
     unknown = 0
     for n, (sample_id, row) in enumerate(zip(ids, rows), 1):
-        absent = [f for f in ("question_id", "image", "text", "category") if f not in row]
-        if absent:
-            raise DatasetError(f"{config.question_file}: row {n} lacks {absent} (has {sorted(row)})")
+        require_fields(row, n, config.question_file, ("question_id", "image", "text", "category"),
+                       text=("image", "text"))
         found = gt.lookup(row["category"], row["question_id"], row["text"]) if gt is not None else None
         if gt is not None and found is None:
             if config.strict:

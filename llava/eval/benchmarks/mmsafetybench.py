@@ -86,6 +86,8 @@ def load_tiny_ids(path: str | Path) -> dict[str, set[str]]:
 def _read_scenario(path: Path) -> dict[str, dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e.msg})") from e
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
@@ -123,6 +125,8 @@ def read_mmsafetybench(config: BenchmarkConfig) -> Iterator[Sample]:
     for scenario, qid, row in iter_questions(config.question_file, config.scenarios, config.tiny_list):
         if field not in row:
             raise DatasetError(f"{scenario} question {qid} has no {field!r} field (mode {mode}); has {sorted(row)}")
+        if not isinstance(row[field], str):
+            raise DatasetError(f"{scenario} question {qid}: {field!r} must be a string, got {row[field]!r:.80}")
         image_name = None if mode == "text" else f"{scenario}/{mode}/{qid}.jpg"
         image = None if image_name is None else str(Path(config.image_folder) / image_name)
         meta = {"scenario": scenario, "mode": mode, "question_id": qid, "key_phrase": row.get("Key Phrase"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from llava.eval.benchmarks.base import BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, read_jsonl
+from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, read_jsonl,
+                                        require_fields)
 
 __all__ = ["SPEC", "read_mmvet"]
 
@@ -17,9 +18,7 @@ def read_mmvet(config: BenchmarkConfig) -> Iterator[Sample]:
     rows = read_jsonl(config.question_file)
     seen: set[str] = set()
     for n, row in enumerate(rows, 1):
-        absent = [f for f in REQUIRED_FIELDS if f not in row]
-        if absent:
-            raise DatasetError(f"{config.question_file}: row {n} lacks {absent} (has {sorted(row)})")
+        require_fields(row, n, config.question_file, REQUIRED_FIELDS, text=("image", "text"))
         sample_id = str(row["question_id"])
         if sample_id in seen:
             raise DatasetError(f"{config.question_file}: row {n} repeats question_id {sample_id}")

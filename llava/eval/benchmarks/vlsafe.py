@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from llava.eval.benchmarks.base import BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, numbered_ids, read_jsonl
+from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, Sample, numbered_ids, read_jsonl,
+                                        require_fields)
 
 __all__ = ["SPEC", "read_vlsafe"]
 
@@ -16,9 +17,7 @@ def read_vlsafe(config: BenchmarkConfig) -> Iterator[Sample]:
     """One sample per row; id = image_id (``#k`` appended to repeats). Every other row field goes to meta."""
     rows = read_jsonl(config.question_file)
     for n, row in enumerate(rows, 1):
-        absent = [f for f in REQUIRED_FIELDS if f not in row]
-        if absent:
-            raise DatasetError(f"{config.question_file}: row {n} lacks {absent} (has {sorted(row)})")
+        require_fields(row, n, config.question_file, REQUIRED_FIELDS, text=("query",))
     ids = numbered_ids((str(row["image_id"]) for row in rows), always=False)
     for sample_id, row in zip(ids, rows):
         image_name = str(row["image_id"])
