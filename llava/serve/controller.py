@@ -259,10 +259,12 @@ def _dispatch(app: FastAPI, model: str) -> str:
     return app.state.dispatch(candidates, app.state.rng).name
 
 
-async def _open_stream(app: FastAPI, params: dict) -> tuple[str, httpx.Response]:
-    """Dispatch and open the worker's stream. A worker that refuses the connection is dropped (it re-registers
-    when its next heartbeat is answered ``exist: false``) and the next one is tried."""
-    cfg, model, unreachable = app.state.config, params["model"], []
+async def _open_stream(app: FastAPI, model: str, body: bytes) -> tuple[str, httpx.Response]:
+    """Dispatch and open the worker's stream, sending the client's body as it came (validated JSON; re-encoding
+    could fail on what JSON allows, such as lone surrogate escapes). A worker that refuses the connection is dropped
+    (it re-registers when its next heartbeat is answered ``exist: false``) and the next one is tried."""
+    cfg, unreachable = app.state.config, []
+    headers = {**auth_headers(cfg.api_key), "content-type": "application/json"}
     while True:
         address = _dispatch(app, model)
         if not address:
@@ -270,7 +272,7 @@ async def _open_stream(app: FastAPI, params: dict) -> tuple[str, httpx.Response]
             extra = f"; unreachable workers dropped: {', '.join(unreachable)}" if unreachable else ""
             raise NoWorkerError(f"no worker serves model {model!r} (models available: {known}){extra}")
         request = app.state.http.build_request(
-            "POST", f"{address}/worker_generate_stream", json=params, headers=auth_headers(cfg.api_key)
+            "POST", f"{address}/worker_generate_stream", content=body, headers=headers
         )
         try:
             return address, await app.state.http.send(request, stream=True)
@@ -322,13 +324,14 @@ def _chunk_response(exc: ECSOError) -> Response:
 
 async def _generate_stream(app: FastAPI, request: Request) -> Response:
     try:
-        params = json.loads(await request.body())
+        body = await request.body()
+        params = json.loads(body)
         GenerateStreamRequest.model_validate(params)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and ValidationError are ValueErrors; deep nesting
         detail = describe_validation_error(exc)[0] if isinstance(exc, ValidationError) else f"body is not JSON: {exc}"
         return _chunk_response(InvalidRequestError(detail))
     try:
-        address, resp = await _open_stream(app, params)
+        address, resp = await _open_stream(app, params["model"], body)
     except ECSOError as exc:
         logger.warning("worker_generate_stream for %r: %s", params.get("model"), exc)
         return _chunk_response(exc)
