@@ -191,7 +191,7 @@ class LlavaEngine:
             kwargs["min_new_tokens"] = min(params.min_new_tokens, max_new_tokens)
         if self.loaded.suppress_token_ids:
             kwargs["suppress_tokens"] = self.loaded.suppress_token_ids
-        if params.temperature > 0:
+        if params.temperature > 1e-5:  # smaller ones overflow logits / temperature (NaN probabilities): greedy
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p or 1.0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
