@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llava.constants import ErrorCode
 from llava.ecso.prompts import PROMPT_SETS
@@ -78,7 +78,16 @@ _MAX_LISTED = 5  # errors spelled out in one message
 # otherwise slip through as "not less than 0".
 Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False, description="sampling temperature; 0 = greedy")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass, in (0, 1]")]
-Stop = str | list[str] | None
+MAX_STOP_STRINGS = 16  # each is searched for after every token; OpenAI allows 4
+
+
+def _few_stops(value: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+    return value
+
+
+Stop = Annotated[str | list[str] | None, AfterValidator(_few_stops)]
 
 
 def _stop_list(stop: Stop) -> list[str]:

@@ -215,6 +215,8 @@ CASES: tuple[Case, ...] = (
          {"*": "invalid", "reader": None}, "top_p"),
     Case("top_p above one", "request", lambda: Req(params={"top_p": 7.5, "temperature": 0.7}),
          {"*": "invalid", "reader": None}, "top_p"),
+    Case("a thousand stop strings", "request", lambda: Req(params={"stop": ["x"] * 1000}),
+         {"*": "invalid", "ecso": None, "cli": None, "reader": None}, "stop strings"),
     # ---- text --------------------------------------------------------------------------------------------------
     Case("prompt longer than the context window", "request", lambda: Req(text=_BIG),
          {"*": "context", "reader": None}, "context window"),
@@ -273,7 +275,7 @@ CASES: tuple[Case, ...] = (
 
 
 def _params(req: Req) -> dict[str, Any]:
-    return {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0, **req.params}
+    return {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0, "stop": "</s>", **req.params}
 
 
 def _apply_wrong_types(body: dict[str, Any], req: Req, names: dict[str, str]) -> dict[str, Any]:
@@ -291,7 +293,7 @@ def adapt_llava(req: Req, model: str) -> dict[str, Any]:
     prompt = BASE_PROMPT.format(tags=tags, text=req.text)
     p = _params(req)
     body = {"model": req.model or model, "prompt": prompt, "images": images, "temperature": p["temperature"],
-            "top_p": p["top_p"], "max_new_tokens": p["max_new_tokens"], "stop": "</s>"}
+            "top_p": p["top_p"], "max_new_tokens": p["max_new_tokens"], "stop": p["stop"]}
     return _apply_wrong_types(body, req, {"text": "prompt"})
 
 
@@ -305,7 +307,8 @@ def adapt_openai(req: Req, model: str) -> dict[str, Any]:
         content = req.wrong_type["text"]
     p = _params(req)
     body: dict[str, Any] = {"model": req.model or model, "messages": [{"role": "user", "content": content}],
-                            "max_tokens": p["max_new_tokens"], "temperature": p["temperature"], "top_p": p["top_p"]}
+                            "max_tokens": p["max_new_tokens"], "temperature": p["temperature"], "top_p": p["top_p"],
+                            "stop": p["stop"]}
     if "images" in req.wrong_type:
         body["messages"][0]["content"] = [{"type": "image_url", "image_url": req.wrong_type["images"]}]
     if "temperature" in req.wrong_type:
