@@ -312,7 +312,8 @@ def test_queue_length_returns_to_zero_after_a_client_disconnects_mid_stream(stac
     prompt = build_prompt("vicuna_v1", "Tell me a long story.")
     resp = requests.post(f"{stack.worker.url}/worker_generate_stream", headers=auth_headers(KEY), stream=True,
                          json=_greedy_payload(prompt, [], 400), timeout=30)
-    first = next(resp.iter_lines(delimiter=b"\0"))
+    lines = resp.iter_lines(delimiter=b"\0")  # kept: dropping the iterator closes the connection (a disconnect)
+    first = next(lines)
     assert json.loads(first)["error_code"] == 0
     assert _queue_length(stack) == 1
     resp.close()  # the client goes away mid-stream
