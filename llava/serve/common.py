@@ -328,14 +328,26 @@ def llava_error_frame(exc: Exception) -> bytes:
 class BodyLimitMiddleware:
     """Pure ASGI middleware: buffer each HTTP request body up to ``max_bytes`` and answer 413 beyond it. The body of
     the 413 is what the path's clients read: ``error_bodies[path](exc)`` (frames for stream endpoints), else an
-    OpenAI error body. The buffered body is then replayed to the app."""
+    OpenAI error body. The buffered body is then replayed to the app.
+
+    Before a 413 the rest of the body is read and dropped (up to ``drain_bytes``): a peer still sending (a
+    controller relaying to a worker with a smaller limit) then reads the 413 instead of a connection reset."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int,
-                 error_bodies: Mapping[str, Callable[[Exception], bytes]] | None = None, service: str = "worker") -> None:
+                 error_bodies: Mapping[str, Callable[[Exception], bytes]] | None = None, service: str = "worker",
+                 drain_bytes: int = 256 * 1024 * 1024) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.error_bodies = dict(error_bodies or {})
         self.service = service
+        self.drain_bytes = drain_bytes
+
+    async def _drain(self, receive: Callable, seen: int) -> None:
+        while seen <= self.drain_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+            seen += len(message.get("body", b""))
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
@@ -343,6 +355,8 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if int(declared) <= self.drain_bytes:
+                await self._drain(receive, 0)
             await self._refuse(scope, send, int(declared))
             return
         body, more = bytearray(), True
@@ -353,6 +367,8 @@ class BodyLimitMiddleware:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
+                if more:
+                    await self._drain(receive, len(body))
                 await self._refuse(scope, send, len(body), at_least=True)
                 return
         replayed = False
