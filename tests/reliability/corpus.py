@@ -190,6 +190,8 @@ CASES: tuple[Case, ...] = (
     Case("deeply nested JSON", "raw", lambda: _nested(100_000), "invalid"),
     Case("body over the size limit", "raw", lambda: b'{"prompt": "' + b"A" * (MAX_BODY + 10) + b'"}', "too_large",
          "--max-request-bytes"),
+    Case("body 8x over the size limit", "raw", lambda: b'{"prompt": "' + b"A" * (8 * MAX_BODY) + b'"}', "too_large",
+         "--max-request-bytes"),  # read and dropped before the 413, so the client gets it, not a reset
     # ---- fields ------------------------------------------------------------------------------------------------
     Case("text of the wrong type", "request", lambda: Req(wrong_type={"text": 123}), {**HTTP_ONLY, "*": "invalid"}),
     Case("images of the wrong type", "request", lambda: Req(wrong_type={"images": "abc"}),

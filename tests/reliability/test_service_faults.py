@@ -290,6 +290,26 @@ def test_worker_status_reports_its_template(stack: Stack) -> None:
     assert set(summed) == {"model_names", "speed", "queue_length"}  # LLaVA's shape from the controller
 
 
+def test_a_controller_with_a_larger_limit_relays_the_workers_413(stack: Stack) -> None:
+    """A controller that accepts 64 MiB in front of a worker that accepts 2 MB: the worker reads and drops the body
+    it refuses, so the controller reads its 413 instead of a connection reset (which was a 502)."""
+    big = start_service("llava.serve.controller", env={"ECSO_API_KEY": KEY})
+    try:
+        worker = stack.workers[0]
+        status = httpx.post(f"{worker.url}/worker_get_status", headers=auth_headers(KEY), trust_env=False).json()
+        httpx.post(f"{big.url}/register_worker", headers=auth_headers(KEY), trust_env=False,
+                   json={"worker_name": worker.url, "check_heart_beat": False, "worker_status": status})
+        for size in (3 * MAX_BODY, 15 * MAX_BODY):
+            body = json.dumps({"model": "tiny", "prompt": "<image>", "images": ["A" * size]}).encode()
+            r = httpx.post(f"{big.url}/worker_generate_stream", content=body, headers=auth_headers(KEY), timeout=60,
+                           trust_env=False)
+            frame = json.loads(r.content.split(b"\0")[0])
+            assert r.status_code == 413 and frame["error_code"] == 4, (size, r.status_code, frame)
+            assert f"at most {MAX_BODY} (--max-request-bytes)" in frame["detail"]
+    finally:
+        stop_service(big)
+
+
 # ---------------------------------------------------------------------------------------------------- security
 
 
