@@ -43,7 +43,9 @@ def measure(args) -> dict:
             eng = engines[reuse]
             backend = LocalBackend(eng, max_batch_size=args.batch_size)
             backend.generate(direct_reqs[:1])  # warm-up
-            variants = [("score", False), ("exact", False)] + ([("score", True)] if reuse else [])
+            variants = [("score", False), ("exact", False), ("score", True)] if reuse else [("score", False)]
+            if not reuse and args.full:
+                variants.append(("exact", False))
             for verdict, speculative in variants:
                 for traffic, force in (("benign", False), ("flagged", True)):
                     pipe = ECSO(backend, ECSOConfig(max_new_tokens=length, min_new_tokens=length, verdict=verdict,
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
     add_common_args(p)
     p.add_argument("--lengths", default="1,64", help="fixed answer lengths in new tokens, comma-separated")
     p.add_argument("--batch-size", type=int, default=1, help="samples per model call (1 = one sample at a time)")
+    p.add_argument("--full", action="store_true", help="also time the exact verdict without prefix reuse (slow)")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
