@@ -235,13 +235,14 @@ class LlavaEngine:
         inputs = self._inputs([encoded], params.num_beams)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         kwargs = {**inputs, **self._generate_kwargs(params, self._budget([encoded], params)), "streamer": streamer}
-        if should_stop is not None:
-            class _Stop(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kw):
-                    return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool,
-                                      device=input_ids.device)
+        cancelled = threading.Event()  # set when the consumer stops reading (stop string, abandoned generator)
 
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                stop = cancelled.is_set() or (should_stop is not None and bool(should_stop()))
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -256,19 +257,22 @@ class LlavaEngine:
         thread.start()
         text = ""
         emitted = 0
-        for piece in streamer:
-            text += piece
-            cut = truncate_at_stop(text, params.stop)
-            visible = cut.lstrip() if emitted == 0 else cut
-            # hold back a possible partial stop string at the end
-            hold = max((len(s) - 1 for s in params.stop), default=0)
-            safe_end = len(visible) - hold if cut == text else len(visible)
-            if safe_end > emitted:
-                yield visible[emitted:safe_end]
-                emitted = safe_end
-            if cut != text:
-                break
-        thread.join()
+        try:
+            for piece in streamer:
+                text += piece
+                cut = truncate_at_stop(text, params.stop)
+                visible = cut.lstrip() if emitted == 0 else cut
+                # hold back a possible partial stop string at the end
+                hold = max((len(s) - 1 for s in params.stop), default=0)
+                safe_end = len(visible) - hold if cut == text else len(visible)
+                if safe_end > emitted:
+                    yield visible[emitted:safe_end]
+                    emitted = safe_end
+                if cut != text:
+                    break
+        finally:  # never leave the model generating for nobody
+            cancelled.set()
+            thread.join()
         if failure:
             raise failure[0]
         final = truncate_at_stop(text, params.stop).strip()

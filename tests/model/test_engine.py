@@ -181,3 +181,16 @@ def test_stream_should_stop_ends_early(tiny_engine, sample_image):
 
     short = "".join(tiny_engine.stream(prompt, [sample_image], params, should_stop=stop))
     assert len(short) < len(full) and full.startswith(short.strip()[:5])
+
+
+def test_abandoned_stream_stops_generating(tiny_engine, sample_image):
+    import threading
+    import time
+
+    prompt = build_prompt("vicuna_v1", "What is in the image?", 1)
+    gen = tiny_engine.stream(prompt, [sample_image], GenerationParams(max_new_tokens=2000, min_new_tokens=2000))
+    next(gen)
+    t = time.perf_counter()
+    gen.close()  # the consumer walks away: the generation thread must stop at the next step
+    assert time.perf_counter() - t < 5
+    assert not [th for th in threading.enumerate() if th.daemon and th.is_alive() and "run" in th.name]
