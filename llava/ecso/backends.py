@@ -61,10 +61,13 @@ class LocalBackend(Backend):
     name = "local"
     supports_score = True
 
-    def __init__(self, engine: Any, conv_mode: str | None = None, max_batch_size: int = 16):
+    def __init__(self, engine: Any, conv_mode: str | None = None, max_batch_size: int = 16,
+                 should_stop: Callable[[], bool] | None = None):
+        """``should_stop`` (e.g. "the client went away") ends streamed steps at the next token."""
         from llava.conversation import get_conv_template
 
         self.engine = engine
+        self.should_stop = should_stop
         self.conv_mode = conv_mode or engine.loaded.conv_mode
         get_conv_template(self.conv_mode)  # fail fast on an unknown template
         self.max_batch_size = max(1, max_batch_size)
@@ -86,7 +89,7 @@ class LocalBackend(Backend):
         return out
 
     def stream(self, request: StepRequest) -> Iterator[str]:
-        return self.engine.stream(self.prompt(request), request.images, request.params)
+        return self.engine.stream(self.prompt(request), request.images, request.params, should_stop=self.should_stop)
 
     def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float]:
         scores: list[float] = []

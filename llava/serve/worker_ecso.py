@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
@@ -21,7 +21,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from llava.conversation import build_prompt
-from llava.ecso.backends import LocalBackend, StepRequest
+from llava.ecso.backends import LocalBackend
 from llava.ecso.pipeline import ECSO
 from llava.ecso.pipeline import ECSOEvent as StepEvent
 from llava.errors import ECSOError, ImageError, InvalidRequestError
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from llava.serve.model_worker import WorkerState
 
 __all__ = ["ECSO_STREAM_PATH", "ECSO_ALIAS_SUFFIX", "error_event", "ecso_error_frame", "wire_event",
-           "StoppableBackend", "build_pipeline", "check_fits", "ecso_routes"]
+           "build_pipeline", "check_fits", "ecso_routes"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +57,10 @@ def wire_event(event: StepEvent) -> ECSOEvent:
                      harm_score=event.harm_score, elapsed=event.elapsed)
 
 
-class StoppableBackend(LocalBackend):
-    """The worker's engine for one ECSO run whose streamed steps end early once ``should_stop()`` is true (the
-    client went away), so the run frees its slot at the next token."""
-
-    def __init__(self, engine: Any, conv_mode: str, should_stop: Callable[[], bool] | None = None) -> None:
-        super().__init__(engine, conv_mode=conv_mode)
-        self.should_stop = should_stop
-
-    def stream(self, request: StepRequest) -> Iterator[str]:
-        return self.engine.stream(self.prompt(request), request.images, request.params, should_stop=self.should_stop)
-
-
 def build_pipeline(state: WorkerState, overrides: dict, should_stop: Callable[[], bool] | None = None) -> ECSO:
     """ECSO on the worker's engine with its defaults and a request's options."""
     config = state.ecso_config(overrides)
-    backend = StoppableBackend(state.engine, state.conv_mode, should_stop)
+    backend = LocalBackend(state.engine, conv_mode=state.conv_mode, should_stop=should_stop)
     return ECSO(backend, config, image_limits=state.policy.limits)
 
 
