@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from llava.errors import InvalidRequestError
 
-__all__ = ["GenerationParams", "MAX_NEW_TOKENS_LIMIT"]
+__all__ = ["GenerationParams", "EarlyCheck", "MAX_NEW_TOKENS_LIMIT"]
 
 MAX_NEW_TOKENS_LIMIT = 8192
 
@@ -42,6 +43,19 @@ class GenerationParams:
 
     def with_max_new_tokens(self, n: int) -> "GenerationParams":
         return replace(self, max_new_tokens=n)
+
+
+@dataclass(frozen=True)
+class EarlyCheck:
+    """A look at partial answers, once, after ``at_tokens`` new tokens: ``check(rows, texts)`` gets the rows still
+    generating (indices into the batch) with their text so far and returns, per row, whether to stop it there."""
+
+    at_tokens: int
+    check: Callable[[list[int], list[str]], list[bool]]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.at_tokens, int) or self.at_tokens < 1:
+            raise InvalidRequestError(f"an early check needs at_tokens >= 1, got {self.at_tokens!r}")
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:

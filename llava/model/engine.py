@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 from PIL import Image
 
 from llava.errors import ContextLengthError, InvalidRequestError, UnsupportedError
-from llava.generation import GenerationParams, truncate_at_stop
+from llava.generation import EarlyCheck, GenerationParams, truncate_at_stop
 from llava.mm_utils import count_image_tags, process_images, tokenizer_image_token
 from llava.model.builder import LoadedModel
 from llava.model.prefix_cache import PixelMemo, PrefixEntry, PrefixStore
@@ -129,7 +129,6 @@ class LlavaEngine:
         a batched cache of the prefixes; ``None`` when the batch does not qualify (rows without images, prefixes of
         different lengths, beam search)."""
         import torch
-        from transformers import DynamicCache
 
         if not self.prefix_reuse or num_beams != 1:
             return None
@@ -137,10 +136,12 @@ class LlavaEngine:
         if plen == 0 or any(e.prefix_len != plen or len(e.input_ids) <= plen for e in encoded):
             return None
         entries = self._prefix_entries(encoded)
-        n_layers = len(entries[0].layers)
-        cache = DynamicCache(ddp_cache_data=[
-            (torch.cat([en.layers[i][0] for en in entries]), torch.cat([en.layers[i][1] for en in entries]))
-            for i in range(n_layers)])
+        if len(entries) == 1:  # the stored tensors themselves: the cache's updates concatenate into new ones
+            layers = entries[0].layers
+        else:
+            layers = [(torch.cat([en.layers[i][0] for en in entries]), torch.cat([en.layers[i][1] for en in entries]))
+                      for i in range(len(entries[0].layers))]
+        cache = _cache_around(layers)
         width = max(len(e.input_ids) for e in encoded)
         ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -181,6 +182,37 @@ class LlavaEngine:
     def _inputs(self, encoded: Sequence[Encoded], num_beams: int = 1) -> dict:
         return self._prefix_batch(encoded, num_beams) or self._batch(encoded)
 
+    def _generation_inputs(self, encoded: Sequence[Encoded], num_beams: int, harvest: bool) -> tuple[dict, bool]:
+        """Inputs of a generation, and whether to harvest its prefixes afterwards: a batch whose rows all have
+        distinct prefixes none of which is cached yet (a sample's first step) runs in one forward pass like the
+        plain path, and :meth:`_harvest` keeps the prefixes from its cache; other batches continue from cached
+        prefixes (prefilling missing ones first)."""
+        if harvest and self._harvestable(encoded, num_beams):
+            return self._batch(encoded), True
+        return self._inputs(encoded, num_beams), False
+
+    def _harvestable(self, encoded: Sequence[Encoded], num_beams: int) -> bool:
+        if not self.prefix_reuse or num_beams != 1 or any(e.prefix_len == 0 for e in encoded):
+            return False
+        keys = {(tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))) for e in encoded}
+        if len(keys) < len(encoded):  # rows sharing a prefix: prefilling it once is cheaper
+            return False
+        return all(self.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) is None for e in encoded)
+
+    def _harvest(self, encoded: Sequence[Encoded], width: int, cache: Any) -> None:
+        """Store each row's prefix keys/values out of a finished generation's cache (rows are left-padded to
+        ``width``); copies, so the rest of that cache can be freed."""
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(hasattr(layer, "keys") and getattr(layer.keys, "dim", lambda: 0)() == 4
+                                 for layer in layers):
+            return  # another cache layout: later steps prefill the prefix themselves
+        for row, e in enumerate(encoded):
+            start = width - len(e.input_ids)
+            span = slice(start, start + e.prefix_len)
+            kv = [(layer.keys[row:row + 1, :, span].clone(), layer.values[row:row + 1, :, span].clone())
+                  for layer in layers]
+            self.prefixes.add(PrefixEntry(tuple(e.input_ids[:e.prefix_len]), e.images, kv))
+
     def _generate_kwargs(self, params: GenerationParams, max_new_tokens: int) -> dict:
         tok = self.tokenizer
         kwargs: dict[str, Any] = {
@@ -207,21 +239,34 @@ class LlavaEngine:
 
     # ---- generation -----------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]],
-                 params: GenerationParams = GenerationParams()) -> list[str]:
+                 params: GenerationParams = GenerationParams(), early_check: EarlyCheck | None = None) -> list[str]:
         """Answers for a batch of templated prompts (left padding; greedy rows equal unbatched ones)."""
         encoded = [self.encode(p, imgs, params.max_new_tokens) for p, imgs in zip(prompts, images, strict=True)]
-        return self.generate_encoded(encoded, params)
+        return self.generate_encoded(encoded, params, early_check)
 
-    def generate_encoded(self, encoded: Sequence[Encoded], params: GenerationParams) -> list[str]:
+    def generate_encoded(self, encoded: Sequence[Encoded], params: GenerationParams,
+                         early_check: EarlyCheck | None = None) -> list[str]:
+        """Answers for encoded prompts; ``early_check`` may stop rows after its ``at_tokens`` new tokens."""
         import torch
+        from transformers import StoppingCriteriaList
 
         if not encoded:
             return []
-        inputs = self._inputs(encoded, params.num_beams)
+        # an early check looks up the prefixes during the generation: they must be stored before it starts
+        inputs, harvest = self._generation_inputs(encoded, params.num_beams, harvest=early_check is None)
+        budget = self._budget(encoded, params)
+        kwargs = self._generate_kwargs(params, budget)
+        width = inputs["input_ids"].shape[1]
+        if early_check is not None and early_check.at_tokens < budget and params.num_beams == 1:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_EarlyStop(self, width, params, early_check)])
+        if harvest:
+            kwargs["return_dict_in_generate"] = True
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **self._generate_kwargs(params, self._budget(encoded, params)))
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            out = self.model.generate(**inputs, **kwargs)
+        if harvest:
+            self._harvest(encoded, width, _generated_cache(out))
+            out = out.sequences
+        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [truncate_at_stop(t, params.stop).strip() for t in texts]
 
     def stream(self, prompt: str, images: Sequence[Image.Image], params: GenerationParams = GenerationParams(),
@@ -232,7 +277,7 @@ class LlavaEngine:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         encoded = self.encode(prompt, images, params.max_new_tokens)
-        inputs = self._inputs([encoded], params.num_beams)
+        inputs, harvest = self._generation_inputs([encoded], params.num_beams, harvest=True)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         kwargs = {**inputs, **self._generate_kwargs(params, self._budget([encoded], params)), "streamer": streamer}
         cancelled = threading.Event()  # set when the consumer stops reading (stop string, abandoned generator)
@@ -243,12 +288,17 @@ class LlavaEngine:
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
+        if harvest:
+            kwargs["return_dict_in_generate"] = True
+        width = inputs["input_ids"].shape[1]
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    self.model.generate(**kwargs)
+                    out = self.model.generate(**kwargs)
+                if harvest:
+                    self._harvest([encoded], width, _generated_cache(out))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 failure.append(exc)
                 streamer.end()
@@ -305,3 +355,55 @@ class LlavaEngine:
         logp = torch.log_softmax(logits, dim=-1)
         margin = torch.logsumexp(logp[:, yes], dim=-1) - torch.logsumexp(logp[:, no], dim=-1)
         return torch.sigmoid(margin).tolist()
+
+
+def _generated_cache(out: Any) -> Any:
+    """The cache a ``generate(..., return_dict_in_generate=True)`` returned (renamed during transformers 5.x)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _cache_around(layers: Sequence[tuple[Any, Any]]):
+    """A ``DynamicCache`` holding these (keys, values) per layer without copying them (its updates concatenate
+    into new tensors, so they are never written to); the copying constructor where this transformers differs."""
+    from transformers import DynamicCache
+
+    try:
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache()
+        built = []
+        for keys, values in layers:
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            built.append(layer)
+        cache.layers = built
+        if cache.get_seq_length() == layers[0][0].shape[-2]:
+            return cache
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other transformers versions
+        pass
+    return DynamicCache(ddp_cache_data=list(layers))
+
+
+class _EarlyStop:
+    """Stopping criterion that runs an :class:`EarlyCheck` once, when the batch has ``at_tokens`` new tokens."""
+
+    def __init__(self, engine: LlavaEngine, prompt_width: int, params: GenerationParams, early_check: EarlyCheck):
+        self.engine, self.width, self.params, self.early = engine, prompt_width, params, early_check
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        stop = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if input_ids.shape[1] - self.width != self.early.at_tokens:
+            return stop
+        new = input_ids[:, self.width:]
+        finished = (new == self.engine.tokenizer.eos_token_id).any(dim=1).tolist()
+        rows = [r for r, done in enumerate(finished) if not done]
+        if rows:
+            texts = self.engine.tokenizer.batch_decode(new[rows], skip_special_tokens=True)
+            texts = [truncate_at_stop(t, self.params.stop).strip() for t in texts]
+            for r, flag in zip(rows, self.early.check(rows, texts), strict=True):
+                stop[r] = bool(flag)
+        return stop

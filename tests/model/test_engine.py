@@ -194,3 +194,65 @@ def test_abandoned_stream_stops_generating(tiny_engine, sample_image):
     gen.close()  # the consumer walks away: the generation thread must stop at the next step
     assert time.perf_counter() - t < 5
     assert not [th for th in threading.enumerate() if th.daemon and th.is_alive() and "run" in th.name]
+
+
+def test_single_row_prefix_cache_wraps_stored_tensors_without_copy(tiny_loaded, sample_image):
+    from llava.model.engine import _cache_around
+
+    eng = _engine(tiny_loaded, True)
+    eng.generate([build_prompt("vicuna_v1", "What is this?", 1)], [[sample_image]], P)
+    (entry,) = [item[1] for item in eng.prefixes._items.values()]
+    cache = _cache_around(entry.layers)
+    assert cache.get_seq_length() == entry.layers[0][0].shape[-2]
+    assert cache.layers[0].keys is entry.layers[0][0] and cache.layers[-1].values is entry.layers[-1][1]
+
+
+def test_early_check_sees_partial_answers_and_stops_only_the_rows_it_flags(tiny_engine, sample_image):
+    from llava.generation import EarlyCheck
+
+    prompts, images = _mixed_batch(sample_image)
+    fixed = GenerationParams(max_new_tokens=12, min_new_tokens=12)  # no row ends before the check
+    full = tiny_engine.generate(prompts, images, fixed)
+    first4 = tiny_engine.generate(prompts, images, GenerationParams(max_new_tokens=4, min_new_tokens=4))
+    seen = []
+
+    def check(rows, texts):
+        seen.append((rows, texts))
+        return [r in (1, 2) for r in rows]
+
+    out = tiny_engine.generate(prompts, images, fixed, EarlyCheck(4, check))
+    assert seen == [([0, 1, 2, 3], first4)]  # once, at 4 tokens, with the text so far
+    assert out == [full[0], first4[1], first4[2], full[3]]
+    # a check that flags nothing changes nothing
+    assert tiny_engine.generate(prompts, images, fixed, EarlyCheck(4, lambda rows, texts: [False] * len(rows))) == full
+    with pytest.raises(InvalidRequestError):
+        EarlyCheck(0, check)
+
+
+def test_first_step_runs_like_the_plain_path_and_harvests_its_prefixes(tiny_loaded, sample_image):
+    """A sample's first step is one forward pass per token, as without reuse; the prefixes it leaves behind (rows
+    left-padded) equal a separate prefill of each prefix."""
+    from PIL import Image
+
+    imgs = [[sample_image], [Image.new("RGB", (250, 180), (30, 160, 90))]]
+    prompts = [build_prompt("vicuna_v1", "What is this?", 1),
+               build_prompt("vicuna_v1", "Describe the picture in great detail, please.", 1)]
+    on, off = _engine(tiny_loaded, True), _engine(tiny_loaded, False)
+    calls = []
+    hook = tiny_loaded.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        answers_on = on.generate(prompts, imgs, P)
+        n_on = len(calls)
+        assert answers_on == off.generate(prompts, imgs, P)
+        n_off = len(calls) - n_on
+    finally:
+        hook.remove()
+    assert n_on == n_off and len(on.prefixes) == 2
+    fresh = _engine(tiny_loaded, True)
+    encoded = [fresh.encode(p, i) for p, i in zip(prompts, imgs)]
+    prefilled = fresh._prefix_entries(encoded)  # prefix-only forward passes
+    harvested = [on.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) for e in encoded]
+    for a, b in zip(harvested, prefilled):
+        assert a is not None and len(a.layers) == len(b.layers)
+        for (ka, va), (kb, vb) in zip(a.layers, b.layers):
+            assert ka.shape == kb.shape and torch.allclose(ka, kb, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)
