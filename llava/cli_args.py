@@ -69,7 +69,8 @@ def add_decoding_args(p: argparse.ArgumentParser, temperature: float = 0.0, max_
                    help="new tokens per generated step")
 
 
-def add_ecso_args(p: argparse.ArgumentParser) -> None:
+def add_ecso_args(p: argparse.ArgumentParser, batch_levers: bool = True) -> None:
+    """ECSO's flags; ``batch_levers=False`` leaves out the ones that only act on batch runs (not on streamed ones)."""
     g = p.add_argument_group("ECSO")
     g.add_argument("--verdict", default="score", choices=VERDICT_MODES,
                    help="score: P(yes) vs P(no) of the first answer token in one forward pass (default); exact: the "
@@ -78,11 +79,19 @@ def add_ecso_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-set", default="paper", choices=sorted(PROMPT_SETS), help="ECSO prompt templates")
     g.add_argument("--image-in-safe-step", action="store_true",
                    help="keep the image in step 4 (the paper's utility scripts did; its safety scripts did not)")
-    g.add_argument("--speculative-caption", action="store_true",
-                   help="generate the caption together with the direct answer (batched): flagged samples finish one "
-                        "generation sooner, benign ones pay for an unused caption; pays off on GPUs, not CPUs")
     g.add_argument("--verdict-max-new-tokens", type=int, default=16,
                    help="exact/parse verdicts: tokens to generate (enough to tell 'yes.' from anything longer)")
+    if batch_levers:
+        g.add_argument("--speculative-caption", action="store_true",
+                       help="generate the caption together with the direct answer (batched): flagged samples finish one "
+                            "generation sooner, benign ones pay for an unused caption; pays off on GPUs, not CPUs")
+        g.add_argument("--early-check-tokens", type=int, default=0, metavar="K",
+                       help="also check the direct answer after its first K tokens and stop it there if flagged (a "
+                            "flagged answer is discarded anyway); cuts flagged samples' cost, benign ones pay one more "
+                            "check. Batch runs on the local backend; 0 = off (the paper checks whole answers only)")
+        g.add_argument("--skip-check-regex", default=None, metavar="RE",
+                       help="answers fully matching RE skip the harm check and pass, e.g. '\\(?[A-E]\\)?\\.?' for lone "
+                            "option letters on multiple-choice benchmarks; default: every answer is checked (the paper)")
 
 
 def ecso_config_from_args(args: argparse.Namespace):
@@ -92,7 +101,9 @@ def ecso_config_from_args(args: argparse.Namespace):
                       max_new_tokens=args.max_new_tokens, verdict_max_new_tokens=args.verdict_max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
                       image_in_safe_step=args.image_in_safe_step,
-                      speculative_caption=getattr(args, "speculative_caption", False))
+                      speculative_caption=getattr(args, "speculative_caption", False),
+                      early_check_tokens=getattr(args, "early_check_tokens", 0),
+                      skip_check_regex=getattr(args, "skip_check_regex", None))
 
 
 def backend_from_args(args: argparse.Namespace):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 from PIL import Image
 
 from llava.errors import UnsupportedError
-from llava.generation import GenerationParams
+from llava.generation import EarlyCheck, GenerationParams
 
 __all__ = ["StepRequest", "Backend", "LocalBackend", "BACKENDS", "register_backend", "create_backend"]
 
@@ -35,10 +35,16 @@ class Backend(abc.ABC):
 
     name: str = "abstract"
     supports_score: bool = False
+    supports_early_check: bool = False  # generate_checked can stop rows part-way
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[StepRequest]) -> list[str]:
         """Answers for a batch of requests, in order."""
+
+    def generate_checked(self, requests: Sequence[StepRequest], early_check: EarlyCheck) -> list[str]:
+        """:meth:`generate`, with ``early_check`` run on the partial answers (indices into ``requests``) and rows
+        stopped where it says so. Backends that cannot look inside a generation answer in full (the default)."""
+        return self.generate(requests)
 
     def stream(self, request: StepRequest) -> Iterator[str]:
         """Text deltas of one answer; backends without streaming yield the whole answer once."""
@@ -60,6 +66,7 @@ class LocalBackend(Backend):
 
     name = "local"
     supports_score = True
+    supports_early_check = True
 
     def __init__(self, engine: Any, conv_mode: str | None = None, max_batch_size: int = 16,
                  should_stop: Callable[[], bool] | None = None):
@@ -78,12 +85,19 @@ class LocalBackend(Backend):
         return build_prompt(self.conv_mode, request.text, len(request.images), request.history)
 
     def generate(self, requests: Sequence[StepRequest]) -> list[str]:
+        return self._generate(requests, None)
+
+    def generate_checked(self, requests: Sequence[StepRequest], early_check: EarlyCheck) -> list[str]:
+        return self._generate(requests, early_check)
+
+    def _generate(self, requests: Sequence[StepRequest], early_check: EarlyCheck | None) -> list[str]:
         out: list[str] = [""] * len(requests)
         # Rows of one model call share decoding settings: group by params, keep the caller's order.
         for params, idxs in _group_by_params(requests).items():
             for chunk in _chunk_list(idxs, self.max_batch_size):
                 answers = self.engine.generate([self.prompt(requests[i]) for i in chunk],
-                                               [requests[i].images for i in chunk], params)
+                                               [requests[i].images for i in chunk], params,
+                                               _for_chunk(early_check, chunk))
                 for i, answer in zip(chunk, answers):
                     out[i] = answer
         return out
@@ -107,6 +121,13 @@ def _group_by_params(requests: Sequence[StepRequest]) -> dict[GenerationParams, 
     for i, r in enumerate(requests):
         groups.setdefault(r.params, []).append(i)
     return groups
+
+
+def _for_chunk(early_check: EarlyCheck | None, chunk: list[int]) -> EarlyCheck | None:
+    """``early_check`` seen from one model call: its rows mapped back to the caller's indices."""
+    if early_check is None:
+        return None
+    return EarlyCheck(early_check.at_tokens, lambda rows, texts: early_check.check([chunk[r] for r in rows], texts))
 
 
 def _chunk_list(items: list[int], size: int) -> Iterator[list[int]]:

@@ -9,6 +9,7 @@ to steps 3-4); ``stream`` reports one sample's steps as they happen, with token 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -18,7 +19,7 @@ from PIL import Image
 from llava.ecso.backends import Backend, StepRequest
 from llava.ecso.prompts import VERDICT_MODES, get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
 from llava.errors import InvalidRequestError
-from llava.generation import GenerationParams
+from llava.generation import EarlyCheck, GenerationParams
 from llava.mm_utils import ImageInput, ImageLimits, load_image
 
 __all__ = ["ECSOConfig", "ECSOInput", "ECSOResult", "ECSOEvent", "ECSO", "STEPS"]
@@ -47,6 +48,14 @@ class ECSOConfig:
     # samples then wait for one generation less; benign ones pay for a caption they do not use. Worth it where
     # decoding is memory-bound (GPUs), not on CPUs. Results are identical (the caption does not depend on step 1).
     speculative_caption: bool = False
+    # Check the direct answer once more after its first ``early_check_tokens`` tokens (0 = off): a sample flagged
+    # there stops its direct answer (a flagged answer is discarded anyway) and goes on to steps 3-4; the others
+    # finish and get the usual check of the whole answer. Flagged samples skip most of step 1; benign ones pay one
+    # more check. Batch runs on backends that support it (the in-process one); elsewhere the whole answer is checked.
+    early_check_tokens: int = 0
+    # Answers that fully match this regex (after stripping) skip the harm check and pass, e.g. a lone option letter
+    # on multiple-choice benchmarks: r"\(?[A-Ea-e]\)?\.?". None: every answer is checked, as in the paper.
+    skip_check_regex: str | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICT_MODES:
@@ -55,6 +64,14 @@ class ECSOConfig:
             raise InvalidRequestError(f"threshold must be in [0, 1], got {self.threshold}")
         get_prompt_set(self.prompt_set)
         self.params()  # validates decoding settings
+        if not isinstance(self.early_check_tokens, int) or self.early_check_tokens < 0:
+            raise InvalidRequestError(f"early_check_tokens must be an integer >= 0, got {self.early_check_tokens!r}")
+        if self.skip_check_regex is not None:
+            try:
+                re.compile(self.skip_check_regex)
+            except re.error as exc:
+                raise InvalidRequestError(f"skip_check_regex {self.skip_check_regex!r} is not a valid regular "
+                                          f"expression: {exc}") from None
 
     def params(self, max_new_tokens: int | None = None) -> GenerationParams:
         """Decoding settings of steps 1, 3 and 4, or of the verdict when ``max_new_tokens`` is given."""
@@ -64,8 +81,14 @@ class ECSOConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for key in _LEVERS_RECORDED_WHEN_SET:  # keeps settings of runs made before these existed comparable
+            if d[key] == ECSOConfig.__dataclass_fields__[key].default:
+                del d[key]
         d["truncate_chars"] = get_prompt_set(self.prompt_set).truncate_chars
         return d
+
+
+_LEVERS_RECORDED_WHEN_SET = ("early_check_tokens", "skip_check_regex")
 
 
 @dataclass
@@ -91,6 +114,7 @@ class ECSOResult:
     verdict_mode: str
     timings: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    early_stopped: bool = False  # flagged by the early check: ``direct`` holds only its first tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +149,10 @@ class ECSO:
         if config.verdict == "score" and not backend.supports_score:
             logger.warning("backend %s cannot score yes/no: using the tolerant 'parse' verdict", backend.name)
             self.verdict_mode = "parse"
+        self.skip_check = re.compile(config.skip_check_regex) if config.skip_check_regex is not None else None
+        if config.early_check_tokens and not backend.supports_early_check:
+            logger.warning("backend %s cannot stop a generation part-way: no early check, whole answers are checked",
+                           backend.name)
 
     def options(self) -> dict:
         return {**self.config.to_dict(), "verdict_used": self.verdict_mode, **self.backend.describe()}
@@ -143,18 +171,33 @@ class ECSO:
         todo = [i for i in range(n) if items[i].direct is None]
         direct = [items[i].direct or "" for i in range(n)]
         spec = todo if self.config.speculative_caption else []
-        step1 = self._timed(timings, todo, "direct", lambda: self.backend.generate(
-            [StepRequest(items[i].query, images[i], self.config.params()) for i in todo]
-            + [self._caption_request(items[i].query, images[i]) for i in spec]))
+        early: dict[int, tuple[bool, float | None, str | None]] = {}  # rows flagged by the early check
+        requests = ([StepRequest(items[i].query, images[i], self.config.params()) for i in todo]
+                    + [self._caption_request(items[i].query, images[i]) for i in spec])
+        if self.config.early_check_tokens and todo:
+            def check(rows: list[int], texts: list[str]) -> list[bool]:
+                mine = [(todo[r], t) for r, t in zip(rows, texts) if r < len(todo)]  # caption rows go on
+                found = self._verdicts([items[i].query for i, _ in mine], [t for _, t in mine],
+                                       [images[i] for i, _ in mine])
+                early.update((i, v) for (i, _), v in zip(mine, found) if v[0])
+                return [r < len(todo) and todo[r] in early for r in rows]
+
+            ask = EarlyCheck(self.config.early_check_tokens, check)
+            step1 = self._timed(timings, todo, "direct", lambda: self.backend.generate_checked(requests, ask))
+        else:
+            step1 = self._timed(timings, todo, "direct", lambda: self.backend.generate(requests))
         for i, text in zip(todo, step1):
             direct[i] = text
         captions = dict(zip(spec, step1[len(todo):]))
         for i in range(n):
             emit(ECSOEvent("direct", i, text=direct[i]))
 
-        verdicts = self._timed(timings, list(range(n)), "verdict",
-                               lambda: self._verdicts([items[i].query for i in range(n)], direct, images))
-        for i, (flag, score, vtext) in enumerate(verdicts):
+        rest = [i for i in range(n) if i not in early]
+        checked = self._timed(timings, rest, "verdict", lambda: self._verdicts(
+            [items[i].query for i in rest], [direct[i] for i in rest], [images[i] for i in rest]))
+        verdicts = {**early, **dict(zip(rest, checked))}
+        for i in range(n):
+            flag, score, vtext = verdicts[i]
             emit(ECSOEvent("verdict", i, text=vtext, flagged=flag, harm_score=score))
 
         flagged = [i for i in range(n) if verdicts[i][0]]
@@ -176,7 +219,7 @@ class ECSO:
             results.append(ECSOResult(
                 query=items[i].query, direct=direct[i], flagged=flag, harm_score=score, verdict_text=vtext,
                 caption=captions.get(i) if flag else None, safe_answer=safes.get(i), final=final, verdict_mode=self.verdict_mode,
-                timings=timings[i], options=options))
+                timings=timings[i], options=options, early_stopped=i in early))
             emit(ECSOEvent("final", i, text=final, flagged=flag, harm_score=score))
         return results
 
@@ -221,17 +264,18 @@ class ECSO:
         """(flagged, harm score, verdict text) per sample, in the configured verdict mode."""
         if not queries:
             return []
+        out: list[tuple[bool, float | None, str | None]] = [(False, None, "(check skipped)")] * len(queries)
+        todo = [j for j, a in enumerate(answers) if self.skip_check is None or not self.skip_check.fullmatch(a.strip())]
         mode = self.verdict_mode
         params = self.config.params(self.config.verdict_max_new_tokens)
-        reqs = [StepRequest(self.prompts.fill_harm_check(q, a), imgs, params)
-                for q, a, imgs in zip(queries, answers, images)]
-        if mode == "score":
-            scores = self.backend.score_yes_no(reqs)
-            out = [(s >= self.config.threshold, float(s), "Yes" if s >= self.config.threshold else "No") for s in scores]
-        else:
-            texts = self.backend.generate(reqs)
+        reqs = [StepRequest(self.prompts.fill_harm_check(queries[j], answers[j]), images[j], params) for j in todo]
+        if reqs and mode == "score":
+            for j, s in zip(todo, self.backend.score_yes_no(reqs)):
+                out[j] = (s >= self.config.threshold, float(s), "Yes" if s >= self.config.threshold else "No")
+        elif reqs:
             parse = parse_verdict_exact if mode == "exact" else (lambda t: bool(parse_verdict_tolerant(t)))
-            out = [(parse(t), None, t) for t in texts]
+            for j, t in zip(todo, self.backend.generate(reqs)):
+                out[j] = (parse(t), None, t)
         if self.config.force_verdict is not None:
             out = [(self.config.force_verdict, s, t) for _, s, t in out]
         return out

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-file", default=None, help="image to talk about (path; omit for text-only chat)")
     add_decoding_args(p, temperature=0.2, max_new_tokens=512)  # LLaVA's cli defaults
     p.add_argument("--ecso", action="store_true", help="answer each message with ECSO and show the four steps")
-    add_ecso_args(p)
+    add_ecso_args(p, batch_levers=False)
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v: progress logs; -vv: debug logs")
     return p
 

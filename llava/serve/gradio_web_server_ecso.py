@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds to wait for the controller, and for each piece of a worker's stream "
                         "(default %(default)s)")
-    add_ecso_args(p)  # --verdict, --threshold, --prompt-set, --image-in-safe-step, --verdict-max-new-tokens
+    add_ecso_args(p, batch_levers=False)  # --verdict, --threshold, --prompt-set, --image-in-safe-step, --verdict-max-new-tokens
     e = p.add_argument_group("generation (defaults of the page's controls)")
     e.add_argument("--max-new-tokens", type=int, default=512, help="new tokens per step (default %(default)s)")
     e.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default 0)")

@@ -170,3 +170,60 @@ def test_speculative_caption_same_results_fewer_phases(tiny_engine, sample_image
     rec = Recorder()
     ECSO(rec, ECSOConfig(speculative_caption=True)).run(sample_image, "q")
     assert [(k, len(reqs)) for k, reqs in rec.calls] == [("generate", 2), ("score", 1), ("generate", 1)]
+
+
+def _same_results(a, b, **ignore):
+    drop = {"timings": None, "options": None, **ignore}
+    return [r.to_dict() | drop for r in a] == [r.to_dict() | drop for r in b]
+
+
+def test_early_check_cuts_flagged_direct_answers_and_keeps_benign_ones(tiny_engine, sample_image):
+    from PIL import Image
+
+    backend = LocalBackend(tiny_engine)
+    items = [ECSOInput("How do I make this at home?", [sample_image]),
+             ECSOInput("What is this?", [Image.new("RGB", (200, 120), (10, 200, 30))])]
+    base = dict(max_new_tokens=10, min_new_tokens=10)
+    # benign: one more check at 3 tokens, same results
+    plain = ECSO(backend, ECSOConfig(**base, force_verdict=False)).run_batch(items)
+    early = ECSO(backend, ECSOConfig(**base, force_verdict=False, early_check_tokens=3)).run_batch(items)
+    assert _same_results(plain, early) and not any(r.early_stopped for r in early)
+    # flagged at 3 tokens: the direct answer stops there; caption and safe answer are those of the plain path
+    plain = ECSO(backend, ECSOConfig(**base, force_verdict=True)).run_batch(items)
+    early = ECSO(backend, ECSOConfig(**base, force_verdict=True, early_check_tokens=3)).run_batch(items)
+    first3 = backend.generate([StepRequest(it.query, it.images, ECSOConfig(max_new_tokens=3, min_new_tokens=3).params())
+                               for it in items])
+    assert [r.direct for r in early] == first3 and all(r.early_stopped and r.flagged for r in early)
+    assert _same_results(plain, early, direct=None, early_stopped=None, harm_score=None)  # scored on 3 tokens
+    assert early[0].options["early_check_tokens"] == 3 and "early_check_tokens" not in plain[0].options
+
+
+def test_early_check_on_a_backend_without_it_checks_whole_answers(sample_image, caplog):
+    rec = Recorder()
+    with caplog.at_level("WARNING"):
+        res = ECSO(rec, ECSOConfig(early_check_tokens=4)).run(sample_image, "q")
+    assert "no early check" in caplog.text
+    assert [(k, rec._kind(r)) for k, r in _all(rec)][:2] == [("generate", "direct"), ("score", "verdict")]
+    assert res.flagged and not res.early_stopped and res.direct == "Here is how."
+
+
+@pytest.mark.parametrize("answer,checked", [("B", False), ("(c).", False), ("B, because it is bigger", True)])
+def test_skip_check_regex_passes_matching_answers_unchecked(sample_image, answer, checked):
+    rec = Recorder(direct=answer)
+    res = ECSO(rec, ECSOConfig(skip_check_regex=r"\(?[A-Ea-e]\)?\.?")).run(sample_image, "Which one? A, B, C or D")
+    assert any(k == "score" for k, _ in rec.calls) == checked
+    assert res.flagged == checked
+    if not checked:
+        assert res.final == answer and res.harm_score is None and res.verdict_text == "(check skipped)"
+    # off by default: every answer is checked, as in the paper
+    rec = Recorder(direct=answer)
+    assert ECSO(rec).run(sample_image, "Which one?").flagged and any(k == "score" for k, _ in rec.calls)
+
+
+def test_lever_validation_and_recording():
+    with pytest.raises(InvalidRequestError, match="early_check_tokens"):
+        ECSOConfig(early_check_tokens=-1)
+    with pytest.raises(InvalidRequestError, match="regular expression"):
+        ECSOConfig(skip_check_regex="(unclosed")
+    assert "skip_check_regex" not in ECSOConfig().to_dict()
+    assert ECSOConfig(skip_check_regex="A").to_dict()["skip_check_regex"] == "A"
