@@ -55,8 +55,9 @@ def measure(args) -> dict:
         t, _ = timed(run, args.repeats, lambda: reset_caches(engine))
         out["batch"][bs] = {"seconds": t, "samples_per_s": len(samples) / t, "peak_memory_mb": peak_memory_mb()}
         logger.info("batch %d: %.2f samples/s (%.2fs), peak %.0f MB", bs, len(samples) / t, t, peak_memory_mb())
-    base = out["batch"][args.batch_sizes[0]]["samples_per_s"]
-    out["speedup"] = {bs: r["samples_per_s"] / base for bs, r in out["batch"].items()}
+        base = out["batch"][args.batch_sizes[0]]["samples_per_s"]
+        out["speedup"] = {b: r["samples_per_s"] / base for b, r in out["batch"].items()}
+        write_json(args.json, out)  # after each batch size: a killed run keeps its results
     return out
 
 
@@ -74,7 +75,6 @@ def main(argv=None) -> int:
 
     setup_logging(1)
     results = measure(args)
-    write_json(args.json, results)
     print("batch_throughput: " + " ".join(
         f"bs{bs}={r['samples_per_s']:.2f}/s(x{results['speedup'][bs]:.2f})" for bs, r in results["batch"].items()))
     return 0
