@@ -196,6 +196,10 @@ def test_early_check_cuts_flagged_direct_answers_and_keeps_benign_ones(tiny_engi
     assert [r.direct for r in early] == first3 and all(r.early_stopped and r.flagged for r in early)
     assert _same_results(plain, early, direct=None, early_stopped=None, harm_score=None)  # scored on 3 tokens
     assert early[0].options["early_check_tokens"] == 3 and "early_check_tokens" not in plain[0].options
+    # one row per model call: the check's rows map back to the right samples
+    one = ECSO(LocalBackend(tiny_engine, max_batch_size=1),
+               ECSOConfig(**base, force_verdict=True, early_check_tokens=3)).run_batch(items)
+    assert _same_results(early, one, harm_score=None)
 
 
 def test_early_check_on_a_backend_without_it_checks_whole_answers(sample_image, caplog):

@@ -96,3 +96,21 @@ def test_cli_exit_codes_and_messages(tmp_path, shared_data, tiny_hf_path, caplog
     assert len(by_id(read_rows(tmp_path / "b.jsonl"))) == 2
     with pytest.raises(SystemExit):
         generate.build_parser().parse_args(["--help"])
+
+
+def test_levers_early_check_and_skipped_check_through_the_cli(tmp_path, shared_data, tiny_hf_path):
+    data = make_mmsafe(tmp_path, shared_data, N)
+    flag_all = ["--method", "ecso", "--threshold", "0"]
+    assert gen(*data, *flag_all, "--answers-file", str(tmp_path / "plain.jsonl")) == 0
+    assert gen(*data, *flag_all, "--early-check-tokens", "2", "--answers-file", str(tmp_path / "early.jsonl")) == 0
+    assert gen(*data, "--max-new-tokens", "2", "--answers-file", str(tmp_path / "two.jsonl")) == 0
+    plain, early, two = (read_rows(tmp_path / f) for f in ("plain.jsonl", "early.jsonl", "two.jsonl"))
+    assert "early_stopped" not in plain[0] and all(r["early_stopped"] for r in early)
+    assert [r["direct"] for r in early] == [r["unsafe_answer"] for r in early] == [r["text"] for r in two]
+    assert [(r["text"], r["caption"]) for r in early] == [(r["text"], r["caption"]) for r in plain]
+    m = load_manifest(manifest_path(tmp_path / "early.jsonl"))
+    assert m["settings"]["ecso"]["early_check_tokens"] == 2
+    assert gen(*data, *flag_all, "--skip-check-regex", "(?s).*", "--answers-file", str(tmp_path / "skip.jsonl")) == 0
+    skip = read_rows(tmp_path / "skip.jsonl")
+    assert all(r["unsafe"] == "No" and r["harm_score"] is None and r["text"] == r["direct"] for r in skip)
+    assert [r["direct"] for r in skip] == [r["direct"] for r in plain]

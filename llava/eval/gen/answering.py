@@ -77,6 +77,8 @@ def ecso_row(sample: Sample, result: ECSOResult, model_id: str) -> dict[str, Any
     ecso = {"unsafe": "Yes" if result.flagged else "No", "harm_score": result.harm_score,
             "caption": result.caption, "unsafe_answer": result.direct if result.flagged else None,
             "direct": result.direct}
+    if result.options.get("early_check_tokens"):  # only runs that use the lever carry the field
+        ecso["early_stopped"] = result.early_stopped
     return {**head, **ecso, **tail}
 
 
