@@ -89,6 +89,7 @@ class ECSOConfig:
 
 
 _LEVERS_RECORDED_WHEN_SET = ("early_check_tokens", "skip_check_regex")
+_warned_stream_levers = False  # warn once per process, not per streamed request
 
 
 @dataclass
@@ -225,7 +226,12 @@ class ECSO:
 
     def stream(self, image: ImageInput | Sequence[ImageInput] | None, query: str,
                direct: str | None = None) -> Iterator[ECSOEvent]:
-        """One sample's steps as they happen: ``direct``/``caption``/``safe`` stream deltas, then a done event."""
+        """One sample's steps as they happen: ``direct``/``caption``/``safe`` stream deltas, then a done event.
+        The batch-only levers (speculative caption, early check) do not apply: whole answers are checked."""
+        global _warned_stream_levers
+        if (self.config.speculative_caption or self.config.early_check_tokens) and not _warned_stream_levers:
+            _warned_stream_levers = True
+            logger.warning("streamed ECSO runs ignore the speculative caption and the early check (batch runs only)")
         images = self._load(_as_list(image))
         t0 = time.perf_counter()
         if direct is None:

@@ -197,7 +197,7 @@ class LlavaEngine:
         keys = {(tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))) for e in encoded}
         if len(keys) < len(encoded):  # rows sharing a prefix: prefilling it once is cheaper
             return False
-        return all(self.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) is None for e in encoded)
+        return not any(self.prefixes.has(e.input_ids[:e.prefix_len], e.images) for e in encoded)
 
     def _harvest(self, encoded: Sequence[Encoded], width: int, cache: Any) -> None:
         """Store each row's prefix keys/values out of a finished generation's cache (rows are left-padded to

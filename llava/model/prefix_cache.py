@@ -44,6 +44,12 @@ class _IdentityLRU:
             self.hits += 1
             return item[1]
 
+    def peek(self, key: Hashable, objects: Sequence[Any]) -> bool:
+        """Whether ``get`` would find the item; no effect on statistics or recency."""
+        with self._lock:
+            item = self._items.get(key)
+            return item is not None and len(item[0]) == len(objects) and all(a is b for a, b in zip(item[0], objects))
+
     def put(self, key: Hashable, objects: Sequence[Any], value: Any) -> None:
         if self.capacity == 0:
             return
@@ -64,6 +70,9 @@ class _IdentityLRU:
 class PrefixStore(_IdentityLRU):
     def lookup(self, ids: Sequence[int], images: Sequence[Any]) -> PrefixEntry | None:
         return self.get((tuple(ids), tuple(id(i) for i in images)), images)
+
+    def has(self, ids: Sequence[int], images: Sequence[Any]) -> bool:
+        return self.peek((tuple(ids), tuple(id(i) for i in images)), images)
 
     def add(self, entry: PrefixEntry) -> None:
         self.put((entry.ids, tuple(id(i) for i in entry.images)), entry.images, entry)

@@ -256,3 +256,16 @@ def test_first_step_runs_like_the_plain_path_and_harvests_its_prefixes(tiny_load
         assert a is not None and len(a.layers) == len(b.layers)
         for (ka, va), (kb, vb) in zip(a.layers, b.layers):
             assert ka.shape == kb.shape and torch.allclose(ka, kb, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)
+
+
+def test_streamed_first_step_harvests_its_prefix_for_later_steps(tiny_loaded, sample_image):
+    from llava.ecso.prompts import PAPER_PROMPTS
+
+    on, off = _engine(tiny_loaded, True), _engine(tiny_loaded, False)
+    prompt = build_prompt("vicuna_v1", "What is this?", 1)
+    assert "".join(on.stream(prompt, [sample_image], P)) == off.generate([prompt], [[sample_image]], P)[0]
+    assert len(on.prefixes) == 1
+    caption = build_prompt("vicuna_v1", PAPER_PROMPTS.fill_caption("What is this?"), 1)
+    hits = on.prefixes.hits
+    assert on.generate([caption], [[sample_image]], P) == off.generate([caption], [[sample_image]], P)
+    assert on.prefixes.hits == hits + 1
