@@ -200,6 +200,10 @@ def test_early_check_cuts_flagged_direct_answers_and_keeps_benign_ones(tiny_engi
     one = ECSO(LocalBackend(tiny_engine, max_batch_size=1),
                ECSOConfig(**base, force_verdict=True, early_check_tokens=3)).run_batch(items)
     assert _same_results(early, one, harm_score=None)
+    # the exact verdict generates inside the direct step's generation (a nested generate)
+    exact = ECSO(backend, ECSOConfig(**base, force_verdict=True, early_check_tokens=3, verdict="exact")).run_batch(items)
+    assert [r.direct for r in exact] == first3 and _same_results(early, exact, harm_score=None, verdict_text=None,
+                                                                  verdict_mode=None)
 
 
 def test_early_check_on_a_backend_without_it_checks_whole_answers(sample_image, caplog):
