@@ -161,8 +161,7 @@ class LlavaEngine:
         found = [self.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) for e in encoded]
         groups: dict[tuple, list[int]] = {}  # rows sharing a prefix (e.g. two steps of one sample) prefill once
         for i in (i for i, f in enumerate(found) if f is None):
-            e = encoded[i]
-            groups.setdefault((tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))), []).append(i)
+            groups.setdefault(_prefix_key(encoded[i]), []).append(i)
         if groups:
             plen = encoded[0].prefix_len
             firsts = [rows[0] for rows in groups.values()]
@@ -194,8 +193,7 @@ class LlavaEngine:
     def _harvestable(self, encoded: Sequence[Encoded], num_beams: int) -> bool:
         if not self.prefix_reuse or num_beams != 1 or any(e.prefix_len == 0 for e in encoded):
             return False
-        keys = {(tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))) for e in encoded}
-        if len(keys) < len(encoded):  # rows sharing a prefix: prefilling it once is cheaper
+        if len({_prefix_key(e) for e in encoded}) < len(encoded):  # rows sharing a prefix: prefilling it once is cheaper
             return False
         return not any(self.prefixes.has(e.input_ids[:e.prefix_len], e.images) for e in encoded)
 
@@ -266,7 +264,11 @@ class LlavaEngine:
         if harvest:
             self._harvest(encoded, width, _generated_cache(out))
             out = out.sequences
-        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        return self._texts(out[:, width:], params)
+
+    def _texts(self, new_tokens, params: GenerationParams) -> list[str]:
+        """Generated token rows as answer texts: special tokens dropped, cut at stop strings, stripped."""
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [truncate_at_stop(t, params.stop).strip() for t in texts]
 
     def stream(self, prompt: str, images: Sequence[Image.Image], params: GenerationParams = GenerationParams(),
@@ -357,6 +359,11 @@ class LlavaEngine:
         return torch.sigmoid(margin).tolist()
 
 
+def _prefix_key(e: Encoded) -> tuple:
+    """Rows with equal keys share a prefix (same tokens, same image objects)."""
+    return tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))
+
+
 def _generated_cache(out: Any) -> Any:
     """The cache a ``generate(..., return_dict_in_generate=True)`` returned (renamed during transformers 5.x)."""
     cache = getattr(out, "cache", None)
@@ -402,8 +409,7 @@ class _EarlyStop:
         finished = (new == self.engine.tokenizer.eos_token_id).any(dim=1).tolist()
         rows = [r for r, done in enumerate(finished) if not done]
         if rows:
-            texts = self.engine.tokenizer.batch_decode(new[rows], skip_special_tokens=True)
-            texts = [truncate_at_stop(t, self.params.stop).strip() for t in texts]
+            texts = self.engine._texts(new[rows], self.params)
             for r, flag in zip(rows, self.early.check(rows, texts), strict=True):
                 stop[r] = bool(flag)
         return stop
