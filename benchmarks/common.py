@@ -31,8 +31,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def load_engine(args, prefix_reuse: bool = True):
     import torch
 
-    from llava.model.builder import load_model, resolve_device
+    from llava.model.builder import load_model
     from llava.model.engine import LlavaEngine
+    from llava.model.loaded import resolve_device
     from llava.model.tiny import build_loaded
 
     device = resolve_device(args.device)

@@ -14,6 +14,9 @@ __all__ = [
     "DEFAULT_HOST",
     "WORKER_HEART_BEAT_INTERVAL",
     "CONTROLLER_HEART_BEAT_EXPIRATION",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CLIP_IMAGE_SIZE",
     "ErrorCode",
 ]
 
@@ -21,6 +24,11 @@ DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_PAD_TOKEN = "<pad>"
 IMAGE_TOKEN_INDEX = -200  # what LLaVA's tokenizer_image_token inserts; we expand to the model's own image token id
 IGNORE_INDEX = -100
+
+# CLIP's normalization (LLaVA-1.5's vision tower); its mean is LLaVA-1.5's pad colour, (122, 116, 104) in 8 bits.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_IMAGE_SIZE = 336  # LLaVA-1.5's vision tower input side (pixels)
 
 DEFAULT_HOST = "127.0.0.1"
 CONTROLLER_PORT = 10000

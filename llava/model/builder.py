@@ -9,77 +9,27 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_PAD_TOKEN
 from llava.conversation import default_conv_mode
 from llava.errors import ModelNotFoundError, UnsupportedError
+from llava.mm_utils import ASPECT_RATIOS
+from llava.model.convert import is_original_layout
+from llava.model.loaded import LoadedModel, hub_snapshot, resolve_device, resolve_dtype
+from llava.model.loader_original import load_original
+from llava.model.tiny import is_tiny_name, tiny_model_path
 
-__all__ = ["LoadedModel", "load_model", "load_pretrained_model", "resolve_model_path", "resolve_device", "hub_snapshot"]
+__all__ = ["load_model", "load_pretrained_model", "resolve_model_path"]
 
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-@dataclass
-class LoadedModel:
-    """Everything generation needs, resolved once at load time."""
-
-    tokenizer: Any
-    model: Any
-    image_processor: Any
-    context_len: int
-    model_name: str
-    model_path: str
-    layout: str  # "hf" or "original"
-    image_token_id: int
-    tokens_per_image: int
-    image_aspect_ratio: str  # "pad" (LLaVA-1.5) or "crop" (llava-hf processors)
-    conv_mode: str
-    device: str
-    dtype: Any
-    suppress_token_ids: list[int] = field(default_factory=list)
-    is_tiny: bool = False
-
-    def describe(self) -> dict:
-        return {"model_name": self.model_name, "model_path": self.model_path, "layout": self.layout,
-                "image_aspect_ratio": self.image_aspect_ratio, "conv_mode": self.conv_mode, "device": self.device,
-                "dtype": str(self.dtype).replace("torch.", ""), "context_len": self.context_len,
-                "tiny_random_weights": self.is_tiny}
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("device %r requested but CUDA is not available: using cpu", device)
-        return "cpu"
-    return device
-
-
-def _resolve_dtype(device: str, dtype: Any) -> Any:
-    import torch
-
-    if dtype is None or dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    if isinstance(dtype, str):
-        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float32": torch.float32, "fp32": torch.float32}
-        if dtype not in names:
-            raise UnsupportedError(f"unknown dtype {dtype!r}; valid: {', '.join(names)}")
-        return names[dtype]
-    return dtype
-
-
 def resolve_model_path(model_path: str) -> Path:
     """A local folder for ``model_path``: a folder, a tiny model name, or a hub id already in the local cache
     (or downloadable when online). Raises :class:`ModelNotFoundError` fast with what to do."""
-    from llava.model.tiny import is_tiny_name, tiny_model_path
-
     if is_tiny_name(model_path):
         return tiny_model_path(model_path)
     path = Path(model_path).expanduser()
@@ -99,20 +49,6 @@ def resolve_model_path(model_path: str) -> Path:
             f"model {model_path!r} is not in the local hub cache and could not be downloaded"
             f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(exc).__name__}. Download it first or pass its "
             "local folder") from None
-
-
-_HUB_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-def hub_snapshot(repo_id: str) -> Path:
-    """A hub repository's folder with only what loading needs: configs, tokenizer files, and one weight format
-    (safetensors when present, else ``.bin``), never the TF/Flax copies some repositories also hold."""
-    from huggingface_hub import snapshot_download
-
-    folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["*.safetensors"]))
-    if not any(folder.glob("*.safetensors")):
-        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["*.bin"]))
-    return folder
 
 
 def _read_config(folder: Path) -> dict:
@@ -136,12 +72,10 @@ def load_model(
 ) -> LoadedModel:
     """Load ``model_path`` (either layout). ``image_aspect_ratio`` overrides the checkpoint's preprocessing
     (default: ``pad`` for LLaVA-1.5, the original release's setting, for both layouts)."""
-    from llava.model.convert import is_original_layout
-
     folder = resolve_model_path(model_path)
     config = _read_config(folder)
     dev = resolve_device(device)
-    torch_dtype = _resolve_dtype(dev, dtype)
+    torch_dtype = resolve_dtype(dev, dtype)
     quant = _quantization(load_8bit, load_4bit, dev)
     base = None
     if model_base is not None:
@@ -150,8 +84,6 @@ def load_model(
                                    f"adapter_config.json); {folder} is not one")
         base = resolve_model_path(model_base)
     if is_original_layout(config):
-        from llava.model.loader_original import load_original
-
         parts = load_original(folder, config, torch_dtype, base=base)
         layout = "original" if base is None else "original+lora"
     elif config.get("model_type") == "llava" and "text_config" in config:
@@ -206,9 +138,6 @@ def _load_hf(folder: Path, torch_dtype, quant, device_map):
 
 def _finish(tokenizer, model, image_processor, context_len, folder, model_path, model_name, layout, dev, torch_dtype,
             image_aspect_ratio, conv_mode, raw_config) -> LoadedModel:
-    from llava.mm_utils import ASPECT_RATIOS
-    from llava.model.tiny import is_tiny_name
-
     cfg = model.config
     image_token_id = cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index
     if tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN) != image_token_id:

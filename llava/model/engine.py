@@ -15,7 +15,7 @@ from PIL import Image
 from llava.errors import ContextLengthError, InvalidRequestError, UnsupportedError
 from llava.generation import EarlyCheck, GenerationParams, truncate_at_stop
 from llava.mm_utils import count_image_tags, process_images, tokenizer_image_token
-from llava.model.builder import LoadedModel
+from llava.model.loaded import LoadedModel
 from llava.model.prefix_cache import PixelMemo, PrefixEntry, PrefixStore
 
 __all__ = ["LlavaEngine", "Encoded", "yes_no_token_ids"]

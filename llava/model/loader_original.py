@@ -9,6 +9,7 @@ from typing import Any
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_PAD_TOKEN
 from llava.errors import ModelNotFoundError
+from llava.model.loaded import hub_snapshot
 
 __all__ = ["load_original", "resolve_vision_tower"]
 
@@ -21,8 +22,6 @@ def resolve_vision_tower(name: str, checkpoint: Path) -> Path:
         if (candidate / "config.json").exists():
             return candidate
     try:
-        from llava.model.builder import hub_snapshot
-
         return hub_snapshot(name)
     except Exception as exc:  # noqa: BLE001
         raise ModelNotFoundError(

@@ -21,6 +21,10 @@ import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
+from llava.constants import CLIP_MEAN, CLIP_STD
+from llava.model.convert import fill_new_vocab_rows, padded_vocab_size, to_original_state_dict
+from llava.model.loaded import LoadedModel
+
 __all__ = ["TinySpec", "PRESETS", "build_tiny", "build_loaded", "tiny_model_path", "is_tiny_name", "TINY_NOTICE",
            "main"]
 
@@ -28,8 +32,6 @@ logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = 1
 TINY_NOTICE = "tiny random-weight model: its outputs are random text, for wiring and tests only"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass(frozen=True)
@@ -64,32 +66,20 @@ PRESETS = {
                              vision_heads=16, max_position_embeddings=4096, model_vocab_size=32064),
 }
 
-_WORDS = (
-    "the a an is are was be this that it image picture photo shows show describe question answer request response "
-    "harmful unsafe unethical harmless ethical safe help helpful user assistant chat human curious artificial "
-    "intelligence detailed polite hints based following way given some regarding on of in to and or with for from "
-    "how what why where when who which can could should would do make use build create home people person cat dog "
-    "car street room table food fruit tree water sky red blue green white black man woman child hand sign text "
-    "yes no Yes No YES NO not never please thank you sorry cannot I we they he she there here very more most "
-    "chemical reaction weapon drug illegal activity danger dangerous train horse fence pen many different organized "
-    "types steps instructions list explain tell me about sure course however important legal advice health money"
-).split()
+_CORPUS_FILE = Path(__file__).with_name("tiny_corpus.json")
 
 
 def _corpus(seed: int) -> list[str]:
-    """Deterministic training text: the ECSO prompts and templates, plus seeded sentences over a small lexicon."""
-    from llava.conversation import conv_templates
-    from llava.ecso.prompts import PROMPT_SETS
-
+    """Deterministic training text: the frozen lines of ``tiny_corpus.json`` (chat template system prompts, the
+    ECSO prompt templates), plus seeded sentences over its small lexicon."""
+    data = json.loads(_CORPUS_FILE.read_text(encoding="utf-8"))
+    words = data["words"].split()
     rng = random.Random(seed)
-    lines = [c.system for c in conv_templates.values() if c.system]
-    for ps in PROMPT_SETS.values():
-        lines += [ps.harm_check, ps.caption, ps.safe]
-    lines += ["USER: <image>\nWhat is shown? ASSISTANT: Yes. No. yes no"] * 20
+    lines = list(data["lines"]) + [data["repeated_line"]] * data["repeats"]
     for _ in range(6000):
         n = rng.randint(3, 14)
-        words = [rng.choice(_WORDS) for _ in range(n)]
-        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ",", ":", "\n"]))
+        chosen = [rng.choice(words) for _ in range(n)]
+        lines.append(" ".join(chosen).capitalize() + rng.choice([".", "?", "!", ",", ":", "\n"]))
     return lines
 
 
@@ -116,8 +106,6 @@ def train_tokenizer(out_dir: Path, vocab_size: int, seed: int = 0) -> Path:
 
 def _padded_vocab(base: int) -> int:
     """Base vocab + <image> + <pad>, rounded as llava-hf does."""
-    from llava.model.convert import padded_vocab_size
-
     return padded_vocab_size(base + 2)
 
 
@@ -148,8 +136,6 @@ def _random_state_dict(spec: TinySpec, base_vocab: int, seed: int) -> dict:
     fills them (so the original layout, converted on load, equals the hf layout bit for bit)."""
     import torch
     from transformers import LlavaForConditionalGeneration
-
-    from llava.model.convert import fill_new_vocab_rows
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(_llava_config(spec, base_vocab))
@@ -205,7 +191,7 @@ def _image_processor(spec: TinySpec):
 
     return CLIPImageProcessor(
         size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
-        image_mean=CLIP_MEAN, image_std=CLIP_STD, do_center_crop=True, do_resize=True, resample=3,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_center_crop=True, do_resize=True, resample=3,
     )
 
 
@@ -223,8 +209,6 @@ _CHAT_TEMPLATE = (
 def _write_original(out: Path, spec: TinySpec, tok_model: Path, sd: dict, base_vocab: int) -> None:
     import torch
     from safetensors.torch import save_file
-
-    from llava.model.convert import to_original_state_dict
 
     llm_sd, clip_sd = to_original_state_dict(sd, base_vocab)
     vision_dir = out / "clip-vit-tiny-patch14-336"
@@ -317,11 +301,9 @@ _TINY_NAMES = {"tiny": ("hf", "tiny"), "tiny-hf": ("hf", "tiny"), "tiny-original
 
 def build_loaded(preset: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None, conv_mode: str = "vicuna_v1"):
     """A random-weight model of ``preset``'s shapes built directly on ``device`` (no files), wrapped as a
-    :class:`~llava.model.builder.LoadedModel`. For benchmarks: ``llava-1.5-7b`` gives the real 7B architecture."""
+    :class:`~llava.model.loaded.LoadedModel`. For benchmarks: ``llava-1.5-7b`` gives the real 7B architecture."""
     import torch
     from transformers import LlavaForConditionalGeneration
-
-    from llava.model.builder import LoadedModel
 
     spec = PRESETS[preset]
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)

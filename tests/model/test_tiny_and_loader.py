@@ -112,3 +112,16 @@ def test_folder_without_llava_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ModelNotFoundError, match="not a LLaVA checkpoint"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_tiny_tokenizer_corpus_holds_what_ecso_sends():
+    """The tiny tokenizer's frozen training text (tiny_corpus.json) still holds the ECSO prompt templates and the
+    chat templates' system prompts; when a prompt changes, refreeze the corpus and bump BUILDER_VERSION."""
+    from llava.conversation import conv_templates
+    from llava.ecso.prompts import PROMPT_SETS
+    from llava.model.tiny import _corpus
+
+    lines = set(_corpus(0))
+    expected = {c.system for c in conv_templates.values() if c.system}
+    expected |= {t for ps in PROMPT_SETS.values() for t in (ps.harm_check, ps.caption, ps.safe)}
+    assert expected <= lines
