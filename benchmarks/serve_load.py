@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from llava.serve.common import ChunkDecoder, auth_headers, decode_chunk, is_loopback, resolve_api_key  # noqa: E402
+from llava.http_client import ChunkDecoder, auth_headers, decode_chunk, is_loopback, resolve_api_key  # noqa: E402
 
 logger = logging.getLogger("benchmarks.serve_load")
 PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "

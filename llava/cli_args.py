@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from llava.ecso.prompts import PROMPT_SETS, VERDICT_MODES
 from llava.mm_utils import ASPECT_RATIOS
@@ -55,8 +54,8 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="local: load the model in this process; worker: a LLaVA worker behind --controller-url; "
                         "openai: an OpenAI-compatible chat endpoint at --openai-base-url")
     g.add_argument("--controller-url", default="http://127.0.0.1:10000", help="controller for --backend worker")
-    g.add_argument("--openai-base-url", default=os.environ.get("OPENAI_BASE_URL"),
-                   help="base URL (…/v1) for --backend openai; key from OPENAI_API_KEY")
+    g.add_argument("--openai-base-url", default=None,
+                   help="base URL (…/v1) for --backend openai (default: $OPENAI_BASE_URL); key from OPENAI_API_KEY")
     g.add_argument("--request-timeout", type=float, default=300.0, help="seconds per remote request")
 
 

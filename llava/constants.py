@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_HOST",
     "WORKER_HEART_BEAT_INTERVAL",
     "CONTROLLER_HEART_BEAT_EXPIRATION",
+    "ECSO_ALIAS_SUFFIX",
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_IMAGE_SIZE",
@@ -34,6 +35,10 @@ DEFAULT_HOST = "127.0.0.1"
 CONTROLLER_PORT = 10000
 WORKER_PORT = 40000
 WEB_PORT = 7860
+
+# "<model>+ecso": the name under which a model worker's OpenAI API answers with ECSO; clients never pick it by
+# themselves when they look for "the" model of an endpoint.
+ECSO_ALIAS_SUFFIX = "+ecso"
 
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds

@@ -12,6 +12,7 @@ __all__ = [
     "RequestTooLargeError",
     "ModelNotFoundError",
     "UnsupportedError",
+    "MissingExtraError",
     "NoWorkerError",
     "BackendError",
     "BackendTimeoutError",
@@ -61,6 +62,13 @@ class UnsupportedError(ECSOError):
     status = 400
     code = "unsupported"
     error_code = ErrorCode.INVALID_REQUEST
+
+
+class MissingExtraError(UnsupportedError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it
+    (``pip install -e ".[serve]"``)."""
+
+    code = "missing_dependency"
 
 
 class NoWorkerError(ECSOError):

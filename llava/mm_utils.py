@@ -29,6 +29,7 @@ __all__ = [
     "encode_image_base64",
     "expand2square",
     "pad_color",
+    "aspect_ratio_image",
     "prepare_image",
     "process_images",
     "count_image_tags",
@@ -192,16 +193,22 @@ def _target_size(image_processor: Any) -> int:
     return 336
 
 
-def prepare_image(img: Image.Image, image_processor: Any, aspect_ratio: str) -> Image.Image:
-    """Apply the aspect-ratio mode before the processor's own resize (+ center crop)."""
+def aspect_ratio_image(img: Image.Image, aspect_ratio: str, mean: Sequence[float], side: int) -> Image.Image:
+    """``img`` under an aspect-ratio mode, before a vision tower's own resize (+ center crop): ``pad`` to a square
+    filled with ``mean`` (LLaVA-1.5), ``resize`` (squash) to ``side`` x ``side``, or ``crop`` (as it is)."""
     if aspect_ratio == "pad":
-        return expand2square(img, pad_color(image_processor.image_mean))
+        return expand2square(img, pad_color(mean))
     if aspect_ratio == "resize":
-        side = _target_size(image_processor)
         return img.resize((side, side), Image.BICUBIC)
     if aspect_ratio == "crop":
         return img
-    raise InvalidRequestError(f"unknown image aspect ratio mode {aspect_ratio!r}; valid: {', '.join(ASPECT_RATIOS)}")
+    raise InvalidRequestError(f"unknown image aspect ratio {aspect_ratio!r}; valid: {', '.join(ASPECT_RATIOS)}")
+
+
+def prepare_image(img: Image.Image, image_processor: Any, aspect_ratio: str) -> Image.Image:
+    """Apply the aspect-ratio mode before the processor's own resize (+ center crop)."""
+    side = _target_size(image_processor) if aspect_ratio == "resize" else 0
+    return aspect_ratio_image(img, aspect_ratio, image_processor.image_mean, side)
 
 
 def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_ratio: str = "pad"):

@@ -13,11 +13,10 @@ Both pad images to a square with CLIP's mean colour before sending them (``image
 as LLaVA-1.5 does, so engines that serve llava-hf weights (which center-crop) see what LLaVA-1.5 saw; ``crop`` sends
 them as they are, ``resize`` squashes them to 336x336. ``generate`` runs its requests concurrently (``concurrency``
 threads): batching over HTTP. Timeouts raise :class:`~llava.errors.BackendTimeoutError`, HTTP errors the typed error
-for the server's message (:func:`llava.serve.common.error_from_response`).
+for the server's message (:func:`llava.http_client.error_from_response`).
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -26,46 +25,37 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 from PIL import Image
 
+from llava.constants import CLIP_IMAGE_SIZE, CLIP_MEAN, ECSO_ALIAS_SUFFIX
 from llava.conversation import build_prompt, get_conv_template
 from llava.ecso.backends import Backend, StepRequest, register_backend
 from llava.ecso.prompts import parse_verdict_tolerant
-from llava.errors import (
-    BackendError,
-    BackendTimeoutError,
-    InvalidRequestError,
-    NoWorkerError,
-    UnsupportedError,
-)
+from llava.errors import BackendError, InvalidRequestError, NoWorkerError, UnsupportedError
 from llava.generation import GenerationParams
-from llava.mm_utils import ASPECT_RATIOS, encode_image_base64, expand2square, pad_color
-from llava.serve.common import ServiceClient, error_from_response, raise_for_chunk, resolve_api_key
+from llava.http_client import (
+    OPENAI_API_KEY_ENV,
+    ServiceClient,
+    is_loopback_url,
+    openai_base_url,
+    raise_for_chunk,
+    resolve_api_key,
+)
+from llava.mm_utils import aspect_ratio_image, encode_image_base64
 
-__all__ = ["CLIP_MEAN", "ECSO_ALIAS_SUFFIX", "prepare_image", "yes_no_score", "WorkerBackend", "OpenAIBackend"]
+__all__ = ["image_for_upload", "yes_no_score", "WorkerBackend", "OpenAIBackend"]
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # LLaVA-1.5's pad colour: (122, 116, 104)
-CLIP_SIDE = 336
-ECSO_ALIAS_SUFFIX = "+ecso"  # models this project's worker lists besides the real one; never picked automatically
 DEFAULT_CONCURRENCY = 8
 _PROBE_TEXT = "Is the sky blue? Answer yes or no:"
 
 
-def prepare_image(image: Image.Image, mode: str | None = "pad") -> Image.Image:
-    """The image as LLaVA-1.5 would preprocess it before the vision tower's own resize/crop."""
-    mode = mode or "pad"
-    if mode == "pad":
-        return expand2square(image, pad_color(CLIP_MEAN))
-    if mode == "resize":
-        return image.resize((CLIP_SIDE, CLIP_SIDE), Image.BICUBIC)
-    if mode == "crop":
-        return image
-    raise InvalidRequestError(f"unknown image aspect ratio {mode!r}; valid: {', '.join(ASPECT_RATIOS)}")
+def image_for_upload(image: Image.Image, mode: str | None = "pad") -> Image.Image:
+    """The image as LLaVA-1.5 would preprocess it before the vision tower's own resize/crop (CLIP's mean colour
+    and 336 px side), as sent to a remote model."""
+    return aspect_ratio_image(image, mode or "pad", CLIP_MEAN, CLIP_IMAGE_SIZE)
 
 
 def _check_decoding(params: GenerationParams, backend: str) -> None:
@@ -82,14 +72,14 @@ class _HTTPBackend(Backend):
         if not timeout > 0:
             raise InvalidRequestError(f"timeout must be a positive number of seconds, got {timeout}")
         self.image_aspect_ratio = image_aspect_ratio or "pad"
-        prepare_image(Image.new("RGB", (1, 1)), self.image_aspect_ratio)  # fail fast on an unknown mode
+        image_for_upload(Image.new("RGB", (1, 1)), self.image_aspect_ratio)  # fail fast on an unknown mode
         self.concurrency = concurrency
         self.timeout = timeout
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def _images_b64(self, images: Sequence[Image.Image]) -> list[str]:
-        return [encode_image_base64(prepare_image(img, self.image_aspect_ratio)) for img in images]
+        return [encode_image_base64(image_for_upload(img, self.image_aspect_ratio)) for img in images]
 
     def _map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
         if len(items) <= 1:
@@ -123,7 +113,7 @@ class WorkerBackend(_HTTPBackend):
     def __init__(self, controller_url: str = "http://127.0.0.1:10000", model_name: str | None = None,
                  conv_mode: str | None = None, timeout: float = 300.0, image_aspect_ratio: str | None = None,
                  api_key: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: Any = None) -> None:
         super().__init__(image_aspect_ratio, concurrency, timeout)
         self.controller_url = controller_url.rstrip("/")
         self._transport = transport
@@ -221,16 +211,6 @@ def yes_no_score(entries: Sequence[tuple[str, float]]) -> float | None:
     return 1.0 / (1.0 + math.exp(-margin))
 
 
-def _is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class OpenAIBackend(_HTTPBackend):
     """An OpenAI-compatible chat endpoint (see the module docstring). ``base_url``: up to ``/v1``; ``api_key``:
     default ``$OPENAI_API_KEY``; ``model_name=None``: the endpoint's only model; ``logprobs``: ``None`` probes
@@ -242,10 +222,9 @@ class OpenAIBackend(_HTTPBackend):
 
     def __init__(self, base_url: str | None = None, model_name: str | None = None, timeout: float = 300.0,
                  image_aspect_ratio: str | None = None, api_key: str | None = None, logprobs: bool | None = None,
-                 top_logprobs: int = 20, concurrency: int = DEFAULT_CONCURRENCY,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 top_logprobs: int = 20, concurrency: int = DEFAULT_CONCURRENCY, transport: Any = None) -> None:
         super().__init__(image_aspect_ratio, concurrency, timeout)
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        base_url = openai_base_url(base_url)
         if not base_url:
             raise InvalidRequestError("the openai backend needs a base URL (--openai-base-url or OPENAI_BASE_URL), "
                                       "e.g. http://127.0.0.1:8000/v1")
@@ -254,35 +233,16 @@ class OpenAIBackend(_HTTPBackend):
         if top_logprobs < 1:
             raise InvalidRequestError(f"top_logprobs must be at least 1, got {top_logprobs}")
         self.base_url = base_url.rstrip("/")
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        key = api_key if api_key is not None else os.environ.get(OPENAI_API_KEY_ENV)
         # Proxy settings apply to remote endpoints, never to this machine's own services.
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
-                                  trust_env=not _is_loopback_url(self.base_url), transport=transport)
+        self._http = ServiceClient(self.base_url, api_key=key, timeout=timeout, transport=transport,
+                                   trust_env=not is_loopback_url(self.base_url))
         self._logprobs = logprobs
         self.top_logprobs = top_logprobs
         self.model_name = model_name or self._only_model()
 
-    # ---- HTTP ------------------------------------------------------------------------------------------------
-    def _url(self, path: str) -> str:
-        return f"{self.base_url}{path}"
-
-    def _request(self, method: str, path: str, payload: dict | None = None) -> dict[str, Any]:
-        try:
-            resp = self._http.request(method, path, json=payload)
-        except httpx.TimeoutException as exc:
-            raise BackendTimeoutError(f"{self._url(path)}: no answer within {self.timeout:g} s") from exc
-        except httpx.HTTPError as exc:
-            raise BackendError(f"{self._url(path)}: {type(exc).__name__}: {exc}") from exc
-        if resp.status_code >= 400:
-            raise error_from_response(resp.status_code, resp.content, self._url(path))
-        try:
-            return resp.json()
-        except ValueError:
-            raise BackendError(f"{self._url(path)} answered with something that is not JSON") from None
-
     def _only_model(self) -> str:
-        ids = [m.get("id") for m in self._request("GET", "/models").get("data", [])]
+        ids = [m.get("id") for m in self._http.get("/models").get("data", [])]
         models = [m for m in ids if isinstance(m, str) and not m.endswith(ECSO_ALIAS_SUFFIX)]
         if len(models) == 1:
             return models[0]
@@ -319,43 +279,28 @@ class OpenAIBackend(_HTTPBackend):
         return body
 
     def _complete(self, request: StepRequest) -> str:
-        body = self._request("POST", "/chat/completions", self.payload(request))
+        body = self._http.post("/chat/completions", self.payload(request))
         return (_first_choice(body, self.base_url).get("message") or {}).get("content") or ""
 
     def generate(self, requests: Sequence[StepRequest]) -> list[str]:
         return [text.strip() for text in self._map(self._complete, requests)]
 
     def stream(self, request: StepRequest) -> Iterator[str]:
-        url = self._url("/chat/completions")
-        payload, started = self.payload(request, stream=True), False
-        try:
-            with self._http.stream("POST", "/chat/completions", json=payload) as resp:
-                if resp.status_code >= 400:
-                    raise error_from_response(resp.status_code, resp.read(), url)
-                for data in _sse_data(resp.iter_lines()):
-                    if data == "[DONE]":
-                        return
-                    event = _json_object(data, url)
-                    if event.get("error"):
-                        raise error_from_response(502, data.encode(), url)
-                    choices = event.get("choices") or [{}]
-                    delta = (choices[0].get("delta") or {}).get("content") or ""
-                    if not started:
-                        delta = delta.lstrip()
-                        started = bool(delta)
-                    if delta:
-                        yield delta
-        except httpx.TimeoutException as exc:
-            raise BackendTimeoutError(f"{url}: no data within {self.timeout:g} s") from exc
-        except httpx.HTTPError as exc:
-            raise BackendError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        started = False
+        for event in self._http.events("/chat/completions", self.payload(request, stream=True)):
+            choices = event.get("choices") or [{}]
+            delta = (choices[0].get("delta") or {}).get("content") or ""
+            if not started:
+                delta = delta.lstrip()
+                started = bool(delta)
+            if delta:
+                yield delta
 
     # ---- scores ----------------------------------------------------------------------------------------------
     def _first_token(self, request: StepRequest) -> tuple[list[tuple[str, float]], str]:
         """The first answer token's ``(token, logprob)`` alternatives and the answer's text."""
         req = StepRequest(request.text, request.images, GenerationParams(max_new_tokens=1), request.history)
-        body = self._request("POST", "/chat/completions",
-                             self.payload(req, logprobs=True, top_logprobs=self.top_logprobs))
+        body = self._http.post("/chat/completions", self.payload(req, logprobs=True, top_logprobs=self.top_logprobs))
         choice = _first_choice(body, self.base_url)
         content = (choice.get("logprobs") or {}).get("content") or []
         entries: list[tuple[str, float]] = []
@@ -406,30 +351,6 @@ def _first_choice(body: dict[str, Any], where: str) -> dict[str, Any]:
     if not choices or not isinstance(choices[0], dict):
         raise BackendError(f"{where} answered without choices: {json.dumps(body)[:200]}")
     return choices[0]
-
-
-def _sse_data(lines: Iterator[str]) -> Iterator[str]:
-    """The ``data`` of each server-sent event (multi-line data joined by newlines)."""
-    buffer: list[str] = []
-    for line in lines:
-        if not line:
-            if buffer:
-                yield "\n".join(buffer)
-                buffer = []
-        elif line.startswith("data:"):
-            buffer.append(line[5:].lstrip(" "))
-    if buffer:
-        yield "\n".join(buffer)
-
-
-def _json_object(data: str, where: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        raise BackendError(f"{where} sent an event that is not JSON: {data[:120]!r}") from None
-    if not isinstance(obj, dict):
-        raise BackendError(f"{where} sent an event that is not a JSON object: {data[:120]!r}")
-    return obj
 
 
 def _worker_factory(controller_url: str = "http://127.0.0.1:10000", model_name: str | None = None,

@@ -30,22 +30,24 @@ from pydantic import ValidationError
 
 from llava.constants import CONTROLLER_HEART_BEAT_EXPIRATION, CONTROLLER_PORT, DEFAULT_HOST
 from llava.errors import AuthError, BackendError, BackendTimeoutError, ECSOError, InvalidRequestError, NoWorkerError
-from llava.serve.common import (
+from llava.http_client import (
     STREAM_DELIMITER,
-    STREAM_MEDIA_TYPE,
-    BodyLimitMiddleware,
     ChunkDecoder,
-    add_server_arguments,
     apost_json,
     auth_headers,
-    configure_logging,
     encode_chunk,
-    error_chunk,
     error_from_response,
+    resolve_api_key,
+)
+from llava.serve.server import (
+    STREAM_MEDIA_TYPE,
+    BodyLimitMiddleware,
+    add_server_arguments,
+    configure_logging,
+    error_chunk,
     install_error_handlers,
     llava_error_frame,
     require_api_key,
-    resolve_api_key,
     run_app,
 )
 from llava.serve.protocol import (

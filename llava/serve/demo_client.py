@@ -30,7 +30,7 @@ from llava.ecso.pipeline import ECSOConfig
 from llava.ecso.prompts import get_prompt_set
 from llava.errors import ECSOError, NoWorkerError
 from llava.mm_utils import encode_image_base64
-from llava.serve.common import ServiceClient, error_from_chunk
+from llava.http_client import ServiceClient, error_from_chunk
 from llava.serve.protocol import ECSOEvent, ECSOOptions, ECSOStreamRequest, GenerateStreamRequest
 
 __all__ = [

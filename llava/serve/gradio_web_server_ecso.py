@@ -21,7 +21,8 @@ from llava.constants import WEB_PORT
 from llava.ecso.pipeline import ECSOConfig
 from llava.ecso.prompts import VERDICT_MODES
 from llava.errors import ECSOError
-from llava.serve.common import API_KEY_ENV, configure_logging, is_loopback, resolve_api_key
+from llava.http_client import API_KEY_ENV, is_loopback, resolve_api_key
+from llava.serve.server import configure_logging
 from llava.serve.demo_client import ConversationLog, DemoClient, RunState, StepResult
 from llava.serve.protocol import ECSOOptions
 

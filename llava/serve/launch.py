@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import httpx
 
 from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WEB_PORT, WORKER_PORT
-from llava.serve.common import API_KEY_ENV, auth_headers, configure_logging, is_loopback, resolve_api_key
+from llava.http_client import API_KEY_ENV, auth_headers, is_loopback, resolve_api_key
+from llava.serve.server import configure_logging
 
 __all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "build_parser", "config_from_args", "main"]
 

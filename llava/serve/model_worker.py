@@ -40,15 +40,16 @@ from llava.ecso.pipeline import ECSOConfig
 from llava.errors import ECSOError, InvalidRequestError, ModelNotFoundError
 from llava.generation import MAX_NEW_TOKENS_LIMIT, GenerationParams
 from llava.mm_utils import ImageLimits
-from llava.serve.common import (
+from llava.http_client import encode_chunk, resolve_api_key
+from llava.serve.server import (
     STREAM_MEDIA_TYPE,
+    BodyLimitMiddleware,
     add_server_arguments,
     configure_logging,
-    encode_chunk,
     error_chunk,
     install_error_handlers,
+    llava_error_frame,
     require_api_key,
-    resolve_api_key,
     run_app,
 )
 from llava.serve.protocol import (
@@ -59,14 +60,7 @@ from llava.serve.protocol import (
     describe_validation_error,
 )
 from llava.serve.worker_registration import registration_loop
-from llava.serve.worker_runtime import (
-    BodyLimitMiddleware,
-    ImagePolicy,
-    ModelSlots,
-    decode_images,
-    llava_error_frame,
-    stream_model,
-)
+from llava.serve.worker_runtime import ImagePolicy, ModelSlots, decode_images, stream_model
 
 __all__ = ["WorkerConfig", "WorkerState", "create_app", "build_parser", "config_from_args", "main"]
 

@@ -8,7 +8,7 @@ Three families, all JSON:
 * **OpenAI chat completions** (``/v1/chat/completions``): request with ``image_url`` content parts, response,
   stream chunk, error body, plus an optional ``ecso`` switch.
 
-Streams (LLaVA chunks and ECSO events) are framed as ``json + b"\\0"``; see :mod:`llava.serve.common`.
+Streams (LLaVA chunks and ECSO events) are framed as ``json + b"\\0"``; see :mod:`llava.http_client`.
 Range checks live here, so every service rejects the same values with the same message, which names the field and
 the value (:func:`describe_validation_error`).
 """

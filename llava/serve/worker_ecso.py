@@ -20,26 +20,27 @@ from fastapi.responses import Response, StreamingResponse
 from PIL import Image
 from pydantic import ValidationError
 
+from llava.constants import ECSO_ALIAS_SUFFIX
 from llava.conversation import build_prompt
 from llava.ecso.backends import LocalBackend
 from llava.ecso.pipeline import ECSO
 from llava.ecso.pipeline import ECSOEvent as StepEvent
 from llava.errors import ECSOError, ImageError, InvalidRequestError
 from llava.mm_utils import decode_base64_image
-from llava.serve.common import STREAM_MEDIA_TYPE, encode_chunk, error_chunk, require_api_key
+from llava.http_client import encode_chunk
+from llava.serve.server import STREAM_MEDIA_TYPE, error_chunk, require_api_key
 from llava.serve.protocol import ECSOEvent, ECSOStreamRequest, describe_validation_error
 from llava.serve.worker_runtime import stream_model
 
 if TYPE_CHECKING:
     from llava.serve.model_worker import WorkerState
 
-__all__ = ["ECSO_STREAM_PATH", "ECSO_ALIAS_SUFFIX", "error_event", "ecso_error_frame", "wire_event",
+__all__ = ["ECSO_STREAM_PATH", "error_event", "ecso_error_frame", "wire_event",
            "build_pipeline", "check_fits", "ecso_routes"]
 
 logger = logging.getLogger(__name__)
 
 ECSO_STREAM_PATH = "/worker_ecso_stream"
-ECSO_ALIAS_SUFFIX = "+ecso"  # "<model>+ecso": the OpenAI API's model alias that turns ECSO on
 
 
 def error_event(exc: BaseException) -> ECSOEvent:

@@ -28,12 +28,12 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, ECSO_ALIAS_SUFFIX
 from llava.conversation import SeparatorStyle, get_conv_template
 from llava.ecso.pipeline import ECSO, ECSOResult
 from llava.errors import ECSOError, InvalidRequestError
 from llava.generation import GenerationParams
-from llava.serve.common import openai_error, require_api_key
+from llava.serve.server import openai_error, require_api_key
 from llava.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -51,7 +51,7 @@ from llava.serve.protocol import (
     TopLogprob,
     Usage,
 )
-from llava.serve.worker_ecso import ECSO_ALIAS_SUFFIX, build_pipeline, check_fits
+from llava.serve.worker_ecso import build_pipeline, check_fits
 from llava.serve.worker_runtime import call_model, load_image_urls, stream_model
 
 if TYPE_CHECKING:

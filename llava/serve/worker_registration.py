@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from llava.errors import ECSOError
-from llava.serve.common import apost_json
+from llava.http_client import apost_json
 from llava.serve.protocol import HeartBeatRequest, RegisterWorkerRequest
 
 if TYPE_CHECKING:

@@ -6,9 +6,7 @@
   pumped by its own task, so a client that disconnects mid-stream never leaves a slot taken: the endpoint sets the
   stream's stop event, the engine's ``should_stop`` ends generation at the next token, and the slot is released;
 * image intake: base64 / data URLs, and http(s) URLs only when allowed, with size caps, a timeout and a refusal of
-  loopback and private addresses;
-* :class:`BodyLimitMiddleware` (now in :mod:`llava.serve.common`, shared with the controller): a request body over
-  ``--max-request-bytes`` gets 413 before any endpoint reads it.
+  loopback and private addresses.
 """
 from __future__ import annotations
 
@@ -30,7 +28,6 @@ from PIL import Image
 
 from llava.errors import ImageError, InvalidRequestError
 from llava.mm_utils import ImageLimits, decode_base64_image, load_image
-from llava.serve.common import BodyLimitMiddleware, llava_error_frame  # noqa: F401 - re-exported (moved to common)
 
 __all__ = [
     "ModelSlots",
@@ -40,8 +37,6 @@ __all__ = [
     "decode_images",
     "load_image_urls",
     "check_public_host",
-    "BodyLimitMiddleware",
-    "llava_error_frame",
 ]
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from PIL import Image
 
 from llava.conversation import build_prompt
 from llava.ecso.backends import StepRequest, create_backend
-from llava.ecso.remote import CLIP_MEAN, OpenAIBackend, WorkerBackend, prepare_image, yes_no_score
+from llava.constants import CLIP_MEAN
+from llava.ecso.remote import OpenAIBackend, WorkerBackend, image_for_upload, yes_no_score
 from llava.errors import (
     AuthError,
     BackendError,
@@ -55,14 +56,14 @@ def test_yes_no_score_from_top_logprobs() -> None:
     assert yes_no_score([("yesterday", -0.1), ("NO", -0.2), ("x", -3.0)]) == pytest.approx(_sigmoid(-3.0 + 0.2))
 
 
-def test_prepare_image_pads_with_llava_15s_colour() -> None:
+def test_image_for_upload_pads_with_llava_15s_colour() -> None:
     assert pad_color(CLIP_MEAN) == (122, 116, 104)
-    padded = prepare_image(_img())
+    padded = image_for_upload(_img())
     assert padded.size == (40, 40) and padded.getpixel((0, 0)) == (122, 116, 104)
     assert padded.getpixel((20, 20)) == (255, 0, 0)
-    assert prepare_image(_img(), "crop").size == (40, 20) and prepare_image(_img(), "resize").size == (336, 336)
+    assert image_for_upload(_img(), "crop").size == (40, 20) and image_for_upload(_img(), "resize").size == (336, 336)
     with pytest.raises(InvalidRequestError, match="unknown image aspect ratio 'zoom'"):
-        prepare_image(_img(), "zoom")
+        image_for_upload(_img(), "zoom")
 
 
 # ------------------------------------------------------------------------------------------------------ openai

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from llava.serve import common, controller, gradio_web_server_ecso, launch, model_worker
+from llava.serve import controller, gradio_web_server_ecso, launch, model_worker, server
 
 PARSERS = {"controller": controller.build_parser, "worker": model_worker.build_parser,
            "demo": gradio_web_server_ecso.build_parser, "launch": launch.build_parser}
@@ -25,7 +25,7 @@ def test_every_service_binds_loopback_by_default(name: str) -> None:
 @pytest.fixture
 def no_uvicorn(monkeypatch) -> list[dict]:
     calls: list[dict] = []
-    monkeypatch.setattr(common.uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: calls.append(kw))
     return calls
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
 from service_procs import REPO_ROOT, Service, start_service, stop_service  # noqa: E402
 
 from llava.conversation import build_prompt  # noqa: E402
-from llava.serve.common import auth_headers  # noqa: E402
+from llava.http_client import auth_headers  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

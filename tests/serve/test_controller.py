@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from service_procs import running_service
 
 from llava.constants import ErrorCode
-from llava.serve.common import ServiceClient, auth_headers, raise_for_chunk
+from llava.http_client import ServiceClient, auth_headers, raise_for_chunk
 from llava.serve.controller import (
     ControllerConfig,
     WorkerInfo,

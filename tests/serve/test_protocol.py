@@ -1,4 +1,4 @@
-"""Wire protocol models (range checks, error messages) and the shared service helpers in llava.serve.common."""
+"""Wire protocol models (range checks, error messages) and the shared service helpers in llava.http_client and llava.serve.server."""
 from __future__ import annotations
 
 import json
@@ -15,22 +15,24 @@ from pydantic import BaseModel, ValidationError
 
 from llava import errors
 from llava.constants import ErrorCode
-from llava.serve import common
-from llava.serve.common import (
+from llava.http_client import (
     ChunkDecoder,
     ServiceClient,
     decode_chunk,
     encode_chunk,
-    error_chunk,
     error_from_chunk,
     error_from_response,
-    error_response,
-    install_error_handlers,
     is_loopback,
     iter_chunks,
+    resolve_api_key,
+)
+from llava.serve import server
+from llava.serve.server import (
+    error_chunk,
+    error_response,
+    install_error_handlers,
     openai_error,
     require_api_key,
-    resolve_api_key,
     run_app,
 )
 from llava.serve.protocol import (
@@ -344,8 +346,8 @@ def test_resolve_api_key_and_loopback() -> None:
 
 def test_run_app_warns_when_exposed_without_key(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     calls = []
-    monkeypatch.setattr(common.uvicorn, "run", lambda app, **kw: calls.append(kw))
-    caplog.set_level(logging.WARNING, logger="llava.serve.common")
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: calls.append(kw))
+    caplog.set_level(logging.WARNING, logger="llava.serve.server")
     run_app(FastAPI(), host="127.0.0.1", port=1, api_key=None)
     run_app(FastAPI(), host="0.0.0.0", port=2, api_key="hunter2")
     assert not caplog.records

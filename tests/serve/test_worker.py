@@ -26,7 +26,7 @@ from llava.ecso.pipeline import ECSO, ECSOConfig
 from llava.errors import ContextLengthError, NoWorkerError
 from llava.generation import GenerationParams
 from llava.mm_utils import encode_image_base64
-from llava.serve.common import auth_headers
+from llava.http_client import auth_headers
 
 pytestmark = pytest.mark.slow
 

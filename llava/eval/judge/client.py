@@ -21,6 +21,7 @@ import openai
 
 from llava.errors import AuthError, BackendError, BackendTimeoutError
 from llava.eval.judge.config import JudgeConfig, RetryPolicy
+from llava.http_client import openai_base_url
 
 __all__ = ["JudgeClient", "Completion", "RequestStats", "BudgetExhaustedError", "MalformedResponseError", "make_openai"]
 
@@ -82,7 +83,7 @@ class RequestStats:
 
 def make_openai(config: JudgeConfig) -> openai.OpenAI:
     """The openai client: key from ``OPENAI_API_KEY``, base URL from the config or ``OPENAI_BASE_URL``."""
-    base_url = config.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    base_url = openai_base_url(config.base_url)
     key = os.environ.get("OPENAI_API_KEY")
     if not key:
         if base_url is None:
