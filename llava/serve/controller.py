@@ -50,7 +50,8 @@ from llava.serve.server import (
     require_api_key,
     run_app,
 )
-from llava.serve.protocol import (
+from llava.serve.protocol.fields import describe_validation_error
+from llava.serve.protocol.llava import (
     GenerateStreamRequest,
     HealthResponse,
     HeartBeatRequest,
@@ -62,7 +63,6 @@ from llava.serve.protocol import (
     WorkerAddressRequest,
     WorkerAddressResponse,
     WorkerStatus,
-    describe_validation_error,
 )
 
 __all__ = [

@@ -31,10 +31,10 @@ from llava.ecso.prompts import get_prompt_set
 from llava.errors import ECSOError, NoWorkerError
 from llava.mm_utils import encode_image_base64
 from llava.http_client import ServiceClient, error_from_chunk
-from llava.serve.protocol import ECSOEvent, ECSOOptions, ECSOStreamRequest, GenerateStreamRequest
+from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ECSOEvent, ECSOOptions, ECSOStreamRequest
+from llava.serve.protocol.llava import GenerateStreamRequest
 
 __all__ = [
-    "ECSO_STREAM_PATH",
     "STEP_NAMES",
     "DemoClient",
     "RunState",
@@ -45,7 +45,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ECSO_STREAM_PATH = "/worker_ecso_stream"
 STEP_NAMES = ("direct", "verdict", "caption", "safe")
 _STEP_LABELS = {"direct": "answer", "verdict": "harm check", "caption": "caption", "safe": "safe answer"}
 

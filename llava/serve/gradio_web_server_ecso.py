@@ -24,7 +24,7 @@ from llava.errors import ECSOError
 from llava.http_client import API_KEY_ENV, is_loopback, resolve_api_key
 from llava.serve.server import configure_logging
 from llava.serve.demo_client import ConversationLog, DemoClient, RunState, StepResult
-from llava.serve.protocol import ECSOOptions
+from llava.serve.protocol.ecso import ECSOOptions
 
 if typing.TYPE_CHECKING:
     import gradio as gr

@@ -52,13 +52,8 @@ from llava.serve.server import (
     require_api_key,
     run_app,
 )
-from llava.serve.protocol import (
-    GenerateStreamRequest,
-    StreamChunk,
-    WorkerHealthResponse,
-    WorkerStatus,
-    describe_validation_error,
-)
+from llava.serve.protocol.fields import describe_validation_error
+from llava.serve.protocol.llava import GenerateStreamRequest, StreamChunk, WorkerHealthResponse, WorkerStatus
 from llava.serve.worker_registration import registration_loop
 from llava.serve.worker_runtime import ImagePolicy, ModelSlots, decode_images, stream_model
 
@@ -269,7 +264,8 @@ def _load_engine(config: WorkerConfig) -> Any:
 def create_app(config: WorkerConfig, engine: Any = None) -> FastAPI:
     """The worker app. ``engine``: an already loaded :class:`~llava.model.engine.LlavaEngine` (tests, one-process
     launchers); otherwise ``config.model_path`` is loaded in the lifespan handler, before the first request."""
-    from llava.serve.worker_ecso import ECSO_STREAM_PATH, ecso_error_frame, ecso_routes
+    from llava.serve.protocol.ecso import ECSO_STREAM_PATH
+    from llava.serve.worker_ecso import ecso_error_frame, ecso_routes
     from llava.serve.worker_openai import openai_routes
 
     @asynccontextmanager

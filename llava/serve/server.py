@@ -24,7 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llava.constants import DEFAULT_HOST, ErrorCode
 from llava.errors import AuthError, ECSOError, InvalidRequestError, RequestTooLargeError
 from llava.http_client import API_KEY_ENV, encode_chunk, is_loopback
-from llava.serve.protocol import OpenAIError, OpenAIErrorResponse, StreamChunk, describe_validation_error
+from llava.serve.protocol.fields import describe_validation_error
+from llava.serve.protocol.llava import StreamChunk
+from llava.serve.protocol.openai import OpenAIError, OpenAIErrorResponse
 
 __all__ = [
     "STREAM_MEDIA_TYPE",

@@ -29,18 +29,18 @@ from llava.errors import ECSOError, ImageError, InvalidRequestError
 from llava.mm_utils import decode_base64_image
 from llava.http_client import encode_chunk
 from llava.serve.server import STREAM_MEDIA_TYPE, error_chunk, require_api_key
-from llava.serve.protocol import ECSOEvent, ECSOStreamRequest, describe_validation_error
+from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ECSOEvent, ECSOStreamRequest
+from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.worker_runtime import stream_model
 
 if TYPE_CHECKING:
     from llava.serve.model_worker import WorkerState
 
-__all__ = ["ECSO_STREAM_PATH", "error_event", "ecso_error_frame", "wire_event",
+__all__ = ["error_event", "ecso_error_frame", "wire_event",
            "build_pipeline", "check_fits", "ecso_routes"]
 
 logger = logging.getLogger(__name__)
 
-ECSO_STREAM_PATH = "/worker_ecso_stream"
 
 
 def error_event(exc: BaseException) -> ECSOEvent:

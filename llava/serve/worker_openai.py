@@ -34,7 +34,7 @@ from llava.ecso.pipeline import ECSO, ECSOResult
 from llava.errors import ECSOError, InvalidRequestError
 from llava.generation import GenerationParams
 from llava.serve.server import openai_error, require_api_key
-from llava.serve.protocol import (
+from llava.serve.protocol.openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from llava.errors import ECSOError
 from llava.http_client import apost_json
-from llava.serve.protocol import HeartBeatRequest, RegisterWorkerRequest
+from llava.serve.protocol.llava import HeartBeatRequest, RegisterWorkerRequest
 
 if TYPE_CHECKING:
     from llava.serve.model_worker import WorkerState

@@ -31,7 +31,7 @@ from llava.serve.controller import (
     shortest_queue,
 )
 from llava.errors import AuthError, BackendTimeoutError, NoWorkerError
-from llava.serve.protocol import WorkerStatus
+from llava.serve.protocol.llava import WorkerStatus
 
 CONTROLLER = "llava.serve.controller"
 WORKER_TIMEOUT = 1.0  # the controller's --worker-timeout in these tests

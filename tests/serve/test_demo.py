@@ -14,7 +14,7 @@ from llava.serve.gradio_web_server_ecso import DemoConfig, build_parser, config_
 from llava.serve.launch import LaunchConfig
 from llava.serve.launch import build_parser as launch_parser
 from llava.serve.launch import config_from_args as launch_config
-from llava.serve.protocol import ECSOEvent
+from llava.serve.protocol.ecso import ECSOEvent
 
 
 def ev(event: str, **kw) -> ECSOEvent:

@@ -20,7 +20,7 @@ from service_procs import REPO_ROOT, free_port, group_pids
 
 from llava.errors import AuthError
 from llava.serve.demo_client import DemoClient
-from llava.serve.protocol import ECSOOptions
+from llava.serve.protocol.ecso import ECSOOptions
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from llava.conversation import build_prompt
 from llava.errors import ImageError, InvalidRequestError
 from llava.mm_utils import ImageLimits, encode_image_base64
 from llava.serve.model_worker import WorkerConfig, build_parser, config_from_args
-from llava.serve.protocol import ChatMessage
+from llava.serve.protocol.openai import ChatMessage
 from llava.serve.worker_openai import parse_chat, render_prompt
 from llava.serve.server import BodyLimitMiddleware, llava_error_frame
 from llava.serve.worker_runtime import (

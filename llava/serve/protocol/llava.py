@@ -1,0 +1,153 @@
+"""LLaVA's controller and worker protocol, field for field what LLaVA's own controller, workers and clients send,
+so they interoperate with ours.
+
+Controller: ``/register_worker``, ``/refresh_all_workers``, ``/list_models``, ``/get_worker_address``,
+``/receive_heart_beat``, ``/worker_get_status``, ``/worker_generate_stream`` (proxied). Worker:
+``/worker_get_status`` and ``/worker_generate_stream``, whose answer is NUL-framed :class:`StreamChunk` objects
+(:mod:`llava.http_client`) with the cumulative text, prompt included.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llava.constants import ErrorCode
+from llava.serve.protocol.fields import Stop, Temperature, TopP, stop_list
+
+__all__ = [
+    "WorkerStatus",
+    "RegisterWorkerRequest",
+    "RegisterWorkerResponse",
+    "RefreshWorkersResponse",
+    "ListModelsResponse",
+    "WorkerAddressRequest",
+    "WorkerAddressResponse",
+    "HeartBeatRequest",
+    "HeartBeatResponse",
+    "HealthResponse",
+    "WorkerHealthResponse",
+    "GenerateStreamRequest",
+    "StreamChunk",
+]
+
+# --------------------------------------------------------------------------------------------------- controller
+
+
+class WorkerStatus(BaseModel):
+    """What a worker (or a controller, summed over its workers) reports about itself."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model_names: list[str] = Field(default_factory=list)
+    speed: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="relative throughput; dispatch weight")
+    queue_length: int = Field(0, ge=0)
+    conv_mode: str | None = Field(None, description="the worker's chat template (LLaVA clients ignore it)")
+
+
+class RegisterWorkerRequest(BaseModel):
+    """``POST /register_worker``. ``worker_name`` is the worker's base URL, e.g. ``http://127.0.0.1:40000``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    worker_name: str = Field(min_length=1)
+    check_heart_beat: bool = True
+    worker_status: WorkerStatus | None = None
+
+    @field_validator("worker_name")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be the worker's http(s) base URL, got {value!r}")
+        return value.rstrip("/")
+
+
+class RegisterWorkerResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    worker_name: str
+    model_names: list[str]
+
+
+class RefreshWorkersResponse(BaseModel):
+    workers: int
+    removed: list[str]
+
+
+class ListModelsResponse(BaseModel):
+    models: list[str]
+
+
+class WorkerAddressRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+
+
+class WorkerAddressResponse(BaseModel):
+    address: str = Field(description='the chosen worker\'s base URL, "" when no worker serves the model')
+
+
+class HeartBeatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    worker_name: str = Field(min_length=1)
+    queue_length: int = Field(0, ge=0)
+
+
+class HeartBeatResponse(BaseModel):
+    exist: bool = Field(description="false: the controller does not know this worker; it should re-register")
+
+
+class HealthResponse(BaseModel):
+    """A controller's ``GET /health``: its live ``workers``."""
+
+    status: Literal["ok"] = "ok"
+    workers: int = Field(0, ge=0)
+
+
+class WorkerHealthResponse(BaseModel):
+    """A model worker's ``GET /health`` (answered once the model is loaded)."""
+
+    status: Literal["ok"] = "ok"
+    models: list[str]
+    queue_length: int = Field(0, ge=0)
+
+
+# ------------------------------------------------------------------------------------------------- LLaVA stream
+
+
+class GenerateStreamRequest(BaseModel):
+    """``POST /worker_generate_stream`` (worker, and the controller's proxy). Unknown fields are kept and passed on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    prompt: str
+    images: list[str] = Field(default_factory=list, description="base64-encoded images, one per <image> token")
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    max_new_tokens: int = Field(256, ge=0, description="0 returns the prompt with no new tokens")
+    stop: Stop = None
+
+    @property
+    def stop_list(self) -> list[str]:
+        """``stop`` as a list (LLaVA clients send one string)."""
+        return stop_list(self.stop)
+
+
+class StreamChunk(BaseModel):
+    """One frame of ``/worker_generate_stream``: cumulative ``text`` (prompt included, as LLaVA does) and
+    ``error_code`` (:class:`~llava.constants.ErrorCode`); on errors ``text`` is a human message, ``detail`` the cause.
+    ``error_code`` is a plain int so chunks from workers with codes we do not know still decode."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str = ""
+    error_code: int = Field(int(ErrorCode.OK), ge=0)
+    detail: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code == ErrorCode.OK
+
