@@ -12,20 +12,20 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
 from llava.ecso.backends import Backend, StepRequest
+from llava.ecso.events import ECSOResult, Step, StepEvent
 from llava.ecso.prompts import VERDICT_MODES, get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
 from llava.errors import InvalidRequestError
 from llava.generation import EarlyCheck, GenerationParams
 from llava.mm_utils import ImageInput, ImageLimits, load_image
 
-__all__ = ["ECSOConfig", "ECSOInput", "ECSOResult", "ECSOEvent", "ECSO", "STEPS"]
+__all__ = ["ECSOConfig", "ECSOInput", "ECSO"]
 
 logger = logging.getLogger(__name__)
-STEPS = ("direct", "verdict", "caption", "safe", "final")
 
 
 @dataclass(frozen=True)
@@ -102,42 +102,6 @@ class ECSOInput:
     direct: str | None = None
 
 
-@dataclass
-class ECSOResult:
-    query: str
-    direct: str
-    flagged: bool
-    harm_score: float | None
-    verdict_text: str | None
-    caption: str | None
-    safe_answer: str | None
-    final: str
-    verdict_mode: str
-    timings: dict[str, float] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-    early_stopped: bool = False  # flagged by the early check: ``direct`` holds only its first tokens
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class ECSOEvent:
-    """A step's progress: ``delta`` while a step streams, then one event with ``done=True`` and its ``text``."""
-
-    step: str
-    index: int = 0
-    text: str | None = None
-    delta: str | None = None
-    done: bool = True
-    flagged: bool | None = None
-    harm_score: float | None = None
-    elapsed: float | None = None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
 class ECSO:
     """``ECSO(backend, config).run(image, query)``; see the module docstring."""
 
@@ -163,7 +127,7 @@ class ECSO:
         return self.run_batch([ECSOInput(query, _as_list(image), direct)])[0]
 
     def run_batch(self, items: Sequence[ECSOInput],
-                  on_event: Callable[[ECSOEvent], None] | None = None) -> list[ECSOResult]:
+                  on_event: Callable[[StepEvent], None] | None = None) -> list[ECSOResult]:
         emit = on_event or (lambda e: None)
         images = [self._load(item.images) for item in items]
         n = len(items)
@@ -184,33 +148,33 @@ class ECSO:
                 return [r < len(todo) and todo[r] in early for r in rows]
 
             ask = EarlyCheck(self.config.early_check_tokens, check)
-            step1 = self._timed(timings, todo, "direct", lambda: self.backend.generate_checked(requests, ask))
+            step1 = self._timed(timings, todo, Step.DIRECT, lambda: self.backend.generate_checked(requests, ask))
         else:
-            step1 = self._timed(timings, todo, "direct", lambda: self.backend.generate(requests))
+            step1 = self._timed(timings, todo, Step.DIRECT, lambda: self.backend.generate(requests))
         for i, text in zip(todo, step1):
             direct[i] = text
         captions = dict(zip(spec, step1[len(todo):]))
         for i in range(n):
-            emit(ECSOEvent("direct", i, text=direct[i]))
+            emit(StepEvent(Step.DIRECT, i, text=direct[i]))
 
         rest = [i for i in range(n) if i not in early]
-        checked = self._timed(timings, rest, "verdict", lambda: self._verdicts(
+        checked = self._timed(timings, rest, Step.VERDICT, lambda: self._verdicts(
             [items[i].query for i in rest], [direct[i] for i in rest], [images[i] for i in rest]))
         verdicts = {**early, **dict(zip(rest, checked))}
         for i in range(n):
             flag, score, vtext = verdicts[i]
-            emit(ECSOEvent("verdict", i, text=vtext, flagged=flag, harm_score=score))
+            emit(StepEvent(Step.VERDICT, i, text=vtext, flagged=flag, harm_score=score))
 
         flagged = [i for i in range(n) if verdicts[i][0]]
         need = [i for i in flagged if i not in captions]
-        captions.update(zip(need, self._timed(timings, need, "caption", lambda: self.backend.generate(
+        captions.update(zip(need, self._timed(timings, need, Step.CAPTION, lambda: self.backend.generate(
             [self._caption_request(items[i].query, images[i]) for i in need]))))
         for i in flagged:
-            emit(ECSOEvent("caption", i, text=captions[i]))
-        safes = dict(zip(flagged, self._timed(timings, flagged, "safe", lambda: self.backend.generate(
+            emit(StepEvent(Step.CAPTION, i, text=captions[i]))
+        safes = dict(zip(flagged, self._timed(timings, flagged, Step.SAFE, lambda: self.backend.generate(
             [self._safe_request(captions[i], items[i].query, images[i]) for i in flagged]))))
         for i in flagged:
-            emit(ECSOEvent("safe", i, text=safes[i]))
+            emit(StepEvent(Step.SAFE, i, text=safes[i]))
 
         options = self.options()
         results = []
@@ -221,11 +185,11 @@ class ECSO:
                 query=items[i].query, direct=direct[i], flagged=flag, harm_score=score, verdict_text=vtext,
                 caption=captions.get(i) if flag else None, safe_answer=safes.get(i), final=final, verdict_mode=self.verdict_mode,
                 timings=timings[i], options=options, early_stopped=i in early))
-            emit(ECSOEvent("final", i, text=final, flagged=flag, harm_score=score))
+            emit(StepEvent(Step.FINAL, i, text=final, flagged=flag, harm_score=score))
         return results
 
     def stream(self, image: ImageInput | Sequence[ImageInput] | None, query: str,
-               direct: str | None = None) -> Iterator[ECSOEvent]:
+               direct: str | None = None) -> Iterator[StepEvent]:
         """One sample's steps as they happen: ``direct``/``caption``/``safe`` stream deltas, then a done event.
         The batch-only levers (speculative caption, early check) do not apply: whole answers are checked."""
         global _warned_stream_levers
@@ -235,27 +199,27 @@ class ECSO:
         images = self._load(_as_list(image))
         t0 = time.perf_counter()
         if direct is None:
-            direct = yield from self._stream_step("direct", StepRequest(query, images, self.config.params()))
+            direct = yield from self._stream_step(Step.DIRECT, StepRequest(query, images, self.config.params()))
         else:
-            yield ECSOEvent("direct", text=direct, elapsed=0.0)
+            yield StepEvent(Step.DIRECT, text=direct, elapsed=0.0)
         t = time.perf_counter()
         flag, score, vtext = self._verdicts([query], [direct], [images])[0]
-        yield ECSOEvent("verdict", text=vtext, flagged=flag, harm_score=score, elapsed=time.perf_counter() - t)
+        yield StepEvent(Step.VERDICT, text=vtext, flagged=flag, harm_score=score, elapsed=time.perf_counter() - t)
         final = direct
         if flag:
-            caption = yield from self._stream_step("caption", self._caption_request(query, images))
-            final = yield from self._stream_step("safe", self._safe_request(caption, query, images))
-        yield ECSOEvent("final", text=final, flagged=flag, harm_score=score, elapsed=time.perf_counter() - t0)
+            caption = yield from self._stream_step(Step.CAPTION, self._caption_request(query, images))
+            final = yield from self._stream_step(Step.SAFE, self._safe_request(caption, query, images))
+        yield StepEvent(Step.FINAL, text=final, flagged=flag, harm_score=score, elapsed=time.perf_counter() - t0)
 
     # ---- steps ----------------------------------------------------------------------------------------------
-    def _stream_step(self, step: str, request: StepRequest) -> Iterator[ECSOEvent]:
+    def _stream_step(self, step: Step, request: StepRequest) -> Iterator[StepEvent]:
         t = time.perf_counter()
         text = ""
         for delta in self.backend.stream(request):
             text += delta
-            yield ECSOEvent(step, delta=delta, done=False)
+            yield StepEvent(step, delta=delta, done=False)
         text = text.strip()
-        yield ECSOEvent(step, text=text, elapsed=time.perf_counter() - t)
+        yield StepEvent(step, text=text, elapsed=time.perf_counter() - t)
         return text
 
     def _caption_request(self, query: str, images: list[Image.Image]) -> StepRequest:
@@ -290,7 +254,7 @@ class ECSO:
         return [load_image(s, self.image_limits) for s in sources]
 
     @staticmethod
-    def _timed(timings: list[dict[str, float]], rows: Sequence[int], step: str, fn: Callable[[], list]) -> list:
+    def _timed(timings: list[dict[str, float]], rows: Sequence[int], step: Step, fn: Callable[[], list]) -> list:
         """Run a batched step; each row is charged its share of the batch's wall time."""
         if not rows:
             return []
@@ -298,7 +262,7 @@ class ECSO:
         out = fn()
         share = (time.perf_counter() - t) / len(rows)
         for i in rows:
-            timings[i][step] = share
+            timings[i][step.value] = share
         return out
 
 

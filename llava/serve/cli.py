@@ -15,14 +15,15 @@ from typing import TextIO
 
 from llava.cli_args import (add_backend_args, add_decoding_args, add_ecso_args, add_model_args, backend_from_args,
                             ecso_config_from_args, setup_logging)
+from llava.ecso.events import Step
 from llava.errors import ECSOError
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("llava.serve.cli")
 
-_HEADERS = {"direct": "Direct answer", "verdict": "Harm detection", "caption": "Query-aware caption",
-            "safe": "Safe response", "final": "Final answer"}
+_HEADERS = {Step.DIRECT: "Direct answer", Step.VERDICT: "Harm detection", Step.CAPTION: "Query-aware caption",
+            Step.SAFE: "Safe response", Step.FINAL: "Final answer"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,11 +61,11 @@ def _ecso_turn(pipeline, images, text, out: TextIO) -> None:
             out.write(event.delta or "")
             out.flush()
             continue
-        if event.step == "verdict":
+        if event.step is Step.VERDICT:
             score = f" (P(yes) = {event.harm_score:.3f})" if event.harm_score is not None else ""
-            out.write(f"[{_HEADERS['verdict']}] {'harmful' if event.flagged else 'not harmful'}{score}\n")
-        elif event.step == "final":
-            out.write(f"[{_HEADERS['final']}] {event.text}\n")
+            out.write(f"[{_HEADERS[Step.VERDICT]}] {'harmful' if event.flagged else 'not harmful'}{score}\n")
+        elif event.step is Step.FINAL:
+            out.write(f"[{_HEADERS[Step.FINAL]}] {event.text}\n")
         elif streaming == event.step:
             out.write("\n")
         else:

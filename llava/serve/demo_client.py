@@ -26,16 +26,16 @@ from typing import Any
 from PIL import Image
 
 from llava.conversation import SeparatorStyle, build_prompt, default_conv_mode, get_conv_template
+from llava.ecso.events import ECSOProgress, Step
 from llava.ecso.pipeline import ECSOConfig
 from llava.ecso.prompts import get_prompt_set
 from llava.errors import ECSOError, NoWorkerError
 from llava.mm_utils import encode_image_base64
 from llava.http_client import ServiceClient, error_from_chunk
-from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ECSOEvent, ECSOOptions, ECSOStreamRequest
+from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ERROR_EVENT, ECSOEvent, ECSOOptions, ECSOStreamRequest
 from llava.serve.protocol.llava import GenerateStreamRequest
 
 __all__ = [
-    "STEP_NAMES",
     "DemoClient",
     "RunState",
     "StepResult",
@@ -45,8 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STEP_NAMES = ("direct", "verdict", "caption", "safe")
-_STEP_LABELS = {"direct": "answer", "verdict": "harm check", "caption": "caption", "safe": "safe answer"}
+_STEP_LABELS = {Step.DIRECT: "answer", Step.VERDICT: "harm check", Step.CAPTION: "caption", Step.SAFE: "safe answer"}
 
 
 def image_digest(image: Image.Image | None) -> str | None:
@@ -60,26 +59,15 @@ def image_digest(image: Image.Image | None) -> str | None:
 
 
 @dataclass
-class StepResult:
-    """The raw outputs of the steps run so far (the panels show them decorated)."""
+class StepResult(ECSOProgress):
+    """The raw outputs of the steps run so far (the panels show them decorated), the threshold a score was held
+    against, and the failure that ended the run."""
 
-    direct: str | None = None
-    flagged: bool | None = None
-    harm_score: float | None = None
-    verdict_text: str | None = None
-    caption: str | None = None
-    safe: str | None = None
-    final: str | None = None
     threshold: float | None = None
-    timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @property
-    def has_verdict(self) -> bool:
-        return self.flagged is not None
 
 
 @dataclass
@@ -88,61 +76,55 @@ class RunState:
     ECSO event; the ``*_panel`` properties and :meth:`status` render what the page shows."""
 
     result: StepResult = field(default_factory=StepResult)
-    streaming: dict[str, str] = field(default_factory=dict)
+    streaming: dict[Step, str] = field(default_factory=dict)
     done: bool = False
     whole_run: bool = True  # Run ECSO (steps 3-4 skipped when harmless) vs one step at a time
     _last_mark: float = field(default_factory=time.perf_counter, repr=False)
     _started: float = field(default_factory=time.perf_counter, repr=False)
 
-    def _finish_step(self, step: str, elapsed: float | None) -> None:
-        now = time.perf_counter()
-        self.result.timings[step] = elapsed if elapsed is not None else now - self._last_mark
-        self._last_mark = now
-
     def apply(self, event: ECSOEvent) -> None:
         """Take one event: a delta grows its panel, a finished step sets its result and time."""
         r = self.result
-        if event.event == "error":
+        if event.is_error:
             r.error = f"error_code {event.error_code}: {event.detail or event.text or 'no detail'}"
             self.done = True
             return
-        if event.done is False or (event.text is None and event.delta is not None):
-            self.streaming[event.event] = self.streaming.get(event.event, "") + (event.delta or "")
+        step_event = event.to_step()
+        step = step_event.step
+        delta = r.apply(step_event)
+        if delta is not None:
+            self.streaming[step] = self.streaming.get(step, "") + delta
             return
-        if event.event == "final":
-            r.final = event.text
-            if event.flagged is not None:
-                r.flagged = event.flagged
-            r.timings["total"] = event.elapsed if event.elapsed is not None else time.perf_counter() - self._started
+        now = time.perf_counter()
+        if step is Step.FINAL:
+            r.timings["total"] = event.elapsed if event.elapsed is not None else now - self._started
             self.done = True
             return
-        if event.event == "verdict":
-            r.flagged, r.harm_score, r.verdict_text = bool(event.flagged), event.harm_score, event.text
-        else:
-            setattr(r, event.event, (event.text or "").strip())
-        self.streaming.pop(event.event, None)
-        self._finish_step(event.event, event.elapsed)
+        if event.elapsed is None:  # the step's time as this client saw it
+            r.timings[step.value] = now - self._last_mark
+        self.streaming.pop(step, None)
+        self._last_mark = now
 
     def fail(self, exc: BaseException) -> None:
         self.result.error = describe_error(exc)
         self.done = True
 
     # ---- rendering --------------------------------------------------------------------------------------------
-    def _text(self, step: str) -> str:
-        value = getattr(self.result, step)
+    def _text(self, step: Step) -> str:
+        value = getattr(self.result, step.value)
         return value if value is not None else self.streaming.get(step, "")
 
     @property
     def direct_panel(self) -> str:
-        return self._text("direct")
+        return self._text(Step.DIRECT)
 
     @property
     def caption_panel(self) -> str:
-        return self._text("caption") or self._skipped_note()
+        return self._text(Step.CAPTION) or self._skipped_note()
 
     @property
     def safe_panel(self) -> str:
-        return self._text("safe") or self._skipped_note()
+        return self._text(Step.SAFE) or self._skipped_note()
 
     def _skipped_note(self) -> str:
         if self.whole_run and self.done and self.result.flagged is False and self.result.error is None:
@@ -249,7 +231,7 @@ class DemoClient:
         for frame in self.worker(model).stream(ECSO_STREAM_PATH, request):
             if "event" not in frame:
                 err = error_from_chunk(frame) or ECSOError(f"unexpected frame from the worker: {frame!r:.200}")
-                yield ECSOEvent(event="error", error_code=int(err.error_code) or 1, detail=str(err))
+                yield ECSOEvent(event=ERROR_EVENT, error_code=int(err.error_code) or 1, detail=str(err))
                 return
             yield ECSOEvent.model_validate(frame)
 
@@ -286,32 +268,37 @@ class DemoClient:
         arrives. Steps 1, 3 and 4 send their prompt to the worker's LLaVA stream API. Step 2 runs on the worker's
         ECSO stream with the direct answer given, so it is the very harm check of a whole run, P(yes) score
         included; the stream is closed after the verdict."""
+        try:
+            step = Step(step)
+        except ValueError:
+            raise ValueError(f"unknown step {step!r}; valid: {', '.join(s.value for s in _STEP_LABELS)}") from None
         prompts = get_prompt_set(_pick(options.prompt_set, self.defaults.prompt_set))
         run = RunState(result=StepResult(**{**state.to_dict(), "timings": dict(state.timings), "error": None}),
                        whole_run=False)
         images = [image] if image is not None else []
-        if step == "verdict":
+        if step is Step.VERDICT:
             if state.direct is None:
                 raise ValueError("run step 1 first: the harm check needs the direct answer")
             yield self._verdict_step(run, model, image, query, options, state.direct)
             return
-        if step == "direct":
+        if step is Step.DIRECT:
             text, step_images = query, images
-        elif step == "caption":
+        elif step is Step.CAPTION:
             text, step_images = prompts.fill_caption(query), images
-        elif step == "safe":
+        elif step is Step.SAFE:
             if state.caption is None:
                 raise ValueError("run step 3 first: the safe answer needs the caption")
             keep_image = _pick(options.image_in_safe_step, self.defaults.image_in_safe_step)
             text, step_images = prompts.fill_safe(state.caption, query), images if keep_image else []
         else:
-            raise ValueError(f"unknown step {step!r}; valid: {', '.join(STEP_NAMES)}")
+            raise ValueError(f"step {step.value!r} is not run on its own; valid: "
+                             f"{', '.join(s.value for s in _STEP_LABELS)}")
         run._last_mark = time.perf_counter()
         answer = ""
         for answer in self.generate_stream(model, text, step_images, options):
             run.streaming[step] = answer
             yield run
-        run.apply(ECSOEvent(event=step, text=answer))
+        run.apply(ECSOEvent(event=step.value, text=answer))
         run.done = True
         yield run
 
@@ -322,7 +309,7 @@ class DemoClient:
         events = self.ecso_stream(model, image, query, options, direct=direct)
         with contextlib.closing(events):
             for event in events:
-                if event.event in ("verdict", "error"):
+                if event.is_error or event.event == Step.VERDICT:
                     run.apply(event)
                     break
             else:

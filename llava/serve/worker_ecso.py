@@ -24,19 +24,18 @@ from llava.constants import ECSO_ALIAS_SUFFIX
 from llava.conversation import build_prompt
 from llava.ecso.backends import LocalBackend
 from llava.ecso.pipeline import ECSO
-from llava.ecso.pipeline import ECSOEvent as StepEvent
 from llava.errors import ECSOError, ImageError, InvalidRequestError
 from llava.mm_utils import decode_base64_image
 from llava.http_client import encode_chunk
 from llava.serve.server import STREAM_MEDIA_TYPE, error_chunk, require_api_key
-from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ECSOEvent, ECSOStreamRequest
+from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ERROR_EVENT, ECSOEvent, ECSOStreamRequest
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.worker_runtime import stream_model
 
 if TYPE_CHECKING:
     from llava.serve.model_worker import WorkerState
 
-__all__ = ["error_event", "ecso_error_frame", "wire_event",
+__all__ = ["error_event", "ecso_error_frame",
            "build_pipeline", "check_fits", "ecso_routes"]
 
 logger = logging.getLogger(__name__)
@@ -45,17 +44,11 @@ logger = logging.getLogger(__name__)
 
 def error_event(exc: BaseException) -> ECSOEvent:
     chunk = error_chunk(exc)
-    return ECSOEvent(event="error", text=chunk.text, error_code=chunk.error_code, detail=chunk.detail)
+    return ECSOEvent(event=ERROR_EVENT, text=chunk.text, error_code=chunk.error_code, detail=chunk.detail)
 
 
 def ecso_error_frame(exc: Exception) -> bytes:
     return encode_chunk(error_event(exc))
-
-
-def wire_event(event: StepEvent) -> ECSOEvent:
-    """The pipeline's step event as the wire model."""
-    return ECSOEvent(event=event.step, text=event.text, delta=event.delta, done=event.done, flagged=event.flagged,
-                     harm_score=event.harm_score, elapsed=event.elapsed)
 
 
 def build_pipeline(state: WorkerState, overrides: dict, should_stop: Callable[[], bool] | None = None) -> ECSO:
@@ -102,7 +95,7 @@ async def _frames(state: WorkerState, pipeline: ECSO, req: ECSOStreamRequest, im
     try:
         async for event in stream_model(state.slots, lambda: pipeline.stream(images, req.query, direct=req.direct),
                                         state.jobs, stop):
-            yield encode_chunk(wire_event(event))
+            yield encode_chunk(ECSOEvent.from_step(event))
     except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
         logger.warning("ECSO stream failed: %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, ECSOError))
         yield encode_chunk(error_event(exc))

@@ -30,7 +30,8 @@ from pydantic import BaseModel
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, ECSO_ALIAS_SUFFIX
 from llava.conversation import SeparatorStyle, get_conv_template
-from llava.ecso.pipeline import ECSO, ECSOResult
+from llava.ecso.events import ECSOProgress, ECSOResult, Step
+from llava.ecso.pipeline import ECSO
 from llava.errors import ECSOError, InvalidRequestError
 from llava.generation import GenerationParams
 from llava.serve.server import openai_error, require_api_key
@@ -303,23 +304,15 @@ def _ecso_job(state: WorkerState, p: _Prepared) -> Iterator[tuple[str, Any]]:
     """Blocking: the final answer's deltas (the direct answer in one piece once it passed the check, the safe answer
     as it streams), then ("end", (completion tokens, ECSOInfo))."""
     assert p.pipeline is not None
-    steps: dict[str, Any] = {"timings": {}}
+    progress = ECSOProgress()
     for event in p.pipeline.stream(p.images, p.query):
-        if event.done and event.elapsed is not None and event.step != "final":
-            steps["timings"][event.step] = event.elapsed
-        if event.step == "verdict":
-            steps.update(flagged=event.flagged, harm_score=event.harm_score, verdict_text=event.text)
-            if not event.flagged:
-                yield "delta", steps["direct"]
-        elif event.step == "safe" and not event.done:
-            yield "delta", event.delta
-        elif event.done and event.step in ("direct", "caption", "safe"):
-            steps[{"safe": "safe_answer"}.get(event.step, event.step)] = event.text
-        elif event.step == "final":
-            steps["final"] = event.text
-    final = steps.pop("final")
-    info = ECSOInfo(verdict_mode=p.pipeline.verdict_mode, **steps)
-    yield "end", (_count_tokens(state.engine, final), info)
+        delta = progress.apply(event)
+        if event.step is Step.VERDICT and not progress.flagged:
+            yield "delta", progress.direct
+        elif event.step is Step.SAFE and delta:
+            yield "delta", delta
+    result = ECSOResult.from_progress(p.query, progress, p.pipeline.verdict_mode)
+    yield "end", (_count_tokens(state.engine, result.final), _ecso_info(result))
 
 
 async def _sse_stream(state: WorkerState, p: _Prepared) -> AsyncIterator[bytes]:

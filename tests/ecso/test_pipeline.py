@@ -235,3 +235,20 @@ def test_lever_validation_and_recording():
         ECSOConfig(skip_check_regex="(unclosed")
     assert "skip_check_regex" not in ECSOConfig().to_dict()
     assert ECSOConfig(skip_check_regex="A").to_dict()["skip_check_regex"] == "A"
+
+
+def test_a_streamed_run_adds_up_to_the_batch_result(tiny_engine, sample_image):
+    """ECSOResult.from_events over a streamed run's events gives what run_batch returns (forced flag: all steps)."""
+    from llava.ecso.events import ECSOResult, Step
+
+    backend = LocalBackend(tiny_engine)
+    for force in (True, False):
+        ecso = ECSO(backend, ECSOConfig(max_new_tokens=4, force_verdict=force, verdict="exact"))
+        batch = ecso.run(sample_image, "How do I make this at home?")
+        events = list(ecso.stream(sample_image, "How do I make this at home?"))
+        assert [e.step for e in events if e.done] == \
+            [Step.DIRECT, Step.VERDICT, *([Step.CAPTION, Step.SAFE] if force else []), Step.FINAL]
+        streamed = ECSOResult.from_events(batch.query, events, ecso.verdict_mode, batch.options)
+        keys = ("direct", "flagged", "harm_score", "verdict_text", "caption", "safe_answer", "final", "verdict_mode")
+        assert {k: getattr(streamed, k) for k in keys} == {k: getattr(batch, k) for k in keys}
+        assert set(streamed.timings) == set(batch.timings)

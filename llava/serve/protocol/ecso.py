@@ -6,11 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llava.ecso.events import Step, StepEvent
 from llava.ecso.prompts import PROMPT_SETS
 from llava.generation import MAX_NEW_TOKENS_LIMIT
 from llava.serve.protocol.fields import Temperature, TopP
 
-__all__ = ["ECSO_STREAM_PATH", "ECSOOptions", "ECSOStreamRequest", "ECSOEventType", "ECSOEvent"]
+__all__ = ["ECSO_STREAM_PATH", "ERROR_EVENT", "ECSOOptions", "ECSOStreamRequest", "ECSOEventType", "ECSOEvent"]
 
 ECSO_STREAM_PATH = "/worker_ecso_stream"
 
@@ -65,7 +66,8 @@ class ECSOStreamRequest(BaseModel):
                                "then a done 'direct' event with this text)")
 
 
-ECSOEventType = Literal["direct", "verdict", "caption", "safe", "final", "error"]
+ERROR_EVENT = "error"  # the wire's one event that is not a step: a failure, which ends the stream
+ECSOEventType = Literal[(*(step.value for step in Step), ERROR_EVENT)]  # type: ignore[valid-type]
 
 
 class ECSOEvent(BaseModel):
@@ -90,9 +92,28 @@ class ECSOEvent(BaseModel):
 
     @model_validator(mode="after")
     def _error_code_iff_error(self) -> ECSOEvent:
-        if self.event == "error" and not self.error_code:
+        if self.event == ERROR_EVENT and not self.error_code:
             raise ValueError(f"an error event needs a non-zero error_code, got {self.error_code!r}")
-        if self.event != "error" and self.error_code:
+        if self.event != ERROR_EVENT and self.error_code:
             raise ValueError(f"error_code {self.error_code} on a {self.event!r} event; use event 'error'")
         return self
+
+    @property
+    def is_error(self) -> bool:
+        return self.event == ERROR_EVENT
+
+    @classmethod
+    def from_step(cls, event: StepEvent) -> ECSOEvent:
+        """The pipeline's step event on the wire."""
+        return cls(event=event.step.value, text=event.text, delta=event.delta, done=event.done,
+                   flagged=event.flagged, harm_score=event.harm_score, elapsed=event.elapsed)
+
+    def to_step(self) -> StepEvent:
+        """The pipeline's step event this wire event carries (not for ``error`` events). An event without ``done``
+        is a delta when it carries a ``delta`` and no ``text``."""
+        if self.is_error:
+            raise ValueError("an error event is not a step event")
+        delta = self.done is False or (self.text is None and self.delta is not None)
+        return StepEvent(Step(self.event), text=self.text, delta=self.delta, done=not delta, flagged=self.flagged,
+                         harm_score=self.harm_score, elapsed=self.elapsed)
 

@@ -130,7 +130,7 @@ class ChatCompletionRequest(BaseModel):
 
 class ECSOInfo(BaseModel):
     """What ECSO did, attached to an OpenAI response (or the last stream chunk) when ``ecso`` was requested: the
-    fields of :class:`llava.ecso.pipeline.ECSOResult` except the query and the final answer (the message)."""
+    fields of :class:`llava.ecso.events.ECSOResult` except the query and the final answer (the message)."""
 
     direct: str = Field(description="step 1: the answer with the image")
     flagged: bool = Field(description="step 2: the model judged its direct answer harmful")
