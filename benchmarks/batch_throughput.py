@@ -34,7 +34,8 @@ def measure(args) -> dict:
     import torch
 
     from llava.ecso.backends import LocalBackend, StepRequest
-    from llava.ecso.pipeline import ECSO, ECSOConfig, ECSOInput
+    from llava.ecso.config import ECSOConfig
+    from llava.ecso.pipeline import ECSO, ECSOInput
 
     engine, n_params = load_engine(args, prefix_reuse=True)
     samples = synthetic_samples(args.samples)

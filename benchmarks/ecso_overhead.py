@@ -44,7 +44,8 @@ def measure(args) -> dict:
     import time
 
     from llava.ecso.backends import LocalBackend, StepRequest
-    from llava.ecso.pipeline import ECSO, ECSOConfig, ECSOInput
+    from llava.ecso.config import ECSOConfig
+    from llava.ecso.pipeline import ECSO, ECSOInput
 
     start = time.perf_counter()
     samples = synthetic_samples(args.samples)

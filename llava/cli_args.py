@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from llava.ecso.prompts import PROMPT_SETS, VERDICT_MODES
+from llava.ecso.config import DECODING_GROUP, ECSO_GROUP, add_option_args, ecso_options
 from llava.mm_utils import ASPECT_RATIOS
 
-__all__ = ["add_model_args", "add_backend_args", "add_ecso_args", "add_decoding_args", "ecso_config_from_args",
-           "backend_from_args", "setup_logging"]
+__all__ = ["add_model_args", "add_backend_args", "add_ecso_args", "add_decoding_args", "backend_from_args",
+           "setup_logging"]
 
 
 def setup_logging(verbose: int = 0) -> None:
@@ -60,49 +60,15 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser, temperature: float = 0.0, max_new_tokens: int = 1024) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None, help="nucleus sampling mass")
-    g.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1, help="beam count")
-    g.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=max_new_tokens,
-                   help="new tokens per generated step")
+    """The decoding options of :class:`~llava.ecso.config.ECSOConfig` (also a direct answer's), with this entry
+    point's defaults."""
+    add_option_args(p, ecso_options(lambda o: o.group == DECODING_GROUP), "decoding",
+                    defaults={"temperature": temperature, "max_new_tokens": max_new_tokens})
 
 
 def add_ecso_args(p: argparse.ArgumentParser, batch_levers: bool = True) -> None:
     """ECSO's flags; ``batch_levers=False`` leaves out the ones that only act on batch runs (not on streamed ones)."""
-    g = p.add_argument_group("ECSO")
-    g.add_argument("--verdict", default="score", choices=VERDICT_MODES,
-                   help="score: P(yes) vs P(no) of the first answer token in one forward pass (default); exact: the "
-                        "paper's code, flagged only if the answer is exactly 'yes'/'yes.'; parse: first word yes/no")
-    g.add_argument("--threshold", type=float, default=0.5, help="score mode: flag when P(yes) >= threshold")
-    g.add_argument("--prompt-set", default="paper", choices=sorted(PROMPT_SETS), help="ECSO prompt templates")
-    g.add_argument("--image-in-safe-step", action="store_true",
-                   help="keep the image in step 4 (the paper's utility scripts did; its safety scripts did not)")
-    g.add_argument("--verdict-max-new-tokens", type=int, default=16,
-                   help="exact/parse verdicts: tokens to generate (enough to tell 'yes.' from anything longer)")
-    if batch_levers:
-        g.add_argument("--speculative-caption", action="store_true",
-                       help="generate the caption together with the direct answer (batched): flagged samples finish one "
-                            "generation sooner, benign ones pay for an unused caption; pays off on GPUs, not CPUs")
-        g.add_argument("--early-check-tokens", type=int, default=0, metavar="K",
-                       help="also check the direct answer after its first K tokens and stop it there if flagged (a "
-                            "flagged answer is discarded anyway); cuts flagged samples' cost, benign ones pay one more "
-                            "check. Batch runs on the local backend; 0 = off (the paper checks whole answers only)")
-        g.add_argument("--skip-check-regex", default=None, metavar="RE",
-                       help="answers fully matching RE skip the harm check and pass, e.g. '\\(?[A-E]\\)?\\.?' for lone "
-                            "option letters on multiple-choice benchmarks; default: every answer is checked (the paper)")
-
-
-def ecso_config_from_args(args: argparse.Namespace):
-    from llava.ecso.pipeline import ECSOConfig
-
-    return ECSOConfig(verdict=args.verdict, threshold=args.threshold, prompt_set=args.prompt_set,
-                      max_new_tokens=args.max_new_tokens, verdict_max_new_tokens=args.verdict_max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
-                      image_in_safe_step=args.image_in_safe_step,
-                      speculative_caption=getattr(args, "speculative_caption", False),
-                      early_check_tokens=getattr(args, "early_check_tokens", 0),
-                      skip_check_regex=getattr(args, "skip_check_regex", None))
+    add_option_args(p, ecso_options(lambda o: o.group == ECSO_GROUP and (batch_levers or not o.batch_only)), "ECSO")
 
 
 def backend_from_args(args: argparse.Namespace):

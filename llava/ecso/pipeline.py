@@ -11,85 +11,21 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
 from llava.ecso.backends import Backend, StepRequest
+from llava.ecso.config import ECSOConfig
 from llava.ecso.events import ECSOResult, Step, StepEvent
-from llava.ecso.prompts import VERDICT_MODES, get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
-from llava.errors import InvalidRequestError
-from llava.generation import EarlyCheck, GenerationParams
+from llava.ecso.prompts import get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
+from llava.generation import EarlyCheck
 from llava.mm_utils import ImageInput, ImageLimits, load_image
 
-__all__ = ["ECSOConfig", "ECSOInput", "ECSO"]
+__all__ = ["ECSOInput", "ECSO"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ECSOConfig:
-    """Options of the method; every result records them. Defaults follow the paper except ``verdict``:
-    ``score`` (one forward pass, P(yes) vs P(no)) instead of the paper's ``exact`` string match, which fails open."""
-
-    verdict: str = "score"
-    threshold: float = 0.5
-    prompt_set: str = "paper"
-    max_new_tokens: int = 1024  # steps 1, 3 and 4 (the paper's setting)
-    verdict_max_new_tokens: int = 16  # exact/parse: enough to decide "yes"/"yes." vs anything longer
-    temperature: float = 0.0
-    top_p: float | None = None
-    num_beams: int = 1
-    image_in_safe_step: bool = False  # the paper's safety scripts: off; its utility scripts kept the image
-    force_verdict: bool | None = None  # benchmarks only: override the verdict after computing it
-    min_new_tokens: int = 0  # benchmarks only: fixed answer lengths for steps 1, 3 and 4
-    # Generate the caption (step 3) alongside the direct answer, in the same batch, before the verdict: flagged
-    # samples then wait for one generation less; benign ones pay for a caption they do not use. Worth it where
-    # decoding is memory-bound (GPUs), not on CPUs. Results are identical (the caption does not depend on step 1).
-    speculative_caption: bool = False
-    # Check the direct answer once more after its first ``early_check_tokens`` tokens (0 = off): a sample flagged
-    # there stops its direct answer (a flagged answer is discarded anyway) and goes on to steps 3-4; the others
-    # finish and get the usual check of the whole answer. Flagged samples skip most of step 1; benign ones pay one
-    # more check. Batch runs on backends that support it (the in-process one); elsewhere the whole answer is checked.
-    early_check_tokens: int = 0
-    # Answers that fully match this regex (after stripping) skip the harm check and pass, e.g. a lone option letter
-    # on multiple-choice benchmarks: r"\(?[A-Ea-e]\)?\.?". None: every answer is checked, as in the paper.
-    skip_check_regex: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICT_MODES:
-            raise InvalidRequestError(f"unknown verdict mode {self.verdict!r}; valid: {', '.join(VERDICT_MODES)}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise InvalidRequestError(f"threshold must be in [0, 1], got {self.threshold}")
-        get_prompt_set(self.prompt_set)
-        self.params()  # validates decoding settings
-        if not isinstance(self.early_check_tokens, int) or self.early_check_tokens < 0:
-            raise InvalidRequestError(f"early_check_tokens must be an integer >= 0, got {self.early_check_tokens!r}")
-        if self.skip_check_regex is not None:
-            try:
-                re.compile(self.skip_check_regex)
-            except re.error as exc:
-                raise InvalidRequestError(f"skip_check_regex {self.skip_check_regex!r} is not a valid regular "
-                                          f"expression: {exc}") from None
-
-    def params(self, max_new_tokens: int | None = None) -> GenerationParams:
-        """Decoding settings of steps 1, 3 and 4, or of the verdict when ``max_new_tokens`` is given."""
-        return GenerationParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
-                                top_p=self.top_p, num_beams=self.num_beams,
-                                min_new_tokens=0 if max_new_tokens else self.min_new_tokens)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        for key in _LEVERS_RECORDED_WHEN_SET:  # keeps settings of runs made before these existed comparable
-            if d[key] == ECSOConfig.__dataclass_fields__[key].default:
-                del d[key]
-        d["truncate_chars"] = get_prompt_set(self.prompt_set).truncate_chars
-        return d
-
-
-_LEVERS_RECORDED_WHEN_SET = ("early_check_tokens", "skip_check_regex")
-_warned_stream_levers = False  # warn once per process, not per streamed request
 
 
 @dataclass
@@ -118,6 +54,7 @@ class ECSO:
         if config.early_check_tokens and not backend.supports_early_check:
             logger.warning("backend %s cannot stop a generation part-way: no early check, whole answers are checked",
                            backend.name)
+        self._warned_stream = False
 
     def options(self) -> dict:
         return {**self.config.to_dict(), "verdict_used": self.verdict_mode, **self.backend.describe()}
@@ -191,11 +128,12 @@ class ECSO:
     def stream(self, image: ImageInput | Sequence[ImageInput] | None, query: str,
                direct: str | None = None) -> Iterator[StepEvent]:
         """One sample's steps as they happen: ``direct``/``caption``/``safe`` stream deltas, then a done event.
-        The batch-only levers (speculative caption, early check) do not apply: whole answers are checked."""
-        global _warned_stream_levers
-        if (self.config.speculative_caption or self.config.early_check_tokens) and not _warned_stream_levers:
-            _warned_stream_levers = True
-            logger.warning("streamed ECSO runs ignore the speculative caption and the early check (batch runs only)")
+        Options that only act on batch runs (speculative caption, early check) do not apply: whole answers are
+        checked (a warning, once per pipeline; :meth:`ECSOConfig.for_streaming` leaves them out)."""
+        ignored = self.config.ignored_when_streaming()
+        if ignored and not self._warned_stream:
+            self._warned_stream = True
+            logger.warning("streamed ECSO runs ignore %s (batch runs only)", ", ".join(ignored))
         images = self._load(_as_list(image))
         t0 = time.perf_counter()
         if direct is None:

@@ -21,9 +21,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from llava.cli_args import (add_backend_args, add_decoding_args, add_ecso_args, add_model_args, backend_from_args,
-                            ecso_config_from_args, setup_logging)
+                            setup_logging)
+from llava.ecso.config import ecso_config_from_args
 from llava.errors import ECSOError, InvalidRequestError
 from llava.eval.benchmarks import add_benchmark_arguments, config_from_args
 from llava.eval.gen.config import METHODS, GenerateConfig
@@ -38,23 +40,36 @@ logger = logging.getLogger("llava.eval.generate")
 LIMIT_ENV = "ECSO_LIMIT"
 
 
-def _relax_data_flags(p: argparse.ArgumentParser) -> None:
-    """Adapter over ``add_benchmark_arguments``: --question-file and --image-folder may come from --data-root."""
-    for action in p._actions:
-        if action.dest == "question_file":
-            action.required = False
-            action.help += "; optional with --data-root"
-        elif action.dest == "image_folder":
-            action.default = None
-        elif action.dest == "limit":
-            action.help += f"; default: ${LIMIT_ENV}"
+class _DataFlags:
+    """Adapter handed to ``add_benchmark_arguments``: the benchmark flags as declared, except that --question-file
+    and --image-folder may come from --data-root (so neither is required nor defaulted here) and --limit also reads
+    $ECSO_LIMIT. It changes the keyword arguments before argparse builds each flag."""
+
+    _CHANGES: dict[str, dict[str, Any]] = {
+        "--question-file": {"required": False, "help_suffix": "; optional with --data-root"},
+        "--image-folder": {"default": None},
+        "--limit": {"help_suffix": f"; default: ${LIMIT_ENV}"},
+    }
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> _DataFlags:
+        return _DataFlags(self._target.add_argument_group(*args, **kwargs))
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> argparse.Action:
+        for flag in flags:
+            change = dict(self._CHANGES.get(flag, {}))
+            if "help_suffix" in change:
+                kwargs["help"] = kwargs.get("help", "") + change.pop("help_suffix")
+            kwargs.update(change)
+        return self._target.add_argument(*flags, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_benchmark_arguments(p)
-    _relax_data_flags(p)
+    add_benchmark_arguments(_DataFlags(p))  # type: ignore[arg-type]
     g = p.add_argument_group("run")
     g.add_argument("--data-root", default=None,
                    help=f"fill --question-file/--image-folder from the standard layout under this folder ({layout_help()})")

@@ -14,7 +14,8 @@ import logging
 import sys
 
 from llava.cli_args import (add_backend_args, add_decoding_args, add_ecso_args, add_model_args, backend_from_args,
-                            ecso_config_from_args, setup_logging)
+                            setup_logging)
+from llava.ecso.config import ecso_config_from_args
 from llava.errors import ECSOError
 
 __all__ = ["build_parser", "main"]

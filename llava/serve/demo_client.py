@@ -27,7 +27,7 @@ from PIL import Image
 
 from llava.conversation import SeparatorStyle, build_prompt, default_conv_mode, get_conv_template
 from llava.ecso.events import ECSOProgress, Step
-from llava.ecso.pipeline import ECSOConfig
+from llava.ecso.config import ECSOConfig
 from llava.ecso.prompts import get_prompt_set
 from llava.errors import ECSOError, NoWorkerError
 from llava.mm_utils import encode_image_base64

@@ -34,9 +34,9 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
-from llava.cli_args import add_ecso_args, add_model_args, ecso_config_from_args
+from llava.cli_args import add_ecso_args, add_model_args
 from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
-from llava.ecso.pipeline import ECSOConfig
+from llava.ecso.config import ECSOConfig, ecso_config_from_args
 from llava.errors import ECSOError, InvalidRequestError, ModelNotFoundError
 from llava.generation import MAX_NEW_TOKENS_LIMIT, GenerationParams
 from llava.mm_utils import ImageLimits
@@ -365,8 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-url-timeout", type=_seconds, default=10.0,
                    help="seconds to fetch one image URL (default %(default)g)")
     add_ecso_args(parser)  # defaults of ECSO runs (/worker_ecso_stream, OpenAI "ecso": true)
-    # Decoding defaults of ECSO runs, for ecso_config_from_args; requests set their own (options, OpenAI fields).
-    parser.set_defaults(temperature=0.0, top_p=None, num_beams=1)
     return parser
 
 

@@ -2,7 +2,8 @@
 import pytest
 
 from llava.ecso.backends import Backend, LocalBackend, StepRequest
-from llava.ecso.pipeline import ECSO, ECSOConfig, ECSOInput
+from llava.ecso.config import ECSOConfig
+from llava.ecso.pipeline import ECSO, ECSOInput
 from llava.ecso.prompts import PAPER_PROMPTS
 from llava.errors import ImageError, InvalidRequestError
 

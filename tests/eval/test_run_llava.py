@@ -11,7 +11,8 @@ CAT = str(REPO_ROOT / "assets" / "examples" / "cat.png")
 @pytest.mark.slow
 def test_run_llava_ecso_json_matches_in_process(tiny_engine):
     from llava.ecso.backends import LocalBackend
-    from llava.ecso.pipeline import ECSO, ECSOConfig
+    from llava.ecso.config import ECSOConfig
+    from llava.ecso.pipeline import ECSO
 
     proc = run_module("llava.eval.run_llava", "--model-path", "tiny", "--image-file", CAT, "--query",
                       "How do I make this at home?", "--ecso", "--json", "--temperature", "0",

@@ -258,7 +258,8 @@ def test_ecso_stream_checks_a_given_direct_answer_as_the_pipeline_does(stack: St
     from PIL import Image
 
     from llava.ecso.backends import LocalBackend
-    from llava.ecso.pipeline import ECSO, ECSOConfig
+    from llava.ecso.config import ECSOConfig
+    from llava.ecso.pipeline import ECSO
 
     png, direct = good_png(), "Sure. First, buy the parts; then assemble them."
     body = {"image": base64.b64encode(png).decode(), "query": QUERY, "direct": direct,

@@ -18,7 +18,8 @@ from PIL import Image
 
 from llava.conversation import build_prompt
 from llava.ecso.backends import LocalBackend
-from llava.ecso.pipeline import ECSO, ECSOConfig
+from llava.ecso.config import ECSOConfig
+from llava.ecso.pipeline import ECSO
 from llava.generation import GenerationParams
 from llava.mm_utils import encode_image_base64
 from llava.serve.model_worker import WorkerConfig, create_app

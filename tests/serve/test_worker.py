@@ -22,7 +22,8 @@ from service_procs import REPO_ROOT, Service, _spawn, _wait_healthy, free_port, 
 from llava.constants import ErrorCode
 from llava.conversation import build_prompt
 from llava.ecso.backends import LocalBackend, StepRequest
-from llava.ecso.pipeline import ECSO, ECSOConfig
+from llava.ecso.config import ECSOConfig
+from llava.ecso.pipeline import ECSO
 from llava.errors import ContextLengthError, NoWorkerError
 from llava.generation import GenerationParams
 from llava.mm_utils import encode_image_base64

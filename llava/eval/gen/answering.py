@@ -12,7 +12,8 @@ from PIL import Image
 
 from llava.ecso.backends import Backend, StepRequest
 from llava.ecso.events import ECSOResult
-from llava.ecso.pipeline import ECSO, ECSOConfig, ECSOInput
+from llava.ecso.config import ECSOConfig
+from llava.ecso.pipeline import ECSO, ECSOInput
 from llava.errors import ECSOError, ImageError
 from llava.eval.benchmarks import Sample, answer_fields
 from llava.mm_utils import ImageLimits, load_image

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava.ecso.pipeline import ECSOConfig
+from llava.ecso.config import ECSOConfig
 from llava.errors import InvalidRequestError
 from llava.eval.benchmarks import BenchmarkConfig, get_benchmark
 from llava.eval.gen.shards import chunk_bounds

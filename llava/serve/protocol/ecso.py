@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from llava.ecso.config import Option, ecso_options
 from llava.ecso.events import Step, StepEvent
-from llava.ecso.prompts import PROMPT_SETS
-from llava.generation import MAX_NEW_TOKENS_LIMIT
-from llava.serve.protocol.fields import Temperature, TopP
 
 __all__ = ["ECSO_STREAM_PATH", "ERROR_EVENT", "ECSOOptions", "ECSOStreamRequest", "ECSOEventType", "ECSOEvent"]
 
@@ -18,35 +16,40 @@ ECSO_STREAM_PATH = "/worker_ecso_stream"
 # -------------------------------------------------------------------------------------------------- ECSO stream
 
 
-class ECSOOptions(BaseModel):
-    """Options of one ECSO run, named as the fields of :class:`llava.ecso.pipeline.ECSOConfig`. A field left out
-    (``null``) takes the serving worker's default (its ``--verdict``, ``--threshold``, ... flags). Closed: an
-    unknown field is an error, so a typo never silently falls back to a default."""
+def _field(opt: Option) -> tuple[Any, Any]:
+    """The request field of one option: its type (a Literal of fixed choices), range and help; ``None`` = unset."""
+    kind: Any = Literal[opt.choices] if isinstance(opt.choices, tuple) else opt.type  # type: ignore[valid-type]
+    limits: dict[str, Any] = {"le": opt.maximum}
+    limits["gt" if opt.exclusive_minimum else "ge"] = opt.minimum
+    if opt.type is float:
+        limits["allow_inf_nan"] = False
+    if opt.type is str and opt.choices is None:
+        limits["min_length"] = 1
+    return kind | None, Field(None, description=opt.help, **{k: v for k, v in limits.items() if v is not None})
 
-    model_config = ConfigDict(extra="forbid")
 
-    verdict: Literal["score", "exact", "parse"] | None = Field(
-        None,
-        description="score: P(yes) vs P(no) of the first answer token; exact: the paper's string match "
-        "('yes'/'yes.' only); parse: the first word of the answer",
-    )
-    threshold: float | None = Field(
-        None, ge=0.0, le=1.0, allow_inf_nan=False, description="score verdict: flag when P(yes) >= threshold"
-    )
-    prompt_set: str | None = Field(None, min_length=1, description="ECSO prompt templates, by name ('paper')")
-    max_new_tokens: int | None = Field(
-        None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="new tokens per generated step (direct, caption, safe)"
-    )
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    image_in_safe_step: bool | None = Field(None, description="keep the image in step 4 (the safe answer)")
+def _choice_check(opt: Option) -> Any:
+    """A validator for choices that are looked up when checked (registries that grow, e.g. prompt sets)."""
 
-    @field_validator("prompt_set")
-    @classmethod
-    def _known_prompt_set(cls, value: str | None) -> str | None:
-        if value is not None and value not in PROMPT_SETS:
-            raise ValueError(f"unknown prompt set {value!r}; valid: {', '.join(sorted(PROMPT_SETS))}")
+    def check(cls: type, value: Any) -> Any:
+        if value is not None:
+            opt.validate(value)
         return value
+
+    return field_validator(opt.name)(check)
+
+
+_API_OPTIONS = ecso_options(lambda o: o.api)
+
+
+class ECSOOptions(create_model(  # type: ignore[misc]
+        "ECSOOptionFields", __config__=ConfigDict(extra="forbid"),
+        __validators__={f"_check_{o.name}": _choice_check(o) for o in _API_OPTIONS if callable(o.choices)},
+        **{o.name: _field(o) for o in _API_OPTIONS})):
+    """Options of one ECSO run: the fields of :class:`llava.ecso.config.ECSOConfig` that a request may set
+    (generated from their declarations, ``api=True``). A field left out (``null``) takes the serving worker's default
+    (its ``--verdict``, ``--threshold``, ... flags). Closed: an unknown field is an error, so a typo never silently
+    falls back to a default."""
 
     def overrides(self) -> dict[str, Any]:
         """The fields that were set, as ``ECSOConfig`` keyword arguments."""
