@@ -7,7 +7,7 @@ from typing import Callable
 
 from llava.errors import InvalidRequestError
 
-__all__ = ["GenerationParams", "EarlyCheck", "MAX_NEW_TOKENS_LIMIT"]
+__all__ = ["GenerationParams", "EarlyCheck", "MAX_NEW_TOKENS_LIMIT", "ScoredToken", "FirstTokenLogprobs"]
 
 MAX_NEW_TOKENS_LIMIT = 8192
 
@@ -56,6 +56,23 @@ class EarlyCheck:
     def __post_init__(self) -> None:
         if not isinstance(self.at_tokens, int) or self.at_tokens < 1:
             raise InvalidRequestError(f"an early check needs at_tokens >= 1, got {self.at_tokens!r}")
+
+
+@dataclass(frozen=True)
+class ScoredToken:
+    """A token as text (a word-start token's leading space included) and its log-probability."""
+
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class FirstTokenLogprobs:
+    """The first answer token's log-probability and its best alternatives (most likely first), as OpenAI's
+    ``logprobs`` report them."""
+
+    chosen: ScoredToken
+    alternatives: tuple[ScoredToken, ...] = ()
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:

@@ -12,13 +12,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image
 
-from llava.errors import ContextLengthError, InvalidRequestError, UnsupportedError
-from llava.generation import EarlyCheck, GenerationParams, truncate_at_stop
+from llava.errors import ContextLengthError, InvalidRequestError
+from llava.generation import EarlyCheck, FirstTokenLogprobs, GenerationParams, truncate_at_stop
 from llava.mm_utils import count_image_tags, process_images, tokenizer_image_token
+from llava.model.first_token import first_token_choices, yes_no_token_ids
 from llava.model.loaded import LoadedModel
-from llava.model.prefix_cache import PixelMemo, PrefixEntry, PrefixStore
+from llava.model.prefix_cache import PixelMemo, PrefixEntry, PrefixStore, cache_around, generated_cache
 
-__all__ = ["LlavaEngine", "Encoded", "yes_no_token_ids"]
+__all__ = ["LlavaEngine", "Encoded"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,31 +32,6 @@ class Encoded:
     input_ids: list[int]
     images: tuple[Image.Image, ...] = ()
     prefix_len: int = 0
-
-
-def yes_no_token_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """Ids of tokens that begin an answer "yes" / "no" (any case, with or without SentencePiece's ``▁``),
-    keeping only single tokens that spell the whole word."""
-
-    def ids_for(words: Sequence[str]) -> list[int]:
-        found: set[int] = set()
-        for w in words:
-            ids = tokenizer(w, add_special_tokens=False).input_ids
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            while pieces and pieces[0] in ("▁", "Ġ", " "):
-                ids, pieces = ids[1:], pieces[1:]
-            if len(ids) == 1:
-                found.add(ids[0])
-            for variant in (w, "▁" + w, "Ġ" + w):
-                tid = tokenizer.convert_tokens_to_ids(variant)
-                if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-                    found.add(tid)
-        return sorted(found)
-
-    yes, no = ids_for(("yes", "Yes", "YES")), ids_for(("no", "No", "NO"))
-    if not yes or not no:
-        raise UnsupportedError("the tokenizer has no single-token 'yes'/'no': use --verdict exact or parse")
-    return yes, no
 
 
 class LlavaEngine:
@@ -141,7 +117,7 @@ class LlavaEngine:
         else:
             layers = [(torch.cat([en.layers[i][0] for en in entries]), torch.cat([en.layers[i][1] for en in entries]))
                       for i in range(len(entries[0].layers))]
-        cache = _cache_around(layers)
+        cache = cache_around(layers)
         width = max(len(e.input_ids) for e in encoded)
         ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -239,7 +215,7 @@ class LlavaEngine:
     def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]],
                  params: GenerationParams = GenerationParams(), early_check: EarlyCheck | None = None) -> list[str]:
         """Answers for a batch of templated prompts (left padding; greedy rows equal unbatched ones)."""
-        encoded = [self.encode(p, imgs, params.max_new_tokens) for p, imgs in zip(prompts, images, strict=True)]
+        encoded = [self.encode(p, imgs) for p, imgs in zip(prompts, images, strict=True)]
         return self.generate_encoded(encoded, params, early_check)
 
     def generate_encoded(self, encoded: Sequence[Encoded], params: GenerationParams,
@@ -262,7 +238,7 @@ class LlavaEngine:
         with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)
         if harvest:
-            self._harvest(encoded, width, _generated_cache(out))
+            self._harvest(encoded, width, generated_cache(out))
             out = out.sequences
         return self._texts(out[:, width:], params)
 
@@ -275,10 +251,14 @@ class LlavaEngine:
                should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Yield text deltas as they are generated (stop strings honoured). ``should_stop`` (e.g. "the client
         disconnected") is polled at every decoding step and ends generation early."""
+        return self.stream_encoded(self.encode(prompt, images), params, should_stop)
+
+    def stream_encoded(self, encoded: Encoded, params: GenerationParams = GenerationParams(),
+                       should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """:meth:`stream` for a prompt encoded already (e.g. by a fit check)."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        encoded = self.encode(prompt, images, params.max_new_tokens)
         inputs, harvest = self._generation_inputs([encoded], params.num_beams, harvest=True)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         kwargs = {**inputs, **self._generate_kwargs(params, self._budget([encoded], params)), "streamer": streamer}
@@ -300,7 +280,7 @@ class LlavaEngine:
                 with torch.inference_mode():
                     out = self.model.generate(**kwargs)
                 if harvest:
-                    self._harvest([encoded], width, _generated_cache(out))
+                    self._harvest([encoded], width, generated_cache(out))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 failure.append(exc)
                 streamer.end()
@@ -345,6 +325,15 @@ class LlavaEngine:
         if self._yes_no is None:
             self._yes_no = yes_no_token_ids(self.tokenizer)
         yes, no = self._yes_no
+        logp = self.first_token_logprobs(encoded)
+        margin = torch.logsumexp(logp[:, yes], dim=-1) - torch.logsumexp(logp[:, no], dim=-1)
+        return torch.sigmoid(margin).tolist()
+
+    def first_token_logprobs(self, encoded: Sequence[Encoded]):
+        """Log-probabilities ([n, vocab], float32) of the first answer token of each prompt: one forward pass per
+        batch, no decoding, cached prefixes reused. Every first-token score of the engine comes from here."""
+        import torch
+
         inputs = self._inputs(encoded)
         mask = inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them: padding does not shift
@@ -354,43 +343,22 @@ class LlavaEngine:
             positions = positions[:, past:]
         with torch.inference_mode():
             logits = self.model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        margin = torch.logsumexp(logp[:, yes], dim=-1) - torch.logsumexp(logp[:, no], dim=-1)
-        return torch.sigmoid(margin).tolist()
+        return torch.log_softmax(logits, dim=-1)
+
+    def first_token_choices(self, encoded: Encoded, top_n: int, answer: str, greedy: bool) -> FirstTokenLogprobs:
+        """The first answer token of ``answer`` (or the greedy one) and the ``top_n`` best alternatives the model
+        may generate, with their log-probabilities (OpenAI's ``logprobs``)."""
+        logp = self.first_token_logprobs([encoded])[0]
+        return first_token_choices(self.tokenizer, logp, self.loaded.suppress_token_ids, top_n, answer, greedy)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as an answer (no special tokens)."""
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids) if text else 0
 
 
 def _prefix_key(e: Encoded) -> tuple:
     """Rows with equal keys share a prefix (same tokens, same image objects)."""
     return tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))
-
-
-def _generated_cache(out: Any) -> Any:
-    """The cache a ``generate(..., return_dict_in_generate=True)`` returned (renamed during transformers 5.x)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-def _cache_around(layers: Sequence[tuple[Any, Any]]):
-    """A ``DynamicCache`` holding these (keys, values) per layer without copying them (its updates concatenate
-    into new tensors, so they are never written to); the copying constructor where this transformers differs."""
-    from transformers import DynamicCache
-
-    try:
-        from transformers.cache_utils import DynamicLayer
-
-        cache = DynamicCache()
-        built = []
-        for keys, values in layers:
-            layer = DynamicLayer()
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-            built.append(layer)
-        cache.layers = built
-        if cache.get_seq_length() == layers[0][0].shape[-2]:
-            return cache
-    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other transformers versions
-        pass
-    return DynamicCache(ddp_cache_data=list(layers))
 
 
 class _EarlyStop:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
-__all__ = ["PrefixEntry", "PrefixStore", "PixelMemo"]
+__all__ = ["PrefixEntry", "PrefixStore", "PixelMemo", "cache_around", "generated_cache"]
 
 
 @dataclass
@@ -86,3 +86,32 @@ class PixelMemo(_IdentityLRU):
             found = compute(image)
             self.put(key, (image,), found)
         return found
+
+
+def generated_cache(out: Any) -> Any:
+    """The cache a ``generate(..., return_dict_in_generate=True)`` returned (renamed during transformers 5.x)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def cache_around(layers: Sequence[tuple[Any, Any]]):
+    """A ``DynamicCache`` holding these (keys, values) per layer without copying them (its updates concatenate
+    into new tensors, so they are never written to); the copying constructor where this transformers differs."""
+    from transformers import DynamicCache
+
+    try:
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache()
+        built = []
+        for keys, values in layers:
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            built.append(layer)
+        cache.layers = built
+        if cache.get_seq_length() == layers[0][0].shape[-2]:
+            return cache
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other transformers versions
+        pass
+    return DynamicCache(ddp_cache_data=list(layers))

@@ -5,7 +5,7 @@ import torch
 from llava.conversation import build_prompt
 from llava.errors import ContextLengthError, InvalidRequestError
 from llava.generation import GenerationParams
-from llava.model.engine import yes_no_token_ids
+from llava.model.first_token import yes_no_token_ids
 
 P = GenerationParams(max_new_tokens=16)
 
@@ -197,12 +197,12 @@ def test_abandoned_stream_stops_generating(tiny_engine, sample_image):
 
 
 def test_single_row_prefix_cache_wraps_stored_tensors_without_copy(tiny_loaded, sample_image):
-    from llava.model.engine import _cache_around
+    from llava.model.prefix_cache import cache_around
 
     eng = _engine(tiny_loaded, True)
     eng.generate([build_prompt("vicuna_v1", "What is this?", 1)], [[sample_image]], P)
     (entry,) = [item[1] for item in eng.prefixes._items.values()]
-    cache = _cache_around(entry.layers)
+    cache = cache_around(entry.layers)
     assert cache.get_seq_length() == entry.layers[0][0].shape[-2]
     assert cache.layers[0].keys is entry.layers[0][0] and cache.layers[-1].values is entry.layers[-1][1]
 
