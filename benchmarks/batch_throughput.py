@@ -33,7 +33,8 @@ def peak_memory_mb() -> float:
 def measure(args) -> dict:
     import torch
 
-    from llava.ecso.backends import LocalBackend, StepRequest
+    from llava.ecso.backends import StepRequest
+    from llava.ecso.local import LocalBackend
     from llava.ecso.config import ECSOConfig
     from llava.ecso.pipeline import ECSO, ECSOInput
 

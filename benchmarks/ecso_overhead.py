@@ -43,7 +43,8 @@ def measure(args) -> dict:
     import statistics
     import time
 
-    from llava.ecso.backends import LocalBackend, StepRequest
+    from llava.ecso.backends import StepRequest
+    from llava.ecso.local import LocalBackend
     from llava.ecso.config import ECSOConfig
     from llava.ecso.pipeline import ECSO, ECSOInput
 

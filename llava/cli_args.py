@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from llava.ecso.backends import Backend
 from llava.ecso.config import DECODING_GROUP, ECSO_GROUP, add_option_args, ecso_options
+from llava.ecso.registry import backend_names, create_backend
 from llava.mm_utils import ASPECT_RATIOS
 
 __all__ = ["add_model_args", "add_backend_args", "add_ecso_args", "add_decoding_args", "backend_from_args",
@@ -50,7 +52,7 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backend")
-    g.add_argument("--backend", default="local", choices=["local", "worker", "openai"],
+    g.add_argument("--backend", default="local", choices=backend_names(),
                    help="local: load the model in this process; worker: a LLaVA worker behind --controller-url; "
                         "openai: an OpenAI-compatible chat endpoint at --openai-base-url")
     g.add_argument("--controller-url", default="http://127.0.0.1:10000", help="controller for --backend worker")
@@ -71,10 +73,9 @@ def add_ecso_args(p: argparse.ArgumentParser, batch_levers: bool = True) -> None
     add_option_args(p, ecso_options(lambda o: o.group == ECSO_GROUP and (batch_levers or not o.batch_only)), "ECSO")
 
 
-def backend_from_args(args: argparse.Namespace):
-    from llava.ecso.backends import create_backend
-
-    name = getattr(args, "backend", "local")
+def backend_from_args(args: argparse.Namespace) -> Backend:
+    """The backend ``--backend`` names, built from the flags of :func:`add_model_args` and :func:`add_backend_args`."""
+    name = args.backend
     if name == "local":
         return create_backend("local", model_path=args.model_path, conv_mode=args.conv_mode, device=args.device,
                               image_aspect_ratio=args.image_aspect_ratio, max_batch_size=args.batch_size,
@@ -84,5 +85,7 @@ def backend_from_args(args: argparse.Namespace):
         return create_backend("worker", controller_url=args.controller_url, model_name=args.model_name,
                               conv_mode=args.conv_mode, timeout=args.request_timeout,
                               image_aspect_ratio=args.image_aspect_ratio)
-    return create_backend("openai", base_url=args.openai_base_url, model_name=args.model_name,
-                          timeout=args.request_timeout, image_aspect_ratio=args.image_aspect_ratio)
+    if name == "openai":
+        return create_backend("openai", base_url=args.openai_base_url, model_name=args.model_name,
+                              timeout=args.request_timeout, image_aspect_ratio=args.image_aspect_ratio)
+    return create_backend(name)  # a registered backend without flags of its own

@@ -1,7 +1,8 @@
 """Chat templates, byte-identical to LLaVA's (``llava/conversation.py`` of haotian-liu/LLaVA).
 
-A template is a :class:`Conversation`; :data:`conv_templates` is the registry by name and
-:func:`build_prompt` renders the single-turn prompt every ECSO step uses.
+A template is a :class:`Conversation`; :data:`conv_templates` is the registry by name. A :class:`Chat` is a
+conversation to answer, independent of templates; :func:`render_prompt` renders it in a template and
+:func:`build_prompt` the single-turn prompt every ECSO step uses.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ __all__ = [
     "conv_templates",
     "default_conversation",
     "get_conv_template",
+    "Chat",
+    "render_prompt",
     "build_prompt",
     "default_conv_mode",
 ]
@@ -191,17 +194,59 @@ def get_conv_template(name: str) -> Conversation:
         ) from None
 
 
+@dataclasses.dataclass
+class Chat:
+    """A conversation to answer, independent of any template: the system text (``None``: the template's own),
+    ``(user, assistant)`` turns with the last assistant ``None``, and each turn's images (whatever stands for them:
+    URLs, loaded images; templates only count them)."""
+
+    system: str | None
+    turns: list[tuple[str, str | None]]
+    turn_images: list[list[Any]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.turn_images:
+            self.turn_images = [[] for _ in self.turns]
+        if len(self.turn_images) != len(self.turns):
+            raise InvalidRequestError(f"a chat of {len(self.turns)} turns got images for {len(self.turn_images)}")
+
+    @classmethod
+    def single(cls, text: str, images: Sequence[Any] = (), history: Sequence[tuple[str, str]] = ()) -> Chat:
+        """One question after earlier ``(user, assistant)`` turns; the images belong to the first turn (LLaVA's
+        chat convention)."""
+        turns: list[tuple[str, str | None]] = [*history, (text, None)]
+        return cls(None, turns, [list(images)] + [[] for _ in turns[1:]])
+
+    @property
+    def images(self) -> list[Any]:
+        return [image for images in self.turn_images for image in images]
+
+    def with_images(self, images: Sequence[Any]) -> Chat:
+        """The same chat with its images replaced, in order (e.g. URLs by the images they point to)."""
+        if len(images) != len(self.images):
+            raise InvalidRequestError(f"the chat has {len(self.images)} images, got {len(images)} to put in")
+        it = iter(images)
+        return Chat(self.system, list(self.turns), [[next(it) for _ in turn] for turn in self.turn_images])
+
+
+def render_prompt(conv_mode: str, chat: Chat) -> str:
+    """The prompt of ``chat`` in template ``conv_mode``: each user message's images as ``<image>\\n`` in front of
+    its text, as LLaVA does; ``chat.system`` replaces the template's system prompt."""
+    conv = get_conv_template(conv_mode)
+    if chat.system is not None:
+        header = "<|im_start|>system\n" if conv.sep_style == SeparatorStyle.MPT else ""
+        conv.system = header + chat.system
+    for (user, assistant), images in zip(chat.turns, chat.turn_images):
+        conv.append_message(conv.roles[0], (DEFAULT_IMAGE_TOKEN + "\n") * len(images) + user)
+        conv.append_message(conv.roles[1], assistant)
+    return conv.get_prompt()
+
+
 def build_prompt(conv_mode: str, text: str, num_images: int = 0,
                  history: Sequence[tuple[str, str]] = ()) -> str:
     """The prompt LLaVA builds for ``text``: ``<image>\\n`` per image in front of the first user message, the
     assistant turn left open. ``history`` holds earlier (user, assistant) turns of a chat."""
-    conv = get_conv_template(conv_mode)
-    turns = [*history, (text, None)]
-    for k, (user, assistant) in enumerate(turns):
-        prefix = (DEFAULT_IMAGE_TOKEN + "\n") * num_images if k == 0 else ""
-        conv.append_message(conv.roles[0], prefix + user)
-        conv.append_message(conv.roles[1], assistant)
-    return conv.get_prompt()
+    return render_prompt(conv_mode, Chat.single(text, [None] * num_images, history))
 
 
 _CONV_MODE_BY_TEXT_MODEL = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2": "chatml_direct"}

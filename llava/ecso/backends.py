@@ -1,22 +1,33 @@
-"""Where ECSO's generation happens. A backend generates answers for single-turn requests (text + optional
-images) and, where it can, scores "yes" vs "no" as the first answer token. The interface is torch-free, so ECSO
-can sit in front of any served VLM; the in-process backend wraps :class:`llava.model.engine.LlavaEngine`.
+"""Where generation happens: the interfaces a model sits behind (torch-free, so ECSO can sit in front of any served
+VLM).
+
+* :class:`Backend`: what ECSO's steps need. Answers for single-turn requests (text + optional images), streamed
+  text and, where the model allows, a yes/no score of the first answer token.
+* :class:`ServingBackend`: what a model worker needs on top, so its routes never reach under the model: render a
+  chat (system, turns, images) to the model's prompt and check it fits (:meth:`~ServingBackend.prepare`, once per
+  request; the :class:`Prepared` handle is reused for its generation), take a LLaVA-protocol prompt as it comes,
+  generate or stream from a prepared prompt, the first answer token's log-probabilities, token counts, and the
+  status fields the worker reports. The in-process :class:`~llava.ecso.local.LocalBackend` implements both;
+  another model family or a remote model is one more implementation (docs/architecture.md).
+
+Backends are created by name through :mod:`llava.ecso.registry`.
 """
 from __future__ import annotations
 
 import abc
-import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from PIL import Image
 
+from llava.conversation import Chat
 from llava.errors import UnsupportedError
-from llava.generation import EarlyCheck, GenerationParams
+from llava.generation import EarlyCheck, FirstTokenLogprobs, GenerationParams
 
-__all__ = ["StepRequest", "Backend", "LocalBackend", "BACKENDS", "register_backend", "create_backend"]
+__all__ = ["StopFlag", "StepRequest", "Backend", "Prepared", "ServingBackend"]
 
-logger = logging.getLogger(__name__)
+StopFlag = Callable[[], bool]
 
 
 @dataclass
@@ -28,6 +39,9 @@ class StepRequest:
     images: list[Image.Image] = field(default_factory=list)
     params: GenerationParams = field(default_factory=GenerationParams)
     history: list[tuple[str, str]] = field(default_factory=list)
+
+    def chat(self) -> Chat:
+        return Chat.single(self.text, self.images, self.history)
 
 
 class Backend(abc.ABC):
@@ -46,8 +60,9 @@ class Backend(abc.ABC):
         stopped where it says so. Backends that cannot look inside a generation answer in full (the default)."""
         return self.generate(requests)
 
-    def stream(self, request: StepRequest) -> Iterator[str]:
-        """Text deltas of one answer; backends without streaming yield the whole answer once."""
+    def stream(self, request: StepRequest, should_stop: StopFlag | None = None) -> Iterator[str]:
+        """Text deltas of one answer; backends without streaming yield the whole answer once. ``should_stop``
+        (e.g. "the client went away") ends the answer early where the backend can tell its model."""
         yield self.generate([request])[0]
 
     def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float]:
@@ -61,107 +76,58 @@ class Backend(abc.ABC):
         """Release resources (HTTP clients, models)."""
 
 
-class LocalBackend(Backend):
-    """An in-process model: prompts templated with LLaVA's conversation templates, batched with left padding."""
+@dataclass
+class Prepared:
+    """A prompt made ready once: rendered in the model's format, checked to fit its context, tokenized where the
+    backend tokenizes. ``prompt_tokens``: its length (``None`` where the model counts elsewhere); ``handle``: what
+    the backend generates from (its own type)."""
 
-    name = "local"
-    supports_score = True
-    supports_early_check = True
-
-    def __init__(self, engine: Any, conv_mode: str | None = None, max_batch_size: int = 16,
-                 should_stop: Callable[[], bool] | None = None):
-        """``should_stop`` (e.g. "the client went away") ends streamed steps at the next token."""
-        from llava.conversation import get_conv_template
-
-        self.engine = engine
-        self.should_stop = should_stop
-        self.conv_mode = conv_mode or engine.loaded.conv_mode
-        get_conv_template(self.conv_mode)  # fail fast on an unknown template
-        self.max_batch_size = max(1, max_batch_size)
-
-    def prompt(self, request: StepRequest) -> str:
-        from llava.conversation import build_prompt
-
-        return build_prompt(self.conv_mode, request.text, len(request.images), request.history)
-
-    def generate(self, requests: Sequence[StepRequest]) -> list[str]:
-        return self._generate(requests, None)
-
-    def generate_checked(self, requests: Sequence[StepRequest], early_check: EarlyCheck) -> list[str]:
-        return self._generate(requests, early_check)
-
-    def _generate(self, requests: Sequence[StepRequest], early_check: EarlyCheck | None) -> list[str]:
-        out: list[str] = [""] * len(requests)
-        # Rows of one model call share decoding settings: group by params, keep the caller's order.
-        for params, idxs in _group_by_params(requests).items():
-            for chunk in _chunk_list(idxs, self.max_batch_size):
-                answers = self.engine.generate([self.prompt(requests[i]) for i in chunk],
-                                               [requests[i].images for i in chunk], params,
-                                               _for_chunk(early_check, chunk))
-                for i, answer in zip(chunk, answers):
-                    out[i] = answer
-        return out
-
-    def stream(self, request: StepRequest) -> Iterator[str]:
-        return self.engine.stream(self.prompt(request), request.images, request.params, should_stop=self.should_stop)
-
-    def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float]:
-        scores: list[float] = []
-        for chunk in _chunk_list(list(range(len(requests))), self.max_batch_size):
-            scores += self.engine.yes_no_scores([self.prompt(requests[i]) for i in chunk],
-                                                [requests[i].images for i in chunk])
-        return scores
-
-    def describe(self) -> dict:
-        return {"backend": self.name, **self.engine.loaded.describe(), "conv_mode": self.conv_mode}
+    images: list[Any]
+    prompt_tokens: int | None
+    handle: Any
 
 
-def _group_by_params(requests: Sequence[StepRequest]) -> dict[GenerationParams, list[int]]:
-    groups: dict[GenerationParams, list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(r.params, []).append(i)
-    return groups
+class ServingBackend(Backend):
+    """What a model worker needs from its model (see the module docstring). Every method that runs the model
+    blocks; the worker calls them in threads, within its concurrency slots."""
 
+    @property
+    @abc.abstractmethod
+    def model_name(self) -> str:
+        """The name the worker serves the model under."""
 
-def _for_chunk(early_check: EarlyCheck | None, chunk: list[int]) -> EarlyCheck | None:
-    """``early_check`` seen from one model call: its rows mapped back to the caller's indices."""
-    if early_check is None:
-        return None
-    return EarlyCheck(early_check.at_tokens, lambda rows, texts: early_check.check([chunk[r] for r in rows], texts))
+    @property
+    @abc.abstractmethod
+    def multimodal(self) -> bool:
+        """Whether the model takes images (from its configuration, never its name)."""
 
+    def status(self) -> dict[str, Any]:
+        """Extra fields of the worker's status (e.g. the chat template its LLaVA prompts use)."""
+        return {}
 
-def _chunk_list(items: list[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+    @abc.abstractmethod
+    def prepare(self, chat: Chat) -> Prepared:
+        """``chat`` (images loaded) rendered to the model's prompt and checked to fit: raises
+        :class:`~llava.errors.ContextLengthError` or :class:`~llava.errors.InvalidRequestError` before anything
+        runs."""
 
+    def prepare_templated(self, prompt: str, images: Sequence[Image.Image]) -> Prepared:
+        """A LLaVA-protocol prompt (already templated, one ``<image>`` tag per image), checked to fit."""
+        raise UnsupportedError(f"backend {self.name!r} does not take LLaVA-templated prompts")
 
-BACKENDS: dict[str, Callable[..., Backend]] = {}
+    @abc.abstractmethod
+    def complete(self, prepared: Prepared, params: GenerationParams) -> str:
+        """The answer to a prepared prompt."""
 
+    @abc.abstractmethod
+    def stream_prepared(self, prepared: Prepared, params: GenerationParams,
+                        should_stop: StopFlag | None = None) -> Iterator[str]:
+        """Text deltas of the answer to a prepared prompt; ``should_stop`` ends it early."""
 
-def register_backend(name: str, factory: Callable[..., Backend]) -> None:
-    BACKENDS[name] = factory
+    def first_token_logprobs(self, prepared: Prepared, top_n: int, answer: str, greedy: bool) -> FirstTokenLogprobs:
+        """The first answer token (of ``answer``, or the greedy one) and its ``top_n`` best alternatives."""
+        raise UnsupportedError(f"backend {self.name!r} cannot report log-probabilities")
 
-
-def _local_factory(model_path: str, conv_mode: str | None = None, device: str | None = "auto",
-                   image_aspect_ratio: str | None = None, max_batch_size: int = 16, **load_kwargs) -> Backend:
-    from llava.model.builder import load_model
-    from llava.model.engine import LlavaEngine
-
-    loaded = load_model(model_path, device=device, image_aspect_ratio=image_aspect_ratio, conv_mode=conv_mode,
-                        **load_kwargs)
-    return LocalBackend(LlavaEngine(loaded), conv_mode=conv_mode, max_batch_size=max_batch_size)
-
-
-register_backend("local", _local_factory)
-
-
-def create_backend(name: str, **kwargs) -> Backend:
-    """A backend by name (``local``, and ``worker``/``openai`` where :mod:`llava.ecso.remote` is available)."""
-    if name not in BACKENDS:
-        try:
-            import llava.ecso.remote  # noqa: F401 - registers the HTTP backends
-        except ImportError:
-            pass
-    if name not in BACKENDS:
-        raise UnsupportedError(f"unknown backend {name!r}; valid: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](**kwargs)
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as an answer (usage statistics, ``finish_reason``)."""

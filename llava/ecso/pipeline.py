@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
-from llava.ecso.backends import Backend, StepRequest
+from llava.ecso.backends import Backend, StepRequest, StopFlag
 from llava.ecso.config import ECSOConfig
 from llava.ecso.events import ECSOResult, Step, StepEvent
 from llava.ecso.prompts import get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
@@ -125,9 +125,10 @@ class ECSO:
             emit(StepEvent(Step.FINAL, i, text=final, flagged=flag, harm_score=score))
         return results
 
-    def stream(self, image: ImageInput | Sequence[ImageInput] | None, query: str,
-               direct: str | None = None) -> Iterator[StepEvent]:
+    def stream(self, image: ImageInput | Sequence[ImageInput] | None, query: str, direct: str | None = None,
+               should_stop: StopFlag | None = None) -> Iterator[StepEvent]:
         """One sample's steps as they happen: ``direct``/``caption``/``safe`` stream deltas, then a done event.
+        ``should_stop`` (e.g. "the client went away") ends the step being generated at its next token.
         Options that only act on batch runs (speculative caption, early check) do not apply: whole answers are
         checked (a warning, once per pipeline; :meth:`ECSOConfig.for_streaming` leaves them out)."""
         ignored = self.config.ignored_when_streaming()
@@ -137,7 +138,8 @@ class ECSO:
         images = self._load(_as_list(image))
         t0 = time.perf_counter()
         if direct is None:
-            direct = yield from self._stream_step(Step.DIRECT, StepRequest(query, images, self.config.params()))
+            direct = yield from self._stream_step(Step.DIRECT, StepRequest(query, images, self.config.params()),
+                                                  should_stop)
         else:
             yield StepEvent(Step.DIRECT, text=direct, elapsed=0.0)
         t = time.perf_counter()
@@ -145,15 +147,16 @@ class ECSO:
         yield StepEvent(Step.VERDICT, text=vtext, flagged=flag, harm_score=score, elapsed=time.perf_counter() - t)
         final = direct
         if flag:
-            caption = yield from self._stream_step(Step.CAPTION, self._caption_request(query, images))
-            final = yield from self._stream_step(Step.SAFE, self._safe_request(caption, query, images))
+            caption = yield from self._stream_step(Step.CAPTION, self._caption_request(query, images), should_stop)
+            final = yield from self._stream_step(Step.SAFE, self._safe_request(caption, query, images), should_stop)
         yield StepEvent(Step.FINAL, text=final, flagged=flag, harm_score=score, elapsed=time.perf_counter() - t0)
 
     # ---- steps ----------------------------------------------------------------------------------------------
-    def _stream_step(self, step: Step, request: StepRequest) -> Iterator[StepEvent]:
+    def _stream_step(self, step: Step, request: StepRequest,
+                     should_stop: StopFlag | None) -> Iterator[StepEvent]:
         t = time.perf_counter()
         text = ""
-        for delta in self.backend.stream(request):
+        for delta in self.backend.stream(request, should_stop):
             text += delta
             yield StepEvent(step, delta=delta, done=False)
         text = text.strip()

@@ -30,7 +30,7 @@ from PIL import Image
 
 from llava.constants import CLIP_IMAGE_SIZE, CLIP_MEAN, ECSO_ALIAS_SUFFIX
 from llava.conversation import build_prompt, get_conv_template
-from llava.ecso.backends import Backend, StepRequest, register_backend
+from llava.ecso.backends import Backend, StepRequest, StopFlag
 from llava.ecso.prompts import parse_verdict_tolerant
 from llava.errors import BackendError, InvalidRequestError, NoWorkerError, UnsupportedError
 from llava.generation import GenerationParams
@@ -158,11 +158,13 @@ class WorkerBackend(_HTTPBackend):
                 "temperature": p.temperature, "top_p": p.top_p if p.top_p is not None else 1.0,
                 "max_new_tokens": p.max_new_tokens, "stop": stop}
 
-    def stream(self, request: StepRequest) -> Iterator[str]:
+    def stream(self, request: StepRequest, should_stop: StopFlag | None = None) -> Iterator[str]:
         payload = self.payload(request)
         prompt, worker = payload["prompt"], self._worker()
         sent = ""
         for chunk in worker.stream("/worker_generate_stream", payload):
+            if should_stop is not None and should_stop():
+                return  # closing the stream tells the worker, which stops generating
             raise_for_chunk(chunk)
             text = str(chunk.get("text", ""))
             if not text.startswith(prompt):
@@ -285,9 +287,11 @@ class OpenAIBackend(_HTTPBackend):
     def generate(self, requests: Sequence[StepRequest]) -> list[str]:
         return [text.strip() for text in self._map(self._complete, requests)]
 
-    def stream(self, request: StepRequest) -> Iterator[str]:
+    def stream(self, request: StepRequest, should_stop: StopFlag | None = None) -> Iterator[str]:
         started = False
         for event in self._http.events("/chat/completions", self.payload(request, stream=True)):
+            if should_stop is not None and should_stop():
+                return  # closing the stream tells the endpoint
             choices = event.get("choices") or [{}]
             delta = (choices[0].get("delta") or {}).get("content") or ""
             if not started:
@@ -351,18 +355,3 @@ def _first_choice(body: dict[str, Any], where: str) -> dict[str, Any]:
     if not choices or not isinstance(choices[0], dict):
         raise BackendError(f"{where} answered without choices: {json.dumps(body)[:200]}")
     return choices[0]
-
-
-def _worker_factory(controller_url: str = "http://127.0.0.1:10000", model_name: str | None = None,
-                    conv_mode: str | None = None, timeout: float = 300.0, image_aspect_ratio: str | None = None,
-                    **kwargs: Any) -> Backend:
-    return WorkerBackend(controller_url, model_name, conv_mode, timeout, image_aspect_ratio, **kwargs)
-
-
-def _openai_factory(base_url: str | None = None, model_name: str | None = None, timeout: float = 300.0,
-                    image_aspect_ratio: str | None = None, **kwargs: Any) -> Backend:
-    return OpenAIBackend(base_url, model_name, timeout, image_aspect_ratio, **kwargs)
-
-
-register_backend("worker", _worker_factory)
-register_backend("openai", _openai_factory)

@@ -1,5 +1,5 @@
 """The worker's ECSO stream: ``POST /worker_ecso_stream`` runs ECSO's four steps on the worker's model and sends
-one NUL-delimited :class:`~llava.serve.protocol.ECSOEvent` per step as it happens:
+one NUL-delimited :class:`~llava.serve.protocol.ecso.ECSOEvent` per step as it happens:
 
 ``direct`` deltas (``done: false``) then ``direct`` done (just the done event when the request gives ``direct``,
 the answer to check); ``verdict`` (flagged, harm_score in score mode);
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
@@ -21,25 +20,19 @@ from PIL import Image
 from pydantic import ValidationError
 
 from llava.constants import ECSO_ALIAS_SUFFIX
-from llava.conversation import build_prompt
-from llava.ecso.backends import LocalBackend
 from llava.ecso.pipeline import ECSO
 from llava.errors import ECSOError, ImageError, InvalidRequestError
-from llava.mm_utils import decode_base64_image
 from llava.http_client import encode_chunk
-from llava.serve.server import STREAM_MEDIA_TYPE, error_chunk, require_api_key
+from llava.mm_utils import decode_base64_image
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ERROR_EVENT, ECSOEvent, ECSOStreamRequest
 from llava.serve.protocol.fields import describe_validation_error
+from llava.serve.server import STREAM_MEDIA_TYPE, chunk_error_response, error_chunk, require_api_key
 from llava.serve.worker_runtime import stream_model
+from llava.serve.worker_state import WorkerState, get_state
 
-if TYPE_CHECKING:
-    from llava.serve.model_worker import WorkerState
-
-__all__ = ["error_event", "ecso_error_frame",
-           "build_pipeline", "check_fits", "ecso_routes"]
+__all__ = ["error_event", "ecso_error_frame", "ecso_routes"]
 
 logger = logging.getLogger(__name__)
-
 
 
 def error_event(exc: BaseException) -> ECSOEvent:
@@ -47,23 +40,8 @@ def error_event(exc: BaseException) -> ECSOEvent:
     return ECSOEvent(event=ERROR_EVENT, text=chunk.text, error_code=chunk.error_code, detail=chunk.detail)
 
 
-def ecso_error_frame(exc: Exception) -> bytes:
+def ecso_error_frame(exc: BaseException) -> bytes:
     return encode_chunk(error_event(exc))
-
-
-def build_pipeline(state: WorkerState, overrides: dict, should_stop: Callable[[], bool] | None = None) -> ECSO:
-    """ECSO on the worker's engine with its defaults and a request's options."""
-    config = state.ecso_config(overrides)
-    backend = LocalBackend(state.engine, conv_mode=state.conv_mode, should_stop=should_stop)
-    return ECSO(backend, config, image_limits=state.policy.limits)
-
-
-def check_fits(state: WorkerState, query: str, images: Sequence[Image.Image], direct: str | None = None,
-               pipeline: ECSO | None = None) -> None:
-    """Tokenize the first prompt the run will send (blocking): step 1's, or the harm check's when ``direct`` is
-    given, so a context overflow is a 400 before anything runs."""
-    text = query if direct is None or pipeline is None else pipeline.prompts.fill_harm_check(query, direct)
-    state.engine.encode(build_prompt(state.conv_mode, text, len(images)), images)
 
 
 def _decode(image: str | None, state: WorkerState) -> list[Image.Image]:
@@ -75,8 +53,7 @@ def _decode(image: str | None, state: WorkerState) -> list[Image.Image]:
         raise ImageError(f"image: {exc}") from None
 
 
-async def _prepare(state: WorkerState, raw: bytes,
-                   stop: threading.Event) -> tuple[ECSO, ECSOStreamRequest, list[Image.Image]]:
+async def _prepare(state: WorkerState, raw: bytes) -> tuple[ECSO, ECSOStreamRequest, list[Image.Image]]:
     try:
         req = ECSOStreamRequest.model_validate_json(raw)
     except ValidationError as exc:
@@ -84,16 +61,17 @@ async def _prepare(state: WorkerState, raw: bytes,
     if req.model is not None:
         state.check_model(req.model, [state.model_name + ECSO_ALIAS_SUFFIX])
     state.check_images(int(req.image is not None))
-    pipeline = build_pipeline(state, req.options.overrides(), stop.is_set)
+    pipeline = state.pipeline(req.options.overrides(), streamed=True)
     images = await anyio.to_thread.run_sync(_decode, req.image, state)
-    await anyio.to_thread.run_sync(check_fits, state, req.query, images, req.direct, pipeline)
+    await anyio.to_thread.run_sync(state.check_fits, pipeline, req.query, images, req.direct)
     return pipeline, req, images
 
 
 async def _frames(state: WorkerState, pipeline: ECSO, req: ECSOStreamRequest, images: list[Image.Image],
                   stop: threading.Event) -> AsyncIterator[bytes]:
     try:
-        async for event in stream_model(state.slots, lambda: pipeline.stream(images, req.query, direct=req.direct),
+        async for event in stream_model(state.slots, lambda: pipeline.stream(images, req.query, req.direct,
+                                                                             stop.is_set),
                                         state.jobs, stop):
             yield encode_chunk(ECSOEvent.from_step(event))
     except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
@@ -108,16 +86,14 @@ def ecso_routes() -> APIRouter:
 
     @router.post(ECSO_STREAM_PATH)
     async def worker_ecso_stream(request: Request) -> Response:
-        state, stop = request.app.state.worker, threading.Event()
+        state = get_state(request)
         try:
-            pipeline, req, images = await _prepare(state, await request.body(), stop)
+            pipeline, req, images = await _prepare(state, await request.body())
         except Exception as exc:  # noqa: BLE001 - one error event with a real status
-            status = exc.status if isinstance(exc, ECSOError) else 500
-            logger.log(logging.ERROR if status >= 500 else logging.INFO, "%s -> %d: %s", ECSO_STREAM_PATH, status,
-                       exc, exc_info=status >= 500)
-            return Response(ecso_error_frame(exc), status_code=status, media_type=STREAM_MEDIA_TYPE)
+            return chunk_error_response(exc, ecso_error_frame, where=ECSO_STREAM_PATH)
         logger.info("ECSO run: verdict %s, %d image(s), query %d chars%s", pipeline.verdict_mode, len(images),
                     len(req.query), "" if req.direct is None else f", direct answer given ({len(req.direct)} chars)")
-        return StreamingResponse(_frames(state, pipeline, req, images, stop), media_type=STREAM_MEDIA_TYPE)
+        return StreamingResponse(_frames(state, pipeline, req, images, threading.Event()),
+                                 media_type=STREAM_MEDIA_TYPE)
 
     return router

@@ -9,9 +9,12 @@
 * ``logprobs: true, top_logprobs: N``: log-probabilities of the first generated token and its N best alternatives
   (on the last chunk when streaming). That is what a yes/no score needs (the ``openai`` backend's score verdict).
 * ECSO: ``"ecso": true`` or the model ``<name>+ecso``. The message is ECSO's final answer and ``ecso`` in the
-  response holds the steps (:class:`~llava.serve.protocol.ECSOInfo`). Streaming sends the final answer (the
+  response holds the steps (:class:`~llava.serve.protocol.openai.ECSOInfo`). Streaming sends the final answer (the
   direct answer once it passed the check, else the safe answer as it is generated) and the steps on the last chunk.
   ECSO is single-turn: one user message, no system or assistant turns.
+
+Each prompt is rendered and checked to fit once (:meth:`~llava.ecso.backends.ServingBackend.prepare`), and
+generated from what that returned; the model is reached only through the worker's backend.
 """
 from __future__ import annotations
 
@@ -20,21 +23,20 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from PIL import Image
 from pydantic import BaseModel
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, ECSO_ALIAS_SUFFIX
-from llava.conversation import SeparatorStyle, get_conv_template
+from llava.constants import ECSO_ALIAS_SUFFIX
+from llava.conversation import Chat
+from llava.ecso.backends import Prepared
 from llava.ecso.events import ECSOProgress, ECSOResult, Step
 from llava.ecso.pipeline import ECSO
 from llava.errors import ECSOError, InvalidRequestError
-from llava.generation import GenerationParams
-from llava.serve.server import openai_error, require_api_key
+from llava.generation import FirstTokenLogprobs, GenerationParams, ScoredToken
 from llava.serve.protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -52,39 +54,23 @@ from llava.serve.protocol.openai import (
     TopLogprob,
     Usage,
 )
-from llava.serve.worker_ecso import build_pipeline, check_fits
+from llava.serve.server import SSE_MEDIA_TYPE, openai_error, require_api_key
 from llava.serve.worker_runtime import call_model, load_image_urls, stream_model
+from llava.serve.worker_state import WorkerState, get_state
 
-if TYPE_CHECKING:
-    from llava.serve.model_worker import WorkerState
-
-__all__ = ["SSE_MEDIA_TYPE", "Chat", "parse_chat", "render_prompt", "first_token_logprobs", "openai_routes"]
+__all__ = ["parse_chat", "openai_routes"]
 
 logger = logging.getLogger(__name__)
 
-SSE_MEDIA_TYPE = "text/event-stream"
 _SYSTEM_ROLES = ("system", "developer")
 
 
 # ---------------------------------------------------------------------------------------------- conversation
 
 
-@dataclass
-class Chat:
-    """A request's conversation: the system text (``None``: the template's), ``(user, assistant)`` turns with the
-    last assistant ``None``, and the image URLs of each turn."""
-
-    system: str | None
-    turns: list[tuple[str, str | None]]
-    turn_images: list[list[str]] = field(default_factory=list)
-
-    @property
-    def image_urls(self) -> list[str]:
-        return [u for urls in self.turn_images for u in urls]
-
-
 def parse_chat(messages: list[ChatMessage]) -> Chat:
-    """Group OpenAI messages into template turns; raises :class:`InvalidRequestError` naming the message."""
+    """Group OpenAI messages into turns (each turn's images are its ``image_url`` URLs); raises
+    :class:`InvalidRequestError` naming the message."""
     system: list[str] = []
     merged: list[list[Any]] = []  # [role, texts, image urls]
     for i, msg in enumerate(messages):
@@ -105,70 +91,13 @@ def parse_chat(messages: list[ChatMessage]) -> Chat:
     if merged[-1][0] != "user":
         raise InvalidRequestError("messages: the last message must be the user's (the assistant answers it)")
     turns: list[tuple[str, str | None]] = []
-    images: list[list[str]] = []
+    images: list[list[Any]] = []
     for k in range(0, len(merged), 2):
         user = merged[k]
         assistant = merged[k + 1] if k + 1 < len(merged) else None
         turns.append(("\n".join(user[1]), "\n".join(assistant[1]) if assistant else None))
         images.append(user[2])
     return Chat("\n".join(system) if system else None, turns, images)
-
-
-def render_prompt(conv_mode: str, chat: Chat) -> str:
-    """The templated prompt; for one user message and no system text it equals ``build_prompt(conv_mode, text, n)``."""
-    conv = get_conv_template(conv_mode)
-    if chat.system is not None:
-        header = "<|im_start|>system\n" if conv.sep_style == SeparatorStyle.MPT else ""
-        conv.system = header + chat.system
-    for (user, assistant), urls in zip(chat.turns, chat.turn_images):
-        conv.append_message(conv.roles[0], (DEFAULT_IMAGE_TOKEN + "\n") * len(urls) + user)
-        conv.append_message(conv.roles[1], assistant)
-    return conv.get_prompt()
-
-
-# ---------------------------------------------------------------------------------------------------- logprobs
-
-
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    piece = tokenizer.convert_ids_to_tokens(token_id) or ""
-    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    if piece.startswith("▁") and not text.startswith(" "):  # SentencePiece word start: decode() drops the space
-        text = " " + text
-    return text
-
-
-def first_token_logprobs(engine: Any, prompt: str, images: list[Image.Image], top_n: int,
-                         answer: str, greedy: bool) -> ChoiceLogprobs:
-    """Log-probabilities of the first answer token (one forward pass; blocking). The chosen token is the best
-    allowed token when decoding is greedy, else the first token of ``answer``."""
-    import torch
-
-    lm = engine.loaded
-    encoded = engine.encode(prompt, images)
-    ids = torch.tensor([encoded.input_ids], device=lm.device)
-    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if images:
-        inputs["pixel_values"] = engine.pixel_values(images)
-    with torch.inference_mode():
-        logits = engine.model(**inputs, logits_to_keep=1).logits[0, -1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    allowed = logp.clone()
-    banned = [t for t in lm.suppress_token_ids if t < allowed.numel()]
-    allowed[banned] = float("-inf")
-    tok = engine.tokenizer
-    if greedy or not answer:
-        chosen = int(allowed.argmax()) if greedy or answer else int(tok.eos_token_id)
-    else:
-        chosen = tok(answer, add_special_tokens=False).input_ids[0]
-    k = min(top_n, int(torch.isfinite(allowed).sum()))
-    top = torch.topk(allowed, k) if k else None
-
-    def entry(token_id: int, value: float) -> dict:
-        text = _token_text(tok, token_id)
-        return {"token": text, "logprob": value, "bytes": list(text.encode())}
-
-    alternatives = [TopLogprob(**entry(int(i), float(v))) for v, i in zip(top.values, top.indices)] if top else []
-    return ChoiceLogprobs(content=[TokenLogprob(**entry(chosen, float(logp[chosen])), top_logprobs=alternatives)])
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -182,10 +111,6 @@ def _sse(obj: BaseModel | dict) -> bytes:
 _SSE_DONE = b"data: [DONE]\n\n"
 
 
-def _count_tokens(engine: Any, text: str) -> int:
-    return len(engine.tokenizer(text, add_special_tokens=False).input_ids) if text else 0
-
-
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
@@ -197,14 +122,23 @@ def _ecso_info(result: ECSOResult) -> ECSOInfo:
                     safe_answer=result.safe_answer, timings=result.timings)
 
 
+def _entry(token: ScoredToken) -> dict[str, Any]:
+    return {"token": token.token, "logprob": token.logprob, "bytes": list(token.token.encode())}
+
+
+def _choice_logprobs(first: FirstTokenLogprobs) -> ChoiceLogprobs:
+    alternatives = [TopLogprob(**_entry(t)) for t in first.alternatives]
+    return ChoiceLogprobs(content=[TokenLogprob(**_entry(first.chosen), top_logprobs=alternatives)])
+
+
 @dataclass
-class _Prepared:
-    """A request made ready: model name to report, prompt, images, decoding settings, prompt length in tokens."""
+class _Request:
+    """A request made ready: model name to report, its prepared prompt (direct answers) or pipeline (ECSO),
+    decoding settings, prompt length in tokens."""
 
     req: ChatCompletionRequest
     model: str
-    prompt: str
-    images: list[Image.Image]
+    prepared: Prepared
     params: GenerationParams
     prompt_tokens: int
     top_logprobs: int | None
@@ -228,34 +162,38 @@ def _ecso_overrides(req: ChatCompletionRequest) -> dict[str, Any]:
     return out
 
 
-async def _prepare(state: WorkerState, req: ChatCompletionRequest) -> _Prepared:
+def _top_logprobs(state: WorkerState, req: ChatCompletionRequest) -> int | None:
+    if not req.logprobs:
+        if req.top_logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true")
+        return None
+    top = req.top_logprobs or 0
+    if top > state.config.max_top_logprobs:
+        raise InvalidRequestError(f"top_logprobs: at most {state.config.max_top_logprobs} on this worker, got "
+                                  f"{top} (--max-top-logprobs)")
+    return top
+
+
+async def _prepare(state: WorkerState, req: ChatCompletionRequest) -> _Request:
     state.check_model(req.model, [state.model_name + ECSO_ALIAS_SUFFIX])
     ecso = req.ecso or req.model.endswith(ECSO_ALIAS_SUFFIX)
     chat = parse_chat(req.messages)
-    top_logprobs = None
-    if req.logprobs:
-        top_logprobs = req.top_logprobs or 0
-        if top_logprobs > state.config.max_top_logprobs:
-            raise InvalidRequestError(f"top_logprobs: at most {state.config.max_top_logprobs} on this worker, got "
-                                      f"{top_logprobs} (--max-top-logprobs)")
-    elif req.top_logprobs:
-        raise InvalidRequestError("top_logprobs needs logprobs: true")
+    top_logprobs = _top_logprobs(state, req)
     if ecso and (chat.system is not None or len(chat.turns) > 1):
         raise InvalidRequestError("ecso: ECSO answers a single user message; send no system or assistant messages")
     if ecso and top_logprobs is not None:
         raise InvalidRequestError("logprobs are not available with ecso")
-    state.check_images(len(chat.image_urls))
-    stop = threading.Event()
-    pipeline = build_pipeline(state, _ecso_overrides(req), stop.is_set) if ecso else None
-    images = await load_image_urls(chat.image_urls, state.policy, state.http)
+    state.check_images(len(chat.images))
+    pipeline = state.pipeline(_ecso_overrides(req), streamed=req.stream) if ecso else None
+    chat = chat.with_images(await load_image_urls(chat.images, state.policy, state.http))
     params = GenerationParams(max_new_tokens=req.token_limit(state.config.max_new_tokens), temperature=req.temperature,
                               top_p=req.top_p, stop=tuple(req.stop_list))
-    prompt = render_prompt(state.conv_mode, chat)
-    if pipeline is not None:
-        await anyio.to_thread.run_sync(check_fits, state, chat.turns[0][0], images)
-    encoded = await anyio.to_thread.run_sync(state.engine.encode, prompt, images)
-    return _Prepared(req, req.model, prompt, images, params, len(encoded.input_ids), top_logprobs, pipeline,
-                     chat.turns[0][0], stop)
+    query = chat.turns[0][0]
+    if pipeline is not None:  # its first prompt: the query with its images, as the chat's own prompt
+        prepared = await anyio.to_thread.run_sync(state.check_fits, pipeline, query, chat.images)
+    else:
+        prepared = await anyio.to_thread.run_sync(state.backend.prepare, chat)
+    return _Request(req, req.model, prepared, params, prepared.prompt_tokens or 0, top_logprobs, pipeline, query)
 
 
 def _finish_reason(completion_tokens: int, params: GenerationParams) -> str:
@@ -265,57 +203,57 @@ def _finish_reason(completion_tokens: int, params: GenerationParams) -> str:
 # ---------------------------------------------------------------------------------------------------- direct
 
 
-def _generate(state: WorkerState, p: _Prepared) -> tuple[str, int, ChoiceLogprobs | None]:
-    engine = state.engine
-    text = engine.generate([p.prompt], [p.images], p.params)[0]
-    logprobs = None
-    if p.top_logprobs is not None:
-        logprobs = first_token_logprobs(engine, p.prompt, p.images, p.top_logprobs, text, p.params.greedy)
-    return text, _count_tokens(engine, text), logprobs
+def _logprobs(state: WorkerState, r: _Request, text: str) -> ChoiceLogprobs | None:
+    if r.top_logprobs is None:
+        return None
+    first = state.backend.first_token_logprobs(r.prepared, r.top_logprobs, text, r.params.greedy)
+    return _choice_logprobs(first)
 
 
-async def _complete(state: WorkerState, p: _Prepared) -> ChatCompletionResponse:
-    if p.pipeline is not None:
-        pipeline = p.pipeline
-        result = await call_model(state.slots, lambda: pipeline.run(p.images, p.query))
-        n = await anyio.to_thread.run_sync(_count_tokens, state.engine, result.final)
+def _generate(state: WorkerState, r: _Request) -> tuple[str, int, ChoiceLogprobs | None]:
+    text = state.backend.complete(r.prepared, r.params)
+    return text, state.backend.count_tokens(text), _logprobs(state, r, text)
+
+
+async def _complete(state: WorkerState, r: _Request) -> ChatCompletionResponse:
+    if r.pipeline is not None:
+        pipeline = r.pipeline
+        result = await call_model(state.slots, lambda: pipeline.run(r.prepared.images, r.query))
+        n = await anyio.to_thread.run_sync(state.backend.count_tokens, result.final)
         choice = ChatChoice(message=AssistantMessage(content=result.final), finish_reason="stop")
-        return ChatCompletionResponse(model=p.model, choices=[choice], usage=_usage(p.prompt_tokens, n),
+        return ChatCompletionResponse(model=r.model, choices=[choice], usage=_usage(r.prompt_tokens, n),
                                       ecso=_ecso_info(result))
-    text, n, logprobs = await call_model(state.slots, lambda: _generate(state, p))
-    choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=_finish_reason(n, p.params),
+    text, n, logprobs = await call_model(state.slots, lambda: _generate(state, r))
+    choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=_finish_reason(n, r.params),
                         logprobs=logprobs)
-    return ChatCompletionResponse(model=p.model, choices=[choice], usage=_usage(p.prompt_tokens, n))
+    return ChatCompletionResponse(model=r.model, choices=[choice], usage=_usage(r.prompt_tokens, n))
 
 
-def _direct_job(state: WorkerState, p: _Prepared) -> Iterator[tuple[str, Any]]:
+def _direct_job(state: WorkerState, r: _Request) -> Iterator[tuple[str, Any]]:
     """Blocking: ("delta", text) items, then ("end", (completion tokens, logprobs))."""
     text = ""
-    for delta in state.engine.stream(p.prompt, p.images, p.params, should_stop=p.stop.is_set):
+    for delta in state.backend.stream_prepared(r.prepared, r.params, r.stop.is_set):
         text += delta
         yield "delta", delta
-    logprobs = None
-    if p.top_logprobs is not None:
-        logprobs = first_token_logprobs(state.engine, p.prompt, p.images, p.top_logprobs, text, p.params.greedy)
-    yield "end", (_count_tokens(state.engine, text), logprobs)
+    yield "end", (state.backend.count_tokens(text), _logprobs(state, r, text))
 
 
-def _ecso_job(state: WorkerState, p: _Prepared) -> Iterator[tuple[str, Any]]:
+def _ecso_job(state: WorkerState, r: _Request) -> Iterator[tuple[str, Any]]:
     """Blocking: the final answer's deltas (the direct answer in one piece once it passed the check, the safe answer
     as it streams), then ("end", (completion tokens, ECSOInfo))."""
-    assert p.pipeline is not None
+    assert r.pipeline is not None
     progress = ECSOProgress()
-    for event in p.pipeline.stream(p.images, p.query):
+    for event in r.pipeline.stream(r.prepared.images, r.query, should_stop=r.stop.is_set):
         delta = progress.apply(event)
         if event.step is Step.VERDICT and not progress.flagged:
             yield "delta", progress.direct
         elif event.step is Step.SAFE and delta:
             yield "delta", delta
-    result = ECSOResult.from_progress(p.query, progress, p.pipeline.verdict_mode)
-    yield "end", (_count_tokens(state.engine, result.final), _ecso_info(result))
+    result = ECSOResult.from_progress(r.query, progress, r.pipeline.verdict_mode)
+    yield "end", (state.backend.count_tokens(result.final), _ecso_info(result))
 
 
-async def _sse_stream(state: WorkerState, p: _Prepared) -> AsyncIterator[bytes]:
+async def _sse_stream(state: WorkerState, p: _Request) -> AsyncIterator[bytes]:
     req, base = p.req, {"model": p.model}
     first = ChatCompletionChunk(**base, choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
     base["id"], base["created"] = first.id, first.created
@@ -352,12 +290,12 @@ def openai_routes() -> APIRouter:
 
     @router.get("/models")
     async def list_models(request: Request) -> ModelList:
-        name = request.app.state.worker.model_name
+        name = get_state(request).model_name
         return ModelList(data=[ModelCard(id=name), ModelCard(id=name + ECSO_ALIAS_SUFFIX)])
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        state = request.app.state.worker
+        state = get_state(request)
         prepared = await _prepare(state, body)
         if body.stream:
             return StreamingResponse(_sse_stream(state, prepared), media_type=SSE_MEDIA_TYPE,

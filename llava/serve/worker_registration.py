@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from llava.errors import ECSOError
 from llava.http_client import apost_json
 from llava.serve.protocol.llava import HeartBeatRequest, RegisterWorkerRequest
-
-if TYPE_CHECKING:
-    from llava.serve.model_worker import WorkerState
+from llava.serve.worker_state import WorkerState
 
 __all__ = ["REGISTER_BACKOFF_MAX", "registration_loop"]
 

@@ -1,7 +1,8 @@
 """ECSO wiring with a recording backend, and end to end on the tiny model."""
 import pytest
 
-from llava.ecso.backends import Backend, LocalBackend, StepRequest
+from llava.ecso.backends import Backend, StepRequest
+from llava.ecso.local import LocalBackend
 from llava.ecso.config import ECSOConfig
 from llava.ecso.pipeline import ECSO, ECSOInput
 from llava.ecso.prompts import PAPER_PROMPTS

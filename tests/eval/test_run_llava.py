@@ -10,7 +10,7 @@ CAT = str(REPO_ROOT / "assets" / "examples" / "cat.png")
 
 @pytest.mark.slow
 def test_run_llava_ecso_json_matches_in_process(tiny_engine):
-    from llava.ecso.backends import LocalBackend
+    from llava.ecso.local import LocalBackend
     from llava.ecso.config import ECSOConfig
     from llava.ecso.pipeline import ECSO
 

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 
 from llava.errors import ImageError
 from llava.mm_utils import ImageLimits, decode_base64_image, load_image
-from llava.serve.model_worker import WorkerConfig, create_app
+from llava.serve.model_worker import create_app
+from llava.serve.worker_state import WorkerConfig
 from llava.serve.protocol.ecso import ECSOStreamRequest
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.protocol.llava import GenerateStreamRequest, HeartBeatRequest, RegisterWorkerRequest

@@ -12,7 +12,8 @@ import pytest
 from corpus import good_png
 from fastapi.testclient import TestClient
 
-from llava.serve.model_worker import WorkerConfig, create_app
+from llava.serve.model_worker import create_app
+from llava.serve.worker_state import WorkerConfig
 
 pytestmark = pytest.mark.slow
 

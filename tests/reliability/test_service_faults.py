@@ -257,7 +257,7 @@ def test_ecso_stream_checks_a_given_direct_answer_as_the_pipeline_does(stack: St
 
     from PIL import Image
 
-    from llava.ecso.backends import LocalBackend
+    from llava.ecso.local import LocalBackend
     from llava.ecso.config import ECSOConfig
     from llava.ecso.pipeline import ECSO
 

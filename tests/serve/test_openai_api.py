@@ -17,12 +17,13 @@ from openai import OpenAI
 from PIL import Image
 
 from llava.conversation import build_prompt
-from llava.ecso.backends import LocalBackend
 from llava.ecso.config import ECSOConfig
+from llava.ecso.local import LocalBackend
 from llava.ecso.pipeline import ECSO
 from llava.generation import GenerationParams
 from llava.mm_utils import encode_image_base64
-from llava.serve.model_worker import WorkerConfig, create_app
+from llava.serve.model_worker import create_app
+from llava.serve.worker_state import WorkerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -145,6 +146,20 @@ def test_first_token_logprobs(client, tiny_engine, image) -> None:
     assert len(tops) == 5 and tops == sorted(tops, reverse=True) and all(t <= 0 for t in tops)
     assert first.token == first.top_logprobs[0].token and first.logprob == pytest.approx(tops[0])
     assert resp.choices[0].message.content.startswith(first.token.strip())
+
+
+def test_each_prompt_is_tokenized_once(client, tiny_engine, image, monkeypatch) -> None:
+    """The fit check's encoded prompt is what the answer, its stream and its logprobs are computed from."""
+    calls = []
+    encode = tiny_engine.encode
+    monkeypatch.setattr(tiny_engine, "encode", lambda *a, **kw: calls.append(a[0]) or encode(*a, **kw))
+    for stream in (False, True):
+        calls.clear()
+        resp = client.chat.completions.create(model="tiny", messages=[_user(image)], max_tokens=2, temperature=0,
+                                              logprobs=True, top_logprobs=2, stream=stream)
+        if stream:
+            assert "".join(c.choices[0].delta.content or "" for c in resp if c.choices)
+        assert calls == [build_prompt("vicuna_v1", QUERY, 1)]
 
 
 @pytest.mark.parametrize("kwargs, error, words", [

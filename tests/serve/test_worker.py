@@ -21,7 +21,8 @@ from service_procs import REPO_ROOT, Service, _spawn, _wait_healthy, free_port, 
 
 from llava.constants import ErrorCode
 from llava.conversation import build_prompt
-from llava.ecso.backends import LocalBackend, StepRequest
+from llava.ecso.backends import StepRequest
+from llava.ecso.local import LocalBackend
 from llava.ecso.config import ECSOConfig
 from llava.ecso.pipeline import ECSO
 from llava.errors import ContextLengthError, NoWorkerError
@@ -231,7 +232,7 @@ def test_bad_ecso_requests_get_one_error_event(stack, body, status, words) -> No
 
 
 def test_backends_over_http_match_the_local_backend(stack, image_b64, tiny_engine) -> None:
-    from llava.ecso.backends import create_backend
+    from llava.ecso.registry import create_backend
 
     img = _image(image_b64)
     local = LocalBackend(tiny_engine)

@@ -16,9 +16,11 @@ from PIL import Image
 from llava.conversation import build_prompt
 from llava.errors import ImageError, InvalidRequestError
 from llava.mm_utils import ImageLimits, encode_image_base64
-from llava.serve.model_worker import WorkerConfig, build_parser, config_from_args
+from llava.serve.model_worker import build_parser, config_from_args
+from llava.serve.worker_state import WorkerConfig
 from llava.serve.protocol.openai import ChatMessage
-from llava.serve.worker_openai import parse_chat, render_prompt
+from llava.conversation import render_prompt
+from llava.serve.worker_openai import parse_chat
 from llava.serve.server import BodyLimitMiddleware, llava_error_frame
 from llava.serve.worker_runtime import (
     ImagePolicy,
@@ -92,7 +94,7 @@ def test_single_turn_prompt_equals_build_prompt() -> None:
     for conv in ("vicuna_v1", "llava_llama_2", "chatml_direct", "mistral_instruct"):
         chat = parse_chat(_msgs({"role": "user", "content": [{"type": "text", "text": "What?"}, IMG, IMG]}))
         assert render_prompt(conv, chat) == build_prompt(conv, "What?", 2)
-        assert len(chat.image_urls) == 2
+        assert len(chat.images) == 2
 
 
 def test_history_and_system_prompt() -> None:
