@@ -20,16 +20,8 @@ from service_procs import running_service
 
 from llava.constants import ErrorCode
 from llava.http_client import ServiceClient, auth_headers, raise_for_chunk
-from llava.serve.controller import (
-    ControllerConfig,
-    WorkerInfo,
-    WorkerRegistry,
-    build_parser,
-    config_from_args,
-    get_dispatch_method,
-    lottery,
-    shortest_queue,
-)
+from llava.serve.controller import ControllerConfig, build_parser, config_from_args
+from llava.serve.dispatch import WorkerInfo, WorkerRegistry, get_dispatch_method, lottery, shortest_queue
 from llava.errors import AuthError, BackendTimeoutError, NoWorkerError
 from llava.serve.protocol.llava import WorkerStatus
 
