@@ -38,16 +38,18 @@ def check_extra(extra: str, what: str, modules: Sequence[str] | None = None) -> 
     ``extra``'s) are importable; ``what`` names the part that needs them."""
     missing = [m for m in (modules if modules is not None else EXTRAS[extra]) if importlib.util.find_spec(m) is None]
     if missing:
-        _fail(MissingExtraError(f"{what} needs {', '.join(missing)} (the [{extra}] extra): {install_hint(extra)}"))
+        _fail(MissingExtraError(f"{what} needs {', '.join(missing)} (the [{extra}] extra): {install_hint(extra)}",
+                                name=missing[0]))
 
 
 def require_extra(module: str, extra: str, what: str | None = None) -> ModuleType:
-    """``import module``, or a :class:`MissingExtraError` naming ``extra`` when it is not installed."""
+    """``import module``, or a :class:`MissingExtraError` naming ``extra`` (and, as ``name``, the missing module)
+    when it is not installed."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] != module.split(".")[0]:
             raise  # the module is there, something it imports is not: not ours to explain
-        _fail(MissingExtraError(f"{what or module.split('.')[0]} needs {module.split('.')[0]} (the [{extra}] "
-                                f"extra): {install_hint(extra)}"))
+        top = module.split(".")[0]
+        _fail(MissingExtraError(f"{what or top} needs {top} (the [{extra}] extra): {install_hint(extra)}", name=top))
         raise  # unreachable: _fail raises or exits

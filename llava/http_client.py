@@ -21,8 +21,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from llava.constants import ErrorCode
 from llava import errors
+from llava.constants import ErrorCode
 from llava.errors import (
     AuthError,
     BackendError,

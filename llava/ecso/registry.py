@@ -39,8 +39,8 @@ class BackendEntry:
                                                              and not exc.name.startswith("llava"))
             if self.extra is None or not missing:
                 raise
-            raise MissingExtraError(f"the {name!r} backend needs the [{self.extra}] extra ({exc}): "
-                                    f"{install_hint(self.extra)}") from None
+            raise MissingExtraError(f"the {name!r} backend needs the [{self.extra}] extra ({exc.name} is not "
+                                    f"installed): {install_hint(self.extra)}", name=exc.name) from None
         for part in attribute.split("."):
             target = getattr(target, part)
         return target

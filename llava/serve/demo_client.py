@@ -26,12 +26,12 @@ from typing import Any
 from PIL import Image
 
 from llava.conversation import SeparatorStyle, build_prompt, default_conv_mode, get_conv_template
-from llava.ecso.events import ECSOProgress, Step
 from llava.ecso.config import ECSOConfig
+from llava.ecso.events import ECSOProgress, Step
 from llava.ecso.prompts import get_prompt_set
 from llava.errors import ECSOError, NoWorkerError
-from llava.mm_utils import encode_image_base64
 from llava.http_client import ServiceClient, error_from_chunk
+from llava.mm_utils import encode_image_base64
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ERROR_EVENT, ECSOEvent, ECSOOptions, ECSOStreamRequest
 from llava.serve.protocol.llava import GenerateStreamRequest
 

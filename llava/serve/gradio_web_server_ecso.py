@@ -18,13 +18,14 @@ from typing import Any, Literal
 
 from llava.cli_args import add_ecso_args
 from llava.constants import WEB_PORT
-from llava.ecso.events import Step
 from llava.ecso.config import ECSOConfig, Option, add_option_args, ecso_config_from_args, ecso_options
+from llava.ecso.events import Step
 from llava.errors import ECSOError
+from llava.extras import require_extra
 from llava.http_client import API_KEY_ENV, is_loopback, resolve_api_key
-from llava.serve.server import configure_logging
 from llava.serve.demo_client import ConversationLog, DemoClient, RunState, StepResult
 from llava.serve.protocol.ecso import ECSOOptions
+from llava.serve.server import configure_logging
 
 if typing.TYPE_CHECKING:
     import gradio as gr
@@ -122,7 +123,7 @@ def _examples() -> list[list[str]]:
 
 def build_demo(config: DemoConfig, client: DemoClient) -> "gr.Blocks":
     """The demo page. ``client`` reaches the models (a :class:`DemoClient`, or anything with its methods)."""
-    import gradio as gr
+    gr = require_extra("gradio", "serve", "the demo")
 
     log = ConversationLog(config.log_dir, config.log_ips)
     models, models_note = _list_models(client, config, refresh=False)

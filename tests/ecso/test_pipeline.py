@@ -2,8 +2,8 @@
 import pytest
 
 from llava.ecso.backends import Backend, StepRequest
-from llava.ecso.local import LocalBackend
 from llava.ecso.config import ECSOConfig
+from llava.ecso.local import LocalBackend
 from llava.ecso.pipeline import ECSO, ECSOInput
 from llava.ecso.prompts import PAPER_PROMPTS
 from llava.errors import ImageError, InvalidRequestError

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from llava.constants import CLIP_MEAN
 from llava.conversation import build_prompt
 from llava.ecso.backends import StepRequest
 from llava.ecso.registry import create_backend
-from llava.constants import CLIP_MEAN
 from llava.ecso.remote import OpenAIBackend, WorkerBackend, image_for_upload, yes_no_score
 from llava.errors import (
     AuthError,

@@ -16,11 +16,11 @@ from pydantic import BaseModel, ValidationError
 from llava.errors import ImageError
 from llava.mm_utils import ImageLimits, decode_base64_image, load_image
 from llava.serve.model_worker import create_app
-from llava.serve.worker_state import WorkerConfig
 from llava.serve.protocol.ecso import ECSOStreamRequest
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.protocol.llava import GenerateStreamRequest, HeartBeatRequest, RegisterWorkerRequest
 from llava.serve.protocol.openai import ChatCompletionRequest
+from llava.serve.worker_state import WorkerConfig
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMITS = ImageLimits(max_pixels=2_000_000)

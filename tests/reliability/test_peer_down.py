@@ -24,8 +24,8 @@ from service_procs import free_port  # noqa: E402
 
 from llava.eval.judge.cli import main as judge_main  # noqa: E402
 from llava.serve import worker_registration  # noqa: E402
-from llava.serve.worker_state import WorkerConfig  # noqa: E402
 from llava.serve.protocol.llava import WorkerStatus  # noqa: E402
+from llava.serve.worker_state import WorkerConfig  # noqa: E402
 
 
 class _Stop(Exception):

@@ -19,10 +19,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from service_procs import running_service
 
 from llava.constants import ErrorCode
+from llava.errors import AuthError, BackendTimeoutError, NoWorkerError
 from llava.http_client import ServiceClient, auth_headers, raise_for_chunk
 from llava.serve.controller import ControllerConfig, build_parser, config_from_args
 from llava.serve.dispatch import WorkerInfo, WorkerRegistry, get_dispatch_method, lottery, shortest_queue
-from llava.errors import AuthError, BackendTimeoutError, NoWorkerError
 from llava.serve.protocol.llava import WorkerStatus
 
 CONTROLLER = "llava.serve.controller"

@@ -27,6 +27,10 @@ from llava.http_client import (
     resolve_api_key,
 )
 from llava.serve import server
+from llava.serve.protocol.ecso import ECSOEvent, ECSOStreamRequest
+from llava.serve.protocol.fields import describe_validation_error
+from llava.serve.protocol.llava import GenerateStreamRequest, RegisterWorkerRequest, StreamChunk
+from llava.serve.protocol.openai import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from llava.serve.server import (
     error_chunk,
     error_response,
@@ -35,10 +39,6 @@ from llava.serve.server import (
     require_api_key,
     run_app,
 )
-from llava.serve.protocol.ecso import ECSOEvent, ECSOStreamRequest
-from llava.serve.protocol.fields import describe_validation_error
-from llava.serve.protocol.llava import GenerateStreamRequest, RegisterWorkerRequest, StreamChunk
-from llava.serve.protocol.openai import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 
 ALL_ERRORS = [getattr(errors, name) for name in errors.__all__]
 BASE = {"model": "llava-v1.5-7b", "prompt": "USER: hi ASSISTANT:"}

@@ -22,13 +22,13 @@ from service_procs import REPO_ROOT, Service, _spawn, _wait_healthy, free_port, 
 from llava.constants import ErrorCode
 from llava.conversation import build_prompt
 from llava.ecso.backends import StepRequest
-from llava.ecso.local import LocalBackend
 from llava.ecso.config import ECSOConfig
+from llava.ecso.local import LocalBackend
 from llava.ecso.pipeline import ECSO
 from llava.errors import ContextLengthError, NoWorkerError
 from llava.generation import GenerationParams
-from llava.mm_utils import encode_image_base64
 from llava.http_client import auth_headers
+from llava.mm_utils import encode_image_base64
 
 pytestmark = pytest.mark.slow
 

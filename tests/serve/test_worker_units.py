@@ -14,14 +14,13 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from llava.conversation import build_prompt
+from llava.conversation import render_prompt
 from llava.errors import ImageError, InvalidRequestError
 from llava.mm_utils import ImageLimits, encode_image_base64
 from llava.serve.model_worker import build_parser, config_from_args
-from llava.serve.worker_state import WorkerConfig
 from llava.serve.protocol.openai import ChatMessage
-from llava.conversation import render_prompt
-from llava.serve.worker_openai import parse_chat
 from llava.serve.server import BodyLimitMiddleware, llava_error_frame
+from llava.serve.worker_openai import parse_chat
 from llava.serve.worker_runtime import (
     ImagePolicy,
     ModelSlots,
@@ -31,6 +30,7 @@ from llava.serve.worker_runtime import (
     load_image_urls,
     stream_model,
 )
+from llava.serve.worker_state import WorkerConfig
 
 SEED = ["--host", "0.0.0.0", "--controller", "http://localhost:10000", "--port", "40000", "--worker",
         "http://localhost:40000", "--model-path", "llava-v1.5-7b"]

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 from PIL import Image
 
 from llava.ecso.backends import Backend, StepRequest
-from llava.ecso.events import ECSOResult
 from llava.ecso.config import ECSOConfig
+from llava.ecso.events import ECSOResult
 from llava.ecso.pipeline import ECSO, ECSOInput
 from llava.errors import ECSOError, ImageError
 from llava.eval.benchmarks import Sample, answer_fields
