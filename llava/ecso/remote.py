@@ -1,4 +1,5 @@
-"""ECSO in front of models this process does not load: two HTTP backends, registered by name.
+"""ECSO in front of models this process does not load: two HTTP backends (created by name through
+:mod:`llava.ecso.registry`).
 
 * ``worker``: LLaVA's worker protocol through a controller. The prompt is templated here with
   :func:`~llava.conversation.build_prompt` (``conv_mode``, default ``vicuna_v1``); the controller's
