@@ -19,9 +19,9 @@ from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WORKER_HEART_BEAT_INT
 from llava.conversation import Chat
 from llava.ecso.backends import Prepared, ServingBackend
 from llava.ecso.config import ECSOConfig
-from llava.ecso.local import LocalBackend
 from llava.ecso.pipeline import ECSO
-from llava.errors import InvalidRequestError, ModelNotFoundError
+from llava.ecso.registry import create_backend
+from llava.errors import InvalidRequestError, ModelNotFoundError, UnsupportedError
 from llava.generation import MAX_NEW_TOKENS_LIMIT
 from llava.mm_utils import ImageLimits
 from llava.serve.protocol.llava import WorkerStatus
@@ -154,8 +154,11 @@ def get_state(request: Request) -> WorkerState:
 
 
 def load_backend(config: WorkerConfig) -> ServingBackend:
-    """The worker's model, loaded in this process (blocking)."""
-    return LocalBackend.load(config.model_path, model_base=config.model_base, model_name=config.model_name,
-                             load_8bit=config.load_8bit, load_4bit=config.load_4bit, device=config.device,
-                             dtype=config.dtype, image_aspect_ratio=config.image_aspect_ratio,
+    """The worker's model, created through the backend registry (blocking: it loads the model)."""
+    backend = create_backend("local", model_path=config.model_path, model_base=config.model_base,
+                             model_name=config.model_name, load_8bit=config.load_8bit, load_4bit=config.load_4bit,
+                             device=config.device, dtype=config.dtype, image_aspect_ratio=config.image_aspect_ratio,
                              conv_mode=config.conv_mode)
+    if not isinstance(backend, ServingBackend):
+        raise UnsupportedError(f"backend {backend.name!r} cannot serve a worker (it is not a ServingBackend)")
+    return backend
