@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from llava.errors import UnsupportedError
-from llava.eval.benchmarks.base import DatasetError, read_jsonl
+from llava.eval.jsonl import DatasetError, read_jsonl
 from llava.eval.benchmarks.mmbench import OPTION_LETTERS, read_mmbench_table
 from llava.eval.benchmarks.mme import MMEGroundTruth, mme_question_variants
 

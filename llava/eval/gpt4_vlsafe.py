@@ -26,7 +26,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from llava.errors import AuthError, InvalidRequestError  # noqa: E402
 from llava.eval.judge.cli import EXIT_AUTH, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_OK, add_judge_flags, config_from_args  # noqa: E402
-from llava.eval.judge.records import Judgment, read_jsonl  # noqa: E402
+from llava.eval.jsonl import read_jsonl  # noqa: E402
+from llava.eval.judge.records import Judgment  # noqa: E402
 from llava.eval.judge.runner import JudgeRunner  # noqa: E402
 
 __all__ = ["main", "seed_records", "seed_overall", "evaluation_dir"]
@@ -47,7 +48,7 @@ def _load_outputs(path: Path) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise InvalidRequestError(f"{path}: expected a JSON list of answer records")
         return data
-    return read_jsonl(path)
+    return read_jsonl(path, log=True)
 
 
 def seed_records(rows: list[dict[str, Any]], judgments: list[Judgment], runner: JudgeRunner) -> list[dict[str, Any]]:

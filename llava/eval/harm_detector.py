@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from llava.errors import InvalidRequestError
-from llava.eval.judge.records import Judgment, answer_id, read_judgments, read_jsonl
+from llava.eval.jsonl import read_jsonl
+from llava.eval.judge.records import Judgment, answer_id, read_judgments
 from llava.eval.metrics.stats import Rate
 
 __all__ = ["RocCurve", "roc_curve", "roc_auc", "threshold_for_recall", "DetectorQuality", "detector_quality", "main"]
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        q = detector_quality(read_jsonl(args.answers), read_judgments(args.judgments), args.target_recall)
+        q = detector_quality(read_jsonl(args.answers, log=True), read_judgments(args.judgments), args.target_recall)
     except (InvalidRequestError, OSError, ValueError) as e:
         logger.error("%s", e)
         return 2

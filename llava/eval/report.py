@@ -24,7 +24,8 @@ from typing import Any
 from llava.errors import InvalidRequestError
 from llava.eval.gen.manifest import settings_diff
 from llava.eval.harm_detector import detector_quality
-from llava.eval.judge.records import Judgment, read_judgments, read_jsonl
+from llava.eval.jsonl import read_jsonl
+from llava.eval.judge.records import Judgment, read_judgments
 from llava.eval.metrics.cli import compute
 from llava.eval.metrics.safety import ALL, PAPER8, safety_metrics
 
@@ -68,7 +69,7 @@ def _load_json(path: Path) -> dict[str, Any] | None:
 
 
 def load_run(path: Path) -> Run | None:
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, log=True)
     if not rows or not {"benchmark", "method", "text"} <= set(rows[0]):
         logger.info("skipping %s: not an answer file (rows need benchmark, method, text)", path)
         return None

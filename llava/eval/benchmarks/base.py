@@ -2,7 +2,6 @@
 ``BenchmarkSpec`` that describes it in the registry, the data errors, and the missing-image check the runner calls."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -11,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from llava.errors import ImageError, InvalidRequestError
+from llava.errors import ImageError
+from llava.eval.jsonl import DatasetError
 
 __all__ = [
     "Sample",
@@ -21,9 +21,7 @@ __all__ = [
     "MissingImageError",
     "check_images",
     "summarize_missing",
-    "read_jsonl",
     "require_fields",
-    "require_file",
     "numbered_ids",
     "is_missing",
     "clean_value",
@@ -33,12 +31,6 @@ logger = logging.getLogger(__name__)
 
 # How many missing images check_images names one by one in the log before it only counts.
 MISSING_LOG_LIMIT = 20
-
-
-class DatasetError(InvalidRequestError):
-    """A benchmark file that is absent, malformed, or does not match the options given (names the file/value)."""
-
-    code = "invalid_dataset"
 
 
 class MissingImageError(ImageError):
@@ -137,36 +129,6 @@ def clean_value(value: Any) -> Any:
     if is_missing(value):
         return None
     return value.item() if hasattr(value, "item") else value
-
-
-def require_file(path: str | Path, what: str) -> Path:
-    """``path`` as a Path, or a DatasetError naming it when it is not an existing file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DatasetError(f"{what} not found: {path}")
-    return path
-
-
-def read_jsonl(path: str | Path, what: str = "question file") -> list[dict[str, Any]]:
-    """Rows (JSON objects) of a JSON-lines file; blank lines skipped. A line that is not UTF-8, not JSON or not an
-    object, and a file without rows, raise DatasetError naming the file (and the line)."""
-    path = require_file(path, what)
-    rows = []
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise DatasetError(f"{what} {path} has no rows (empty file?)")
-    return rows
 
 
 def require_fields(row: dict[str, Any], n: int, path: str | Path, fields: Iterable[str],

@@ -9,8 +9,8 @@ import logging
 from typing import Any, Iterator
 
 from llava.errors import UnsupportedError
-from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, clean_value,
-                                        is_missing, require_file)
+from llava.eval.benchmarks.base import BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, clean_value, is_missing
+from llava.eval.jsonl import require_file
 
 __all__ = ["SPEC", "OPTION_LETTERS", "MMBENCH_PROMPT_SUFFIX", "build_mmbench_query", "row_options",
            "read_mmbench_table", "read_mmbench"]

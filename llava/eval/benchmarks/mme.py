@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, numbered_ids,
-                                        read_jsonl, require_fields)
+                                        require_fields)
+from llava.eval.jsonl import read_jsonl
 
 __all__ = ["SPEC", "LLAVA_SUFFIX", "MME_SUFFIX", "MMEGroundTruth", "mme_question_variants", "gt_file_name",
            "resolve_mme_image", "read_mme"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, Sample, numbered_ids, read_jsonl,
-                                        require_fields)
+from llava.eval.benchmarks.base import BenchmarkConfig, BenchmarkSpec, Sample, numbered_ids, require_fields
+from llava.eval.jsonl import read_jsonl
 
 __all__ = ["SPEC", "read_vlsafe"]
 

@@ -7,7 +7,7 @@ from llava.eval.judge.config import JudgeConfig, RetryPolicy
 from llava.eval.judge.parsers import Verdict, parse_verdict
 from llava.eval.judge.prompts import JudgePrompt, PromptSet, PromptSetError, default_prompt_set, load_prompt_set
 from llava.eval.judge.protocols import MMSB_SCENARIOS, PAPER_SCENARIOS, SCENARIO_PROMPTS
-from llava.eval.judge.records import Judgment, read_judgments, read_jsonl
+from llava.eval.judge.records import Judgment, read_judgments
 from llava.eval.judge.runner import JudgeRunner, RunSummary, judge_answers
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "SCENARIO_PROMPTS",
     "Judgment",
     "read_judgments",
-    "read_jsonl",
     "JudgeRunner",
     "RunSummary",
     "judge_answers",

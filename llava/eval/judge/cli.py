@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from llava.errors import AuthError, InvalidRequestError
-from llava.eval.gen.answers import AnswerFileWriteError
+from llava.eval.jsonl import AnswerFileWriteError, read_jsonl
 from llava.eval.judge.config import JudgeConfig, RetryPolicy
 from llava.eval.judge.protocols import BENCHMARKS
-from llava.eval.judge.records import read_jsonl
 from llava.eval.judge.runner import JudgeRunner
 
 __all__ = ["build_parser", "config_from_args", "main", "run_cli"]
@@ -89,7 +88,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> JudgeConfig:
 def run_cli(config: JudgeConfig, answers: Path) -> int:
     """Run and map errors to exit codes (the one place where judge errors meet the user)."""
     try:
-        rows = read_jsonl(answers)
+        rows = read_jsonl(answers, log=True)
         runner = JudgeRunner(config)
         runner.run(rows)
     except AuthError as e:

@@ -18,7 +18,8 @@ from typing import Any
 
 from llava.errors import InvalidRequestError
 from llava.eval.judge.mmvet import load_ground_truth as load_mmvet_gt
-from llava.eval.judge.records import read_judgments, read_jsonl
+from llava.eval.jsonl import read_jsonl
+from llava.eval.judge.records import read_judgments
 from llava.eval.metrics.mmbench import mmbench_gt_from_rows, mmbench_scores, predictions_from_rows, read_tsv
 from llava.eval.metrics.mme import COGNITION, PERCEPTION, mme_gt_from_rows, mme_scores
 from llava.eval.metrics.mmvet import load_grades, mmvet_scores
@@ -32,7 +33,7 @@ BENCHMARKS = ("vlsafe", "mmsafetybench", "mme", "mmbench", "mmvet")
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
-    return read_tsv(path) if path.suffix == ".tsv" else read_jsonl(path)
+    return read_tsv(path) if path.suffix == ".tsv" else read_jsonl(path, log=True)
 
 
 def _need(value: Any, flag: str, benchmark: str) -> Any:
@@ -45,10 +46,10 @@ def _need(value: Any, flag: str, benchmark: str) -> Any:
 def compute(benchmark: str, answers: Path, judgments: Path | None = None, ground_truth: Path | None = None) -> dict:
     """The metrics dict of one answer file (what ``--json`` prints)."""
     if benchmark in ("vlsafe", "mmsafetybench"):
-        return safety_metrics(read_jsonl(answers), read_judgments(judgments) if judgments else None)
+        return safety_metrics(read_jsonl(answers, log=True), read_judgments(judgments) if judgments else None)
     if benchmark == "mme":
-        rows = read_jsonl(answers)
-        gt = read_jsonl(ground_truth) if ground_truth else _need(mme_gt_from_rows(rows), "--ground-truth", benchmark)
+        rows = read_jsonl(answers, log=True)
+        gt = read_jsonl(ground_truth, log=True) if ground_truth else _need(mme_gt_from_rows(rows), "--ground-truth", benchmark)
         return mme_scores(rows, gt)
     if benchmark == "mmbench":
         rows = _rows(answers)
@@ -56,7 +57,7 @@ def compute(benchmark: str, answers: Path, judgments: Path | None = None, ground
         return mmbench_scores(predictions_from_rows(rows), gt, rows)
     if benchmark == "mmvet":
         gt = load_mmvet_gt(ground_truth) if ground_truth else None
-        return mmvet_scores(load_grades(_need(judgments, "--judgments", benchmark)), gt, read_jsonl(answers))
+        return mmvet_scores(load_grades(_need(judgments, "--judgments", benchmark)), gt, read_jsonl(answers, log=True))
     raise InvalidRequestError(f"unknown benchmark {benchmark!r}; valid: {list(BENCHMARKS)}")
 
 

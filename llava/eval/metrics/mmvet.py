@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from llava.errors import InvalidRequestError
 from llava.eval.judge.protocols import mmvet_key
-from llava.eval.judge.records import read_jsonl
+from llava.eval.jsonl import read_jsonl
 from llava.eval.metrics.stats import flag_rate
 
 __all__ = ["load_grades", "mmvet_scores"]
@@ -25,7 +25,7 @@ def load_grades(path: str | Path) -> list[dict[str, float]]:
     path = Path(path)
     if path.suffix == ".jsonl":
         run = {}
-        for row in read_jsonl(path):
+        for row in read_jsonl(path, log=True):
             if row.get("score") is None:
                 raise InvalidRequestError(f"{path}: judgment {row.get('id')!r} has no score")
             run[mmvet_key(row.get("question_id", row["id"]))] = float(row["score"])
