@@ -17,7 +17,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava.errors import InvalidRequestError, UnsupportedError
+from llava.cli_args import setup_logging
+from llava.errors import ECSOError, InvalidRequestError, UnsupportedError
+from llava.eval import generate
 from llava.eval.gen.manifest import load_manifest, manifest_path
 
 __all__ = ["SeedEntry", "SEED_ENTRIES", "build_seed_parser", "translate", "seed_main"]
@@ -158,10 +160,6 @@ def translate(entry: SeedEntry, args: argparse.Namespace, rest: list[str]) -> li
 
 
 def seed_main(entry: SeedEntry, argv: list[str] | None = None) -> int:
-    from llava.cli_args import setup_logging
-    from llava.errors import ECSOError
-    from llava.eval import generate
-
     args, rest = build_seed_parser(entry).parse_known_args(argv)
     try:
         gen_argv = translate(entry, args, rest)

@@ -18,7 +18,7 @@ from typing import Any
 from llava.errors import InvalidRequestError
 from llava.eval.judge.client import JudgeClient
 from llava.eval.judge.parsers import Verdict, parse_score01
-from llava.eval.judge.prompts import JudgePrompt, PromptSet, load_prompt_set
+from llava.eval.judge.prompts import JudgePrompt, JudgePromptSet, load_prompt_set
 from llava.eval.judge.protocols import JudgeTask
 
 __all__ = ["grade", "verdict_from_payload", "load_ground_truth", "prompt_set_from_preamble", "load_mmvet_prompts",
@@ -66,15 +66,15 @@ def load_ground_truth(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def prompt_set_from_preamble(path: str | os.PathLike) -> PromptSet:
+def prompt_set_from_preamble(path: str | os.PathLike) -> JudgePromptSet:
     """A plain-text few-shot preamble (e.g. MM-Vet's own) as a one-prompt set named ``mmvet_grader``."""
     data = Path(path).read_bytes()
     preamble = data.decode("utf-8").rstrip("\n")
     prompt = JudgePrompt("mmvet_grader", "", preamble + ROW_TEMPLATE, "score", "score01",
                          {"retry_suffix": DEFAULT_RETRY_SUFFIX})
-    return PromptSet(str(path), hashlib.sha256(data).hexdigest(), {prompt.name: prompt})
+    return JudgePromptSet(str(path), hashlib.sha256(data).hexdigest(), {prompt.name: prompt})
 
 
-def load_mmvet_prompts(path: str | os.PathLike) -> PromptSet:
+def load_mmvet_prompts(path: str | os.PathLike) -> JudgePromptSet:
     """A ``.jsonl`` prompt set, or any other file read as a plain-text preamble."""
     return load_prompt_set(path) if str(path).endswith(".jsonl") else prompt_set_from_preamble(path)

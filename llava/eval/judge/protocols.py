@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from llava.errors import InvalidRequestError
-from llava.eval.judge.prompts import JudgePrompt, PromptSet
+from llava.eval.judge.prompts import JudgePrompt, JudgePromptSet
 from llava.eval.judge.records import CARRIED_FIELDS, answer_id
 
 __all__ = [
@@ -125,7 +125,7 @@ def build_tasks(
     *,
     benchmark: str,
     mode: str,
-    prompts: PromptSet,
+    prompts: JudgePromptSet,
     judge_model: str,
     params: dict[str, Any],
     answer_field: str = "text",
