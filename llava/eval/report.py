@@ -26,14 +26,15 @@ from llava.eval.gen.manifest import settings_diff
 from llava.eval.harm_detector import detector_quality
 from llava.eval.jsonl import read_jsonl
 from llava.eval.judge.records import Judgment, read_judgments
-from llava.eval.metrics.cli import compute
+from llava.eval.benchmarks import benchmark_names, get_benchmark
+from llava.eval.metrics.registry import compute
 from llava.eval.metrics.safety import ALL, PAPER8, safety_metrics
 
 __all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "safety_plots", "roc_plot",
            "build_report", "main"]
 
 logger = logging.getLogger(__name__)
-SAFETY = ("vlsafe", "mmsafetybench")
+SAFETY_METRIC = "safety"  # its runs get the per-scenario safety section; others a table of their spec's report_keys
 _SKIP = re.compile(r"\.(judgments|part-\d+-of-\d+)\.jsonl$|\.direct\.judgments\.jsonl$")
 
 
@@ -291,9 +292,6 @@ def roc_plot(curve: Any, auc: float | None, out: Path, name: str) -> str:
     return f"{name}_roc.png"
 
 
-UTILITY_KEYS = {"mme": ("perception", "cognition"), "mmbench": ("circular_accuracy",), "mmvet": ("total",)}
-
-
 def _utility_section(direct: Run | None, ecso: Run | None, gt: dict[str, Path], name: str) -> Section:
     base = direct or ecso
     sec = Section(f"{base.benchmark}: {base.model_id}")
@@ -309,7 +307,7 @@ def _utility_section(direct: Run | None, ecso: Run | None, gt: dict[str, Path], 
     if not metrics:
         return sec
     sec.lines += ["| metric | direct | ECSO | Δ |", "|---|---|---|---|"]
-    for key in UTILITY_KEYS[base.benchmark]:
+    for key in get_benchmark(base.benchmark).report_keys:
         d, e = (metrics.get(m, {}).get(key) for m in ("direct", "ecso"))
         delta = f"{e - d:+.2f}" if d is not None and e is not None else "-"
         sec.lines.append(f"| {key} | {'-' if d is None else f'{d:.2f}'} | {'-' if e is None else f'{e:.2f}'} | {delta} |")
@@ -345,7 +343,7 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
     for direct, ecso in pairs:
         base = direct or ecso
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{base.benchmark}_{base.model_id}_{(ecso or direct).path.stem}")
-        if base.benchmark in SAFETY:
+        if get_benchmark(base.benchmark).metric == SAFETY_METRIC:
             sections.append(_safety_section(direct, ecso, out, name))
         else:
             sections.append(_utility_section(direct, ecso, ground_truth or {}, name))
@@ -373,8 +371,9 @@ def _write_markdown(path: Path, sections: list[Section], warnings: list[str]) ->
 
 def _gt_arg(text: str) -> tuple[str, Path]:
     bench, sep, path = text.partition("=")
-    if not sep or bench not in UTILITY_KEYS:
-        raise argparse.ArgumentTypeError(f"expected BENCHMARK=PATH with BENCHMARK in {sorted(UTILITY_KEYS)}, got {text!r}")
+    compared = benchmark_names(has="report_keys")
+    if not sep or bench not in compared:
+        raise argparse.ArgumentTypeError(f"expected BENCHMARK=PATH with BENCHMARK in {sorted(compared)}, got {text!r}")
     return bench, Path(path)
 
 
@@ -384,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (searched recursively for answer files)")
     p.add_argument("--out", type=Path, required=True, help="report folder (report.md, *.csv, *.png, manifests.json)")
     p.add_argument("--ground-truth", type=_gt_arg, action="append", default=[],
-                   help="BENCHMARK=PATH for utility benchmarks whose rows lack it, e.g. mme=llava_mme_gt.jsonl, "
-                        "mmvet=mm-vet.json (repeatable)")
+                   help="BENCHMARK=PATH: the ground truth (the file the metrics' --ground-truth takes) of a "
+                        f"benchmark whose rows lack it; BENCHMARK one of {', '.join(benchmark_names(has='report_keys'))} "
+                        "(repeatable)")
     p.add_argument("--strict", action="store_true", help="refuse (exit 3) when compared runs were judged differently")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
