@@ -6,7 +6,6 @@ from llava.eval.judge.client import BudgetExhaustedError, JudgeClient, RequestSt
 from llava.eval.judge.config import JudgeConfig, RetryPolicy
 from llava.eval.judge.parsers import Verdict, parse_verdict
 from llava.eval.judge.prompts import JudgePrompt, JudgePromptSet, PromptSetError, default_prompt_set, load_prompt_set
-from llava.eval.judge.protocols import MMSB_SCENARIOS, PAPER_SCENARIOS, SCENARIO_PROMPTS
 from llava.eval.judge.records import Judgment, read_judgments
 from llava.eval.judge.runner import JudgeRunner, JudgeSummary, judge_answers
 
@@ -24,9 +23,6 @@ __all__ = [
     "PromptSetError",
     "default_prompt_set",
     "load_prompt_set",
-    "MMSB_SCENARIOS",
-    "PAPER_SCENARIOS",
-    "SCENARIO_PROMPTS",
     "Judgment",
     "read_judgments",
     "JudgeRunner",

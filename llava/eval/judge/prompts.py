@@ -28,14 +28,12 @@ __all__ = [
     "load_prompt_set",
     "default_prompt_set",
     "DEFAULT_PROMPT_FILE",
-    "MMVET_PROMPT_FILE",
 ]
 
 PLACEHOLDERS = ("question", "answer", "critic", "ground_truth")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _REQUIRED = {"name": str, "system_prompt": str, "prompt_template": str, "output_format": str}
 DEFAULT_PROMPT_FILE = "ecso_default.jsonl"
-MMVET_PROMPT_FILE = "mmvet_grader.jsonl"
 
 
 class PromptSetError(InvalidRequestError):

@@ -20,13 +20,13 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from llava.errors import AuthError, BackendError, InvalidRequestError
-from llava.eval.judge.mmvet import grade, load_ground_truth, load_mmvet_prompts, verdict_from_payload
+from llava.eval.judge.grader import grade, load_grader_prompts, verdict_from_payload
 from llava.eval.judge.cache import JudgeCache
 from llava.eval.judge.client import BudgetExhaustedError, JudgeClient
 from llava.eval.judge.config import JudgeConfig
 from llava.eval.judge.parsers import Verdict, parse_verdict
-from llava.eval.judge.prompts import MMVET_PROMPT_FILE, JudgePromptSet, default_prompt_set, load_prompt_set
-from llava.eval.judge.protocols import JudgeTask, build_tasks
+from llava.eval.judge.prompts import JudgePromptSet, default_prompt_set, load_prompt_set
+from llava.eval.judge.protocols import JudgeTask, build_tasks, grading_for, judge_protocol
 from llava.eval.judge.records import JsonlAppender, Judgment, read_judgments
 
 __all__ = ["JudgeRunner", "JudgeSummary", "judge_answers", "load_prompts_for"]
@@ -64,10 +64,14 @@ class JudgeSummary:
 
 
 def load_prompts_for(config: JudgeConfig) -> JudgePromptSet:
-    """``--judge-file`` if given (MM-Vet also takes a plain-text preamble), else the project's set."""
-    if config.benchmark == "mmvet":
-        return load_mmvet_prompts(config.judge_file) if config.judge_file else default_prompt_set(MMVET_PROMPT_FILE)
-    return load_prompt_set(config.judge_file) if config.judge_file else default_prompt_set()
+    """``--judge-file`` if given (a grader also takes a plain-text preamble), else the project's set (a grader's
+    own file for benchmarks graded against ground truth)."""
+    grading = grading_for(config.benchmark)
+    if grading is None:
+        return load_prompt_set(config.judge_file) if config.judge_file else default_prompt_set()
+    if config.judge_file:  # a graded benchmark's protocol names one prompt
+        return load_grader_prompts(config.judge_file, judge_protocol(config.benchmark).prompt)
+    return default_prompt_set(grading.prompt_file)
 
 
 def _safe_url(url: str | None) -> str | None:
@@ -91,9 +95,10 @@ class JudgeRunner:
         return self._client
 
     def tasks(self, rows: Iterable[dict[str, Any]]) -> list[JudgeTask]:
-        gt = load_ground_truth(self.config.ground_truth) if self.config.ground_truth else None
-        if self.config.benchmark == "mmvet" and gt is None:
-            raise InvalidRequestError("MM-Vet grading needs --ground-truth mm-vet.json")
+        grading, path = grading_for(self.config.benchmark), self.config.ground_truth
+        if grading is not None and path is None:
+            raise InvalidRequestError(f"{self.config.benchmark} grading needs --ground-truth {grading.ground_truth_file}")
+        gt = grading.load_ground_truth(path) if grading is not None else None
         return build_tasks(rows, benchmark=self.config.benchmark, mode=self.config.mode, prompts=self.prompts,
                            judge_model=self.config.judge_model, params=self.config.params(),
                            answer_field=self.config.answer_field, ground_truth=gt)
@@ -130,7 +135,7 @@ class JudgeRunner:
             raise BudgetExhaustedError("run stopped before this request")
         try:
             if task.prompt.verdict_kind == "score01":
-                return grade(self.client, task, self.config.mmvet_tries)
+                return grade(self.client, task, self.config.grader_tries)
             done = self.client.complete(task.messages, **task.params)
         except (AuthError, BudgetExhaustedError):
             stop.set()  # at once, so no other worker starts a request that cannot succeed
