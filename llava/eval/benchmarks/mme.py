@@ -143,7 +143,8 @@ def is_mme_row(row: dict[str, Any]) -> bool:
 
 
 def _answer_gt(row: dict[str, Any], gt: MMEGroundTruth | None) -> tuple[str, str] | None:
-    category, question_id, prompt = answer_field(row, "category"), answer_field(row, "question_id"), row.get("query", "")
+    category, question_id = answer_field(row, "category"), answer_field(row, "question_id")
+    prompt = row.get("query", "")
     if gt is not None:
         return gt.lookup(category, question_id, prompt)
     meta = row.get("meta", {})

@@ -91,7 +91,8 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that build a BenchmarkConfig (shared by the generation runner and llava.eval.datasets' CLI)."""
     group = parser.add_argument_group("benchmark data")
     group.add_argument("--benchmark", required=True, choices=benchmark_names(), help="which benchmark reader to use")
-    group.add_argument("--question-file", required=True, help=f"the benchmark's question file ({_each('question_file')})")
+    group.add_argument("--question-file", required=True,
+                       help=f"the benchmark's question file ({_each('question_file')})")
     group.add_argument("--image-folder", default="",
                        help=f"root of the images named in the question file ({_each('image_folder')}). "
                             "Default: current directory")

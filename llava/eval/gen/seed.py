@@ -44,7 +44,8 @@ class SeedEntry:
 
 # LLaVA's generic VQA scripts: they read any LLaVA question file.
 _VQA_SCRIPTS = (
-    SeedScript("model_vqa_loader", "direct answers to a LLaVA VQA question file (LLaVA's loader script)", "direct", 128),
+    SeedScript("model_vqa_loader", "direct answers to a LLaVA VQA question file (LLaVA's loader script)", "direct",
+               128),
     SeedScript("model_vqa", "direct answers to a LLaVA VQA question file (LLaVA's VQA script)", "direct", 1024),
     SeedScript("model_vqa_ask_unsafe", "ECSO answers to a LLaVA VQA question file", "ecso", 1024,
                image_in_safe_step=True),

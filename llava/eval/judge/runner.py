@@ -82,7 +82,8 @@ def _safe_url(url: str | None) -> str | None:
 
 
 class JudgeRunner:
-    def __init__(self, config: JudgeConfig, *, client: JudgeClient | None = None, prompts: JudgePromptSet | None = None):
+    def __init__(self, config: JudgeConfig, *, client: JudgeClient | None = None,
+                 prompts: JudgePromptSet | None = None):
         self.config = config
         self.prompts = prompts or load_prompts_for(config)
         self._client = client
@@ -97,7 +98,8 @@ class JudgeRunner:
     def tasks(self, rows: Iterable[dict[str, Any]]) -> list[JudgeTask]:
         grading, path = grading_for(self.config.benchmark), self.config.ground_truth
         if grading is not None and path is None:
-            raise InvalidRequestError(f"{self.config.benchmark} grading needs --ground-truth {grading.ground_truth_file}")
+            raise InvalidRequestError(f"{self.config.benchmark} grading needs --ground-truth "
+                                      f"{grading.ground_truth_file}")
         gt = grading.load_ground_truth(path) if grading is not None else None
         return build_tasks(rows, benchmark=self.config.benchmark, mode=self.config.mode, prompts=self.prompts,
                            judge_model=self.config.judge_model, params=self.config.params(),

@@ -134,4 +134,5 @@ def as_text(m: dict[str, Any]) -> list[str]:
     return lines + [f"rule {k}: {v}" for k, v in m["rules"].items()]
 
 
-HOOK = MetricHook(from_files, as_text, "harmless rate, ASR, flag rate: --answers A.jsonl [--judgments A.judgments.jsonl]")
+HOOK = MetricHook(from_files, as_text,
+                  "harmless rate, ASR, flag rate: --answers A.jsonl [--judgments A.judgments.jsonl]")
