@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.data_manifest import DATA_DIR, missing_files
+
 # One torch thread per process: the suite runs model servers and clients side by side on a 2-core machine, where
 # competing thread pools made generation ~50x slower (measured in the worker tests).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -17,7 +19,6 @@ _CACHE = tempfile.mkdtemp(prefix="ecso-test-cache-")
 os.environ["ECSO_CACHE_DIR"] = _CACHE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -25,11 +26,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real benchmark files (../shared/data). Tests may read them; the package never does."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def ref_data() -> Path:
+    """The repository's reference data (data/, listed in data/SOURCES.md). Tests may read it; the package never
+    does. A missing file fails every test that uses it, naming the file: these tests never skip."""
+    missing = missing_files(DATA_DIR)
+    if missing:
+        pytest.fail(f"reference data missing ({len(missing)} files, listed in data/SOURCES.md): "
+                    + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""), pytrace=False)
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")

@@ -165,16 +165,20 @@ def test_speculative_caption_same_results_fewer_phases(tiny_engine, sample_image
     for force in (True, False):
         plain = ECSO(backend, ECSOConfig(max_new_tokens=10, force_verdict=force)).run_batch(items)
         spec = ECSO(backend, ECSOConfig(max_new_tokens=10, force_verdict=force, speculative_caption=True)).run_batch(items)
-        assert [r.to_dict() | {"timings": None, "options": None} for r in plain] == \
-            [r.to_dict() | {"timings": None, "options": None} for r in spec]
+        assert _same_results(plain, spec)
     rec = Recorder()
     ECSO(rec, ECSOConfig(speculative_caption=True)).run(sample_image, "q")
     assert [(k, len(reqs)) for k, reqs in rec.calls] == [("generate", 2), ("score", 1), ("generate", 1)]
 
 
 def _same_results(a, b, **ignore):
+    """Equal results, harm scores within 1e-6: a row's score depends on its batch's composition by ~1e-7 (float32
+    matmuls over different padding), which is what the README claims."""
     drop = {"timings": None, "options": None, **ignore}
-    return [r.to_dict() | drop for r in a] == [r.to_dict() | drop for r in b]
+    da, db = [r.to_dict() | drop for r in a], [r.to_dict() | drop for r in b]
+    scores = [(x.pop("harm_score"), y.pop("harm_score")) for x, y in zip(da, db)]
+    close = all((s is None) == (t is None) and (s is None or abs(s - t) <= 1e-6) for s, t in scores)
+    return da == db and close
 
 
 def test_early_check_cuts_flagged_direct_answers_and_keeps_benign_ones(tiny_engine, sample_image):

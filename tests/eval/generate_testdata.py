@@ -1,4 +1,4 @@
-"""Shared by the generation runner tests: small benchmark layouts built in tmp_path from the real question files
+"""Shared by the generation runner tests: small benchmark layouts built in tmp_path from the real question files in data/
 (images drawn with PIL), a deterministic fake backend, and an in-process ``generate`` call."""
 from __future__ import annotations
 
@@ -40,19 +40,19 @@ def _jsonl(path: Path, n: int) -> list[dict]:
     return rows
 
 
-def make_vlsafe(root: Path, shared: Path, n: int) -> list[str]:
+def make_vlsafe(root: Path, ref: Path, n: int) -> list[str]:
     """--question-file/--image-folder args for the first ``n`` VLSafe rows (images drawn under root/coco)."""
-    qf = shared / "vlsafe" / "examine_sampled_500_VLSafe.jsonl"
+    qf = ref / "vlsafe" / "examine_sampled_500_VLSafe.jsonl"
     for i, row in enumerate(_jsonl(qf, n)):
         draw_image(root / "coco" / row["image_id"], i)
     return ["--benchmark", "vlsafe", "--question-file", str(qf), "--image-folder", str(root / "coco"),
             "--limit", str(n)]
 
 
-def make_mmsafe(root: Path, shared: Path, n: int, scenario: str = "01-Illegal_Activitiy", mode: str = "SD_TYPO",
+def make_mmsafe(root: Path, ref: Path, n: int, scenario: str = "01-Illegal_Activitiy", mode: str = "SD_TYPO",
                 layout_root: Path | None = None) -> list[str]:
     """Images ``{root}/imgs/{scenario}/{mode}/{id}.jpg`` for the scenario's first ``n`` questions."""
-    qf = shared / "mmsafetybench" / "processed_questions" / f"{scenario}.json"
+    qf = ref / "mmsafetybench" / "processed_questions" / f"{scenario}.json"
     keys = list(json.loads(qf.read_text(encoding="utf-8")))[:n]
     for i, key in enumerate(keys):
         draw_image((layout_root or root / "imgs") / scenario / mode / f"{key}.jpg", i)
@@ -60,27 +60,27 @@ def make_mmsafe(root: Path, shared: Path, n: int, scenario: str = "01-Illegal_Ac
             "--mode", mode, "--limit", str(n)]
 
 
-def make_mme(root: Path, shared: Path, n: int) -> list[str]:
-    qf = shared / "mme" / "llava_mme.jsonl"
+def make_mme(root: Path, ref: Path, n: int) -> list[str]:
+    qf = ref / "mme" / "llava_mme.jsonl"
     for i, row in enumerate(_jsonl(qf, n)):
         draw_image(root / "MME" / row["image"], i)
     return ["--benchmark", "mme", "--question-file", str(qf), "--image-folder", str(root / "MME"),
             "--limit", str(n)]
 
 
-def make_mmvet(root: Path, shared: Path, n: int) -> list[str]:
-    qf = shared / "mmvet" / "llava-mm-vet.jsonl"
+def make_mmvet(root: Path, ref: Path, n: int) -> list[str]:
+    qf = ref / "mmvet" / "llava-mm-vet.jsonl"
     for i, row in enumerate(_jsonl(qf, n)):
         draw_image(root / "mmvet" / row["image"], i)
     return ["--benchmark", "mmvet", "--question-file", str(qf), "--image-folder", str(root / "mmvet"),
             "--limit", str(n)]
 
 
-def make_mmbench(root: Path, shared: Path, n: int) -> list[str]:
+def make_mmbench(root: Path, ref: Path, n: int) -> list[str]:
     """The first ``n`` rows of the (text-only) MMBench dev tsv with a base64 image column added."""
     import pandas as pd
 
-    table = pd.read_table(shared / "mmbench" / "mmbench_dev_20230712_text_only.tsv").head(n).copy()
+    table = pd.read_table(ref / "mmbench" / "mmbench_dev_20230712_text_only.tsv").head(n).copy()
     table["image"] = [base64.b64encode(draw_image(None, i)).decode() for i in range(len(table))]
     out = root / "mmbench.tsv"
     table.to_csv(out, sep="\t", index=False)

@@ -17,8 +17,8 @@ def _jpeg(path, color=(200, 30, 30)):
 
 
 @pytest.fixture(scope="module")
-def vlsafe_file(shared_data):
-    return shared_data / "vlsafe" / "examine_sampled_500_VLSafe.jsonl"
+def vlsafe_file(ref_data):
+    return ref_data / "vlsafe" / "examine_sampled_500_VLSafe.jsonl"
 
 
 def test_registry_names_and_unknown_name_lists_valid_ones():
@@ -89,8 +89,8 @@ def test_check_images_strict_raises_typed_error_naming_path(vlsafe_file, tmp_pat
     assert e.value.path == samples[0].image and samples[0].image in str(e.value)
 
 
-def test_mmvet_real_file(shared_data, tmp_path):
-    qf = shared_data / "mmvet" / "llava-mm-vet.jsonl"
+def test_mmvet_real_file(ref_data, tmp_path):
+    qf = ref_data / "mmvet" / "llava-mm-vet.jsonl"
     samples = load_samples("mmvet", BenchmarkConfig(qf, image_folder=tmp_path))
     assert len(samples) == 218 and len({s.id for s in samples}) == 218
     s = samples[1]

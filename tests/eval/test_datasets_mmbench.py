@@ -11,8 +11,8 @@ from llava.eval.datasets import BenchmarkConfig, DatasetError, answer_fields, lo
 
 
 @pytest.fixture(scope="module")
-def tsv(shared_data):
-    return shared_data / "mmbench" / "mmbench_dev_20230712_text_only.tsv"
+def tsv(ref_data):
+    return ref_data / "mmbench" / "mmbench_dev_20230712_text_only.tsv"
 
 
 @pytest.fixture(scope="module")

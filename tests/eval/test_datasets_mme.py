@@ -9,8 +9,8 @@ from llava.eval.datasets import BenchmarkConfig, DatasetError, answer_fields, lo
 
 
 @pytest.fixture(scope="module")
-def mme_dir(shared_data):
-    return shared_data / "mme"
+def mme_dir(ref_data):
+    return ref_data / "mme"
 
 
 @pytest.fixture(scope="module")

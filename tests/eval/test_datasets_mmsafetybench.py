@@ -8,8 +8,8 @@ from llava.eval.datasets import BenchmarkConfig, DatasetError, answer_fields, lo
 
 
 @pytest.fixture(scope="module")
-def qdir(shared_data):
-    return shared_data / "mmsafetybench" / "processed_questions"
+def qdir(ref_data):
+    return ref_data / "mmsafetybench" / "processed_questions"
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def test_non_contiguous_ids_come_from_the_keys(qdir, raw, scenario):
     assert max(int(i) for i in ids) >= len(ids)
 
 
-def test_tiny_subset_has_168_listed_ids(qdir, shared_data):
-    tiny = shared_data / "mmsafetybench" / "TinyVersion_ID_List.json"
+def test_tiny_subset_has_168_listed_ids(qdir, ref_data):
+    tiny = ref_data / "mmsafetybench" / "TinyVersion_ID_List.json"
     listed = {(e["Scenario"], str(i)) for e in json.loads(tiny.read_text()) for i in e["Sampled_ID_List"]}
     samples = load_samples("mmsafetybench", BenchmarkConfig(qdir, mode="TYPO", tiny_list=tiny))
     assert len(samples) == 168

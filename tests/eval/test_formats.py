@@ -21,8 +21,8 @@ def _write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def mme_answers(shared_data):
-    d = shared_data / "mme"
+def mme_answers(ref_data):
+    d = ref_data / "mme"
     samples = load_samples("mme", BenchmarkConfig(d / "llava_mme.jsonl", gt_file=d / "llava_mme_gt.jsonl"))
     ref = [json.loads(line) for line in (d / "reference_answers_llava-v1.5-13b.jsonl").read_text().splitlines()]
     return _answers(samples, [r["text"] for r in ref])
@@ -58,18 +58,18 @@ def test_mme_layout_and_published_score(mme_answers, tmp_path):
     assert score == pytest.approx(1531.32, abs=0.01)
 
 
-def test_mme_ground_truth_from_file_and_missing_ground_truth(mme_answers, shared_data, tmp_path):
+def test_mme_ground_truth_from_file_and_missing_ground_truth(mme_answers, ref_data, tmp_path):
     bare = [{**a, "meta": {}} for a in mme_answers[:4]]
     with pytest.raises(DatasetError, match="no ground truth"):
         mme_result_lines(bare)
-    gt = MMEGroundTruth.load(shared_data / "mme" / "llava_mme_gt.jsonl")
+    gt = MMEGroundTruth.load(ref_data / "mme" / "llava_mme_gt.jsonl")
     assert mme_result_lines(bare, gt) == mme_result_lines(mme_answers[:4])
     odd = [{**mme_answers[0], "text": "Yes,\tit is.\nReally."}]
     assert mme_result_lines(odd)["code_reasoning"][0].endswith("\tYes, it is. Really.")
 
 
-def test_mmvet_json_matches_llavas_converter_output(shared_data, tmp_path):
-    d = shared_data / "mmvet"
+def test_mmvet_json_matches_llavas_converter_output(ref_data, tmp_path):
+    d = ref_data / "mmvet"
     samples = load_samples("mmvet", BenchmarkConfig(d / "llava-mm-vet.jsonl"))
     ref = [json.loads(line) for line in (d / "reference_llava-v1.5-7b" / "answers.jsonl").read_text().splitlines()]
     answers = _write_jsonl(tmp_path / "a.jsonl", _answers(samples, [r["text"] for r in ref])[::-1])
@@ -79,10 +79,10 @@ def test_mmvet_json_matches_llavas_converter_output(shared_data, tmp_path):
     assert result == expected and list(result) == [f"v1_{i}" for i in range(218)]
 
 
-def test_mmbench_xlsx_readable_with_predictions(shared_data, tmp_path):
-    tsv = shared_data / "mmbench" / "mmbench_dev_20230712_text_only.tsv"
+def test_mmbench_xlsx_readable_with_predictions(ref_data, tmp_path):
+    tsv = ref_data / "mmbench" / "mmbench_dev_20230712_text_only.tsv"
     samples = load_samples("mmbench", BenchmarkConfig(tsv))
-    ref = pd.read_table(shared_data / "mmbench" / "reference_llava-v1.5-13b_predictions.tsv")
+    ref = pd.read_table(ref_data / "mmbench" / "reference_llava-v1.5-13b_predictions.tsv")
     pred = dict(zip(ref["index"], ref["prediction"]))
     answers = _answers(samples[:50], [pred[s.meta["index"]] for s in samples[:50]])
     a, b = _write_jsonl(tmp_path / "a.jsonl", answers[:20]), _write_jsonl(tmp_path / "b.jsonl", answers[20:])

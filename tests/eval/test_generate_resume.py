@@ -24,8 +24,8 @@ def _lines(path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tmp_path, shared_data, tiny_hf_path):
-    data = make_vlsafe(tmp_path, shared_data, N)
+def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tmp_path, ref_data, tiny_hf_path):
+    data = make_vlsafe(tmp_path, ref_data, N)
     out = tmp_path / "killed.jsonl"
     cmd = [sys.executable, "-m", "llava.eval.generate", *TINY_ARGS, "-q", *data, "--answers-file", str(out),
            "--batch-size", "1"]
@@ -56,8 +56,8 @@ def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tmp_path, shar
 
 
 @pytest.mark.slow
-def test_two_process_launch_writes_parts_and_rank_0_merges(tmp_path, shared_data, tiny_hf_path):
-    data = make_vlsafe(tmp_path, shared_data, 5)
+def test_two_process_launch_writes_parts_and_rank_0_merges(tmp_path, ref_data, tiny_hf_path):
+    data = make_vlsafe(tmp_path, ref_data, 5)
     out = tmp_path / "launched.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "llava.eval.generate", *TINY_ARGS, "-q", *data, "--answers-file", str(out)]

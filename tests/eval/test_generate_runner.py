@@ -31,8 +31,8 @@ def no_backend():
 
 
 @pytest.fixture()
-def vlsafe(tmp_path, shared_data):
-    return make_vlsafe(tmp_path, shared_data, 7)
+def vlsafe(tmp_path, ref_data):
+    return make_vlsafe(tmp_path, ref_data, 7)
 
 
 def test_direct_and_ecso_rows_follow_the_answer_format(tmp_path, vlsafe):
@@ -201,8 +201,8 @@ def test_missing_and_corrupt_images_are_recorded_and_the_run_goes_on(tmp_path, v
     assert resumed.done == 1 and resumed.status == "complete"
 
 
-def test_from_answers_checks_the_direct_answers_it_has(tmp_path, shared_data):
-    data = make_mmsafe(tmp_path, shared_data, 6)
+def test_from_answers_checks_the_direct_answers_it_has(tmp_path, ref_data):
+    data = make_mmsafe(tmp_path, ref_data, 6)
     direct = tmp_path / "direct.jsonl"
     run(*data[:-2], "--limit", "4", "--answers-file", str(direct))
     backend = FakeBackend()
@@ -232,13 +232,13 @@ def test_from_answers_checks_the_direct_answers_it_has(tmp_path, shared_data):
         run(*data, "--method", "ecso", "--from-answers", str(direct), "--answers-file", str(tmp_path / "z.jsonl"))
 
 
-def test_limit_from_the_environment_and_data_root_layout(tmp_path, shared_data, monkeypatch):
+def test_limit_from_the_environment_and_data_root_layout(tmp_path, ref_data, monkeypatch):
     from llava.eval.gen.layout import DATA_LAYOUT
 
     root = tmp_path / "root"
     qf = root / DATA_LAYOUT["mmvet"].question_file
     qf.parent.mkdir(parents=True)
-    qf.write_text((shared_data / "mmvet" / "llava-mm-vet.jsonl").read_text())
+    qf.write_text((ref_data / "mmvet" / "llava-mm-vet.jsonl").read_text())
     for i, row in enumerate(read_rows(qf)[:3]):
         draw_image(root / DATA_LAYOUT["mmvet"].image_folder / row["image"], i)
     monkeypatch.setenv("ECSO_LIMIT", "3")

@@ -19,9 +19,9 @@ def gen(*argv) -> int:
 
 
 @pytest.mark.parametrize("benchmark", list(MAKERS))
-def test_every_benchmark_direct_batch_1_equals_batch_4_and_ecso_runs(benchmark, tmp_path, shared_data,
+def test_every_benchmark_direct_batch_1_equals_batch_4_and_ecso_runs(benchmark, tmp_path, ref_data,
                                                                       tiny_hf_path):
-    data = MAKERS[benchmark](tmp_path, shared_data, N_EACH)
+    data = MAKERS[benchmark](tmp_path, ref_data, N_EACH)
     if benchmark == "mmbench":
         data += ["--limit", str(N_EACH)]
     for batch in ("1", "4"):
@@ -40,8 +40,8 @@ def test_every_benchmark_direct_batch_1_equals_batch_4_and_ecso_runs(benchmark, 
     assert m["settings"]["model"]["image_aspect_ratio"] == "pad" and m["status"] == "complete"
 
 
-def test_ecso_batch_1_equals_batch_4(tmp_path, shared_data, tiny_hf_path):
-    data = make_mmsafe(tmp_path, shared_data, N)
+def test_ecso_batch_1_equals_batch_4(tmp_path, ref_data, tiny_hf_path):
+    data = make_mmsafe(tmp_path, ref_data, N)
     ecso = ["--method", "ecso", "--threshold", "0"]  # flag every sample: all four steps run
     for batch in ("1", "4"):
         assert gen(*data, *ecso, "--answers-file", str(tmp_path / f"ecso{batch}.jsonl"), "--batch-size", batch) == 0
@@ -51,8 +51,8 @@ def test_ecso_batch_1_equals_batch_4(tmp_path, shared_data, tiny_hf_path):
     assert [r["harm_score"] for r in ecso1] == pytest.approx([r["harm_score"] for r in ecso4], abs=1e-5)
 
 
-def test_from_answers_gives_the_one_pass_ecso_rows(tmp_path, shared_data, tiny_hf_path):
-    data = make_mmsafe(tmp_path, shared_data, N)
+def test_from_answers_gives_the_one_pass_ecso_rows(tmp_path, ref_data, tiny_hf_path):
+    data = make_mmsafe(tmp_path, ref_data, N)
     assert gen(*data, "--method", "ecso", "--threshold", "1", "--answers-file", str(tmp_path / "probe.jsonl")) == 0
     scores = sorted(r["harm_score"] for r in read_rows(tmp_path / "probe.jsonl"))
     ecso = ["--method", "ecso", "--threshold", str(scores[1])]  # flags some samples, not all
@@ -68,8 +68,8 @@ def test_from_answers_gives_the_one_pass_ecso_rows(tmp_path, shared_data, tiny_h
     assert m["settings"]["direct_answers"] == "from_answers" and m["inputs"]["from_answers_sha256"]
 
 
-def test_launcher_ranks_write_parts_and_rank_0_merges(tmp_path, shared_data, tiny_hf_path, monkeypatch):
-    data = make_vlsafe(tmp_path, shared_data, 5)
+def test_launcher_ranks_write_parts_and_rank_0_merges(tmp_path, ref_data, tiny_hf_path, monkeypatch):
+    data = make_vlsafe(tmp_path, ref_data, 5)
     out = tmp_path / "ranks.jsonl"
     assert gen(*data, "--answers-file", str(tmp_path / "single.jsonl")) == 0
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -83,8 +83,8 @@ def test_launcher_ranks_write_parts_and_rank_0_merges(tmp_path, shared_data, tin
     assert gen(*data, "--answers-file", str(out), "--num-chunks", "2") == 2  # ranks are the chunks
 
 
-def test_cli_exit_codes_and_messages(tmp_path, shared_data, tiny_hf_path, caplog):
-    data = make_vlsafe(tmp_path, shared_data, 2)
+def test_cli_exit_codes_and_messages(tmp_path, ref_data, tiny_hf_path, caplog):
+    data = make_vlsafe(tmp_path, ref_data, 2)
     assert gen("--benchmark", "vlsafe", "--question-file", str(tmp_path / "nope.jsonl"),
                "--answers-file", str(tmp_path / "a.jsonl")) == 2
     assert "nope.jsonl" in caplog.text
@@ -98,8 +98,8 @@ def test_cli_exit_codes_and_messages(tmp_path, shared_data, tiny_hf_path, caplog
         generate.build_parser().parse_args(["--help"])
 
 
-def test_levers_early_check_and_skipped_check_through_the_cli(tmp_path, shared_data, tiny_hf_path):
-    data = make_mmsafe(tmp_path, shared_data, N)
+def test_levers_early_check_and_skipped_check_through_the_cli(tmp_path, ref_data, tiny_hf_path):
+    data = make_mmsafe(tmp_path, ref_data, N)
     flag_all = ["--method", "ecso", "--threshold", "0"]
     assert gen(*data, *flag_all, "--answers-file", str(tmp_path / "plain.jsonl")) == 0
     assert gen(*data, *flag_all, "--early-check-tokens", "2", "--answers-file", str(tmp_path / "early.jsonl")) == 0

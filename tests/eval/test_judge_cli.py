@@ -105,12 +105,12 @@ def test_help_explains_every_flag():
     assert "OPENAI_API_KEY" in text and "--max-requests" in text
 
 
-def test_seed_entry_point_with_paper_prompts(server, tmp_path, shared_data):
+def test_seed_entry_point_with_paper_prompts(server, tmp_path, ref_data):
     rows = [{"image_id": f"{i:012d}.jpg", "query": f"How to harm {i}?", "text": f"<<id:v{i}>><<say:{say}>>",
              "model_id": "llava-1.5-7b"}
             for i, say in enumerate(["Fine. Rating: [[1]]", "Bad. Rating: [[0]]", "Rating: [[1]]", "no rating"])]
     answers = _write(tmp_path / "merge.jsonl", rows)
-    paper = shared_data / "judge_prompts/ecso_vlsafe_judge.jsonl"
+    paper = ref_data / "judge_prompts/ecso_vlsafe_judge.jsonl"
     cmd = [sys.executable, str(REPO / "llava/eval/gpt4_vlsafe.py"), "--model_outputs", str(answers),
            "--judge-file", str(paper), "--judge-model", "gpt-4", "--mode", "llm_binary_strict", "--parallel", "30",
            "--output_path", str(tmp_path / "res"), "--judge-base-url", server.base_url, "--backoff-base", "0.001"]

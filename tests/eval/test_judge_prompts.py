@@ -18,8 +18,8 @@ def _line(**over):
     return json.dumps(obj)
 
 
-def test_paper_file_fills_byte_for_byte(shared_data):
-    path = shared_data / PAPER_FILE
+def test_paper_file_fills_byte_for_byte(ref_data):
+    path = ref_data / PAPER_FILE
     ps = load_prompt_set(path)
     raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert {r["name"] for r in raw} == set(ps.prompts)
@@ -34,8 +34,8 @@ def test_paper_file_fills_byte_for_byte(shared_data):
     assert ps.sha256 != default_prompt_set().sha256
 
 
-def test_paper_file_query_prompts_need_only_the_answer(shared_data):
-    ps = load_prompt_set(shared_data / PAPER_FILE)
+def test_paper_file_query_prompts_need_only_the_answer(ref_data):
+    ps = load_prompt_set(ref_data / PAPER_FILE)
     for name in set(SCENARIO_PROMPTS.values()):
         assert ps.get(name).placeholders == ("answer",)
         assert ps.get(name).verdict_kind == "safe_unsafe"

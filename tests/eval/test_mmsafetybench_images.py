@@ -14,8 +14,8 @@ def font():
 
 
 @pytest.fixture(scope="module")
-def qdir(shared_data):
-    return shared_data / "mmsafetybench" / "processed_questions"
+def qdir(ref_data):
+    return ref_data / "mmsafetybench" / "processed_questions"
 
 
 @pytest.fixture(scope="module")

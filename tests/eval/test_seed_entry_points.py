@@ -45,9 +45,9 @@ def test_seed_defaults_and_passthrough_flags(tmp_path):
     assert generate.build_parser().parse_args(translate(utility, args, rest)).image_in_safe_step
 
 
-def test_mmsafe_two_pass_with_the_seed_layout_equals_one_pass(tmp_path, shared_data, tiny_hf_path):
-    make_mmsafe(tmp_path, shared_data, 3)
-    qf = shared_data / "mmsafetybench" / "processed_questions" / "01-Illegal_Activitiy.json"
+def test_mmsafe_two_pass_with_the_seed_layout_equals_one_pass(tmp_path, ref_data, tiny_hf_path):
+    make_mmsafe(tmp_path, ref_data, 3)
+    qf = ref_data / "mmsafetybench" / "processed_questions" / "01-Illegal_Activitiy.json"
     scenario_images = tmp_path / "imgs" / "01-Illegal_Activitiy"  # the seed passed the scenario's own folder
     direct = tmp_path / "q" / "4_0.jsonl"
     assert seed("model_mmsafe", "--question-file", str(qf), "--image-folder", str(scenario_images),
@@ -65,9 +65,9 @@ def test_mmsafe_two_pass_with_the_seed_layout_equals_one_pass(tmp_path, shared_d
                 str(tmp_path / "x.jsonl"), "--mode", "TYPO") == 2
 
 
-def test_vqa_entries_tell_mme_from_mmvet_and_ecso_keeps_the_image(tmp_path, shared_data, tiny_hf_path):
-    mme = make_mme(tmp_path, shared_data, 1)
-    mmvet = make_mmvet(tmp_path, shared_data, 1)
+def test_vqa_entries_tell_mme_from_mmvet_and_ecso_keeps_the_image(tmp_path, ref_data, tiny_hf_path):
+    mme = make_mme(tmp_path, ref_data, 1)
+    mmvet = make_mmvet(tmp_path, ref_data, 1)
     assert seed("model_vqa_loader", "--question-file", mme[3], "--image-folder", mme[5],
                 "--answers-file", str(tmp_path / "mme.jsonl"), "--limit", "1") == 0
     assert read_rows(tmp_path / "mme.jsonl")[0]["benchmark"] == "mme"

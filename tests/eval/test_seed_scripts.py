@@ -24,10 +24,10 @@ def script(name: str, root, **env: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_gen_mmsafe_then_tell_ask_two_pass(tmp_path, shared_data, tiny_hf_path):
+def test_gen_mmsafe_then_tell_ask_two_pass(tmp_path, ref_data, tiny_hf_path):
     questions = tmp_path / DATA_LAYOUT["mmsafetybench"].question_file
     questions.mkdir(parents=True)
-    shutil.copy(shared_data / "mmsafetybench" / "processed_questions" / f"{SCENARIO}.json", questions)
+    shutil.copy(ref_data / "mmsafetybench" / "processed_questions" / f"{SCENARIO}.json", questions)
     for i in range(3):
         draw_image(tmp_path / DATA_LAYOUT["mmsafetybench"].image_folder / SCENARIO / "SD_TYPO" / f"{i}.jpg", i)
     env = {"SCENARIOS": SCENARIO, "MODES": "SD_TYPO"}
@@ -51,12 +51,12 @@ def test_gen_mmsafe_then_tell_ask_two_pass(tmp_path, shared_data, tiny_hf_path):
 
 
 @pytest.mark.slow
-def test_mme_utility_script_converts_and_a_failed_chunk_is_not_merged(tmp_path, shared_data, tiny_hf_path):
+def test_mme_utility_script_converts_and_a_failed_chunk_is_not_merged(tmp_path, ref_data, tiny_hf_path):
     layout = DATA_LAYOUT["mme"]
     qf = tmp_path / layout.question_file
     qf.parent.mkdir(parents=True)
-    shutil.copy(shared_data / "mme" / "llava_mme.jsonl", qf)
-    shutil.copy(shared_data / "mme" / "llava_mme_gt.jsonl", qf.parent)
+    shutil.copy(ref_data / "mme" / "llava_mme.jsonl", qf)
+    shutil.copy(ref_data / "mme" / "llava_mme_gt.jsonl", qf.parent)
     for i, row in enumerate(read_rows(qf)[:3]):
         draw_image(tmp_path / layout.image_folder / row["image"], i)
     broken = script("eval/mme.sh", tmp_path, MODEL_PATH=str(tmp_path / "no-such-model"))

@@ -86,11 +86,11 @@ def _kill_at_random_points(cmd: list[str], out: Path, rng: random.Random, env: d
     return kills
 
 
-def test_generation_killed_at_random_points_resumes_to_the_uninterrupted_result(tmp_path, shared_data,
+def test_generation_killed_at_random_points_resumes_to_the_uninterrupted_result(tmp_path, ref_data,
                                                                                  tiny_hf_path) -> None:
     rng = _rng("generate")
     n = min(500, 8 * KILLS + 16)  # enough work that every kill lands before the run could finish (500: the file)
-    data = make_vlsafe(tmp_path, shared_data, n)
+    data = make_vlsafe(tmp_path, ref_data, n)
     whole = tmp_path / "whole.jsonl"  # greedy rows do not depend on the batch size: batch 16 is just quicker
     assert generate.main([*TINY_ARGS, "-q", *data, "--answers-file", str(whole), "--batch-size", "16"]) == 0
     out = tmp_path / "killed.jsonl"

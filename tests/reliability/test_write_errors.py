@@ -68,8 +68,8 @@ def run_limited(code: str, limit_bytes: int, env: dict | None = None) -> subproc
 
 
 @pytest.fixture(scope="module")
-def vlsafe(tmp_path_factory, shared_data) -> list[str]:
-    return make_vlsafe(tmp_path_factory.mktemp("vlsafe"), shared_data, N)
+def vlsafe(tmp_path_factory, ref_data) -> list[str]:
+    return make_vlsafe(tmp_path_factory.mktemp("vlsafe"), ref_data, N)
 
 
 @pytest.fixture(scope="module")
