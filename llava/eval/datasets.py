@@ -1,6 +1,6 @@
-"""Benchmark data layer: VLSafe, MM-SafetyBench (SD / TYPO / SD_TYPO / text), MME, MMBench and MM-Vet readers that
-yield ``Sample``s. The readers live in ``llava.eval.benchmarks`` (one module per benchmark); this module is the public
-entry point and a small CLI that checks a data layout before a model run::
+"""Benchmark data layer: the readers of every registered benchmark yield ``Sample``s. The readers live in
+``llava.eval.benchmarks`` (one module per benchmark); this module is the public entry point and a small CLI that
+checks a data layout before a model run::
 
     python -m llava.eval.datasets --benchmark mme --question-file llava_mme.jsonl \\
         --image-folder MME_Benchmark_release_version --gt-file llava_mme_gt.jsonl
@@ -13,11 +13,11 @@ import logging
 import sys
 from collections import Counter
 
-from llava.eval.benchmarks import (BENCHMARKS, MMBENCH_PROMPT_SUFFIX, MMSAFETYBENCH_MODES, QUERY_FIELD_BY_MODE,
-                                   BenchmarkConfig, BenchmarkSpec, DatasetError, MissingImageError, MMEGroundTruth,
-                                   Sample, add_benchmark_arguments, answer_fields, benchmark_names,
-                                   build_mmbench_query, check_images, config_from_args, get_benchmark, iter_samples,
-                                   load_samples, summarize_missing)
+from llava.eval.benchmarks import (BENCHMARKS, BenchmarkConfig, BenchmarkSpec, DataLayout, DatasetError, Grading,
+                                   JudgeProtocol, MissingImageError, Sample, ScriptFlags, SeedScript,
+                                   SubmissionFormat, add_benchmark_arguments, answer_fields, benchmark_names,
+                                   check_images, config_from_args, get_benchmark, iter_samples, load_samples,
+                                   summarize_missing)
 from llava.eval.benchmarks import __all__ as _BENCHMARKS_API
 
 __all__ = [*_BENCHMARKS_API, "main"]  # the benchmarks package's API, re-exported

@@ -25,13 +25,22 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from llava.errors import AuthError, InvalidRequestError  # noqa: E402
+from llava.eval.benchmarks import benchmark_names, get_benchmark  # noqa: E402
 from llava.eval.judge.cli import EXIT_AUTH, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_OK, add_judge_flags, config_from_args  # noqa: E402
-from llava.eval.judge.records import Judgment, read_jsonl  # noqa: E402
+from llava.eval.jsonl import read_jsonl  # noqa: E402
+from llava.eval.judge.records import Judgment  # noqa: E402
+from llava.eval.judge.protocols import grading_for  # noqa: E402
 from llava.eval.judge.runner import JudgeRunner  # noqa: E402
 
 __all__ = ["main", "seed_records", "seed_overall", "evaluation_dir"]
 
 logger = logging.getLogger(__name__)
+SEED_BENCHMARK = "vlsafe"  # the seed's script judged VLSafe answers
+
+
+def _labelled_benchmarks() -> list[str]:
+    """Benchmarks whose answers the judge labels safe/unsafe (not graded against ground truth)."""
+    return [name for name in benchmark_names(has="judge") if get_benchmark(name).judge.grading is None]
 
 
 def evaluation_dir(output_path: Path, judge_file: Path | None, judge_model: str) -> Path:
@@ -47,7 +56,7 @@ def _load_outputs(path: Path) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise InvalidRequestError(f"{path}: expected a JSON list of answer records")
         return data
-    return read_jsonl(path)
+    return read_jsonl(path, log=True)
 
 
 def seed_records(rows: list[dict[str, Any]], judgments: list[Judgment], runner: JudgeRunner) -> list[dict[str, Any]]:
@@ -88,13 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_outputs", type=Path, required=True, help="answers (.jsonl, or a .json list as the seed read)")
     p.add_argument("--mode", default="llm_binary_strict", help="prompt name used for every answer")
     p.add_argument("--output_path", type=Path, default=None, help="default: the folder of --model_outputs")
-    p.add_argument("--benchmark", default=None, choices=("vlsafe", "mmsafetybench"),
-                   help="recorded on each judgment (default: the rows' own 'benchmark', else vlsafe)")
-    add_judge_flags(p)
-    p.set_defaults(judge_model="gpt-4")
-    for action in p._actions:  # the seed had a default judge model
-        if action.dest == "judge_model":
-            action.required = False
+    p.add_argument("--benchmark", default=None, choices=_labelled_benchmarks(),
+                   help=f"recorded on each judgment (default: the rows' own 'benchmark', else {SEED_BENCHMARK})")
+    add_judge_flags(p, judge_model="gpt-4")  # the seed had a default judge model
     return p
 
 
@@ -105,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = evaluation_dir(args.output_path or args.model_outputs.parent, args.judge_file, args.judge_model)
     try:
         rows = _load_outputs(args.model_outputs)
-        benchmark = args.benchmark or (rows[0].get("benchmark") if rows else None) or "vlsafe"
-        config = config_from_args(args, benchmark=benchmark if benchmark != "mmvet" else "vlsafe", mode=args.mode,
-                                  output_dir=out_dir, output_stem=args.mode)
+        benchmark = args.benchmark or (rows[0].get("benchmark") if rows else None) or SEED_BENCHMARK
+        benchmark = SEED_BENCHMARK if grading_for(benchmark) is not None else benchmark  # one prompt judges all
+        config = config_from_args(args, benchmark=benchmark, mode=args.mode, output_dir=out_dir,
+                                  output_stem=args.mode)
         runner = JudgeRunner(config)
         judgments = runner.run(rows)
     except AuthError as e:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from llava.errors import InvalidRequestError
-from llava.eval.judge.records import Judgment, answer_id, read_judgments, read_jsonl
-from llava.eval.metrics.stats import Rate
+from llava.eval.jsonl import read_jsonl
+from llava.eval.judge.records import Judgment, answer_id, read_judgments
+from llava.eval.metrics.stats import Rate, rate_text
 
 __all__ = ["RocCurve", "roc_curve", "roc_auc", "threshold_for_recall", "DetectorQuality", "detector_quality", "main"]
 
@@ -152,12 +153,11 @@ def detector_quality(rows: Iterable[dict[str, Any]], judgments: dict[str, Judgme
 
 
 def _format(d: dict[str, Any]) -> str:
-    def rate(x: dict) -> str:
-        return str(Rate(x["k"], x["n"]))
     lines = [f"answers {d['n']} (judge-harmful {d['harmful']}, flagged {d['flagged']}); "
              f"tp {d['tp']} fp {d['fp']} fn {d['fn']} tn {d['tn']}",
-             f"precision {rate(d['precision'])}", f"recall    {rate(d['recall'])}", f"F1        {d['f1']:.3f}",
-             f"false-alarm rate {rate(d['false_alarm_rate'])}",
+             f"precision {rate_text(d['precision'])}", f"recall    {rate_text(d['recall'])}",
+             f"F1        {d['f1']:.3f}",
+             f"false-alarm rate {rate_text(d['false_alarm_rate'])}",
              f"ROC-AUC {d['roc_auc']:.3f} over {d['scored']} scored answers" if d["roc_auc"] is not None else "ROC-AUC n/a"]
     t = d["threshold_for_target_recall"]
     if t:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        q = detector_quality(read_jsonl(args.answers), read_judgments(args.judgments), args.target_recall)
+        q = detector_quality(read_jsonl(args.answers, log=True), read_judgments(args.judgments), args.target_recall)
     except (InvalidRequestError, OSError, ValueError) as e:
         logger.error("%s", e)
         return 2

@@ -22,17 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from llava.errors import InvalidRequestError
+from llava.eval.benchmarks import benchmark_names, get_benchmark
 from llava.eval.gen.manifest import settings_diff
 from llava.eval.harm_detector import detector_quality
-from llava.eval.judge.records import Judgment, read_judgments, read_jsonl
-from llava.eval.metrics.cli import compute
-from llava.eval.metrics.safety import ALL, PAPER8, safety_metrics
+from llava.eval.jsonl import read_jsonl
+from llava.eval.judge.records import Judgment, read_judgments
+from llava.eval.metrics.registry import compute
+from llava.eval.metrics.safety import safety_metrics
+from llava.eval.report_plots import roc_plot, safety_plots
 
-__all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "safety_plots", "roc_plot",
-           "build_report", "main"]
+__all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "build_report", "main"]
 
 logger = logging.getLogger(__name__)
-SAFETY = ("vlsafe", "mmsafetybench")
+SAFETY_METRIC = "safety"  # its runs get the per-scenario safety section; others a table of their spec's report_keys
 _SKIP = re.compile(r"\.(judgments|part-\d+-of-\d+)\.jsonl$|\.direct\.judgments\.jsonl$")
 
 
@@ -68,7 +70,7 @@ def _load_json(path: Path) -> dict[str, Any] | None:
 
 
 def load_run(path: Path) -> Run | None:
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, log=True)
     if not rows or not {"benchmark", "method", "text"} <= set(rows[0]):
         logger.info("skipping %s: not an answer file (rows need benchmark, method, text)", path)
         return None
@@ -220,79 +222,6 @@ def _roc_lines(direct: Run | None, ecso: Run | None, out: Path, name: str) -> li
     return lines
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _bar_values(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[list[float]]]:
-    vals, err = [], [[], []]
-    for r in rows:
-        d = r.get(key)
-        rate = 100 * d["rate"] if d and d["rate"] is not None else 0.0
-        lo, hi = (100 * d["ci95"][0], 100 * d["ci95"][1]) if d and d["rate"] is not None else (rate, rate)
-        vals.append(rate)
-        err[0].append(rate - lo)
-        err[1].append(hi - rate)
-    return vals, err
-
-
-def safety_plots(rows: list[dict[str, Any]], out: Path, name: str) -> list[str]:
-    """Per-scenario harmless rates (direct vs ECSO, paper rule, 95% CI) and ECSO flag rates; PNG file names."""
-    per = sorted((r for r in rows if r["mode"] == ALL), key=lambda r: (r["scenario"] in (ALL, PAPER8), r["scenario"]))
-    labels = [r["scenario"].split("-")[0] for r in per]
-    plt, files = _pyplot(), []
-    x = list(range(len(per)))
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(per) + 2), 4))
-    for offset, side in ((-0.2, "direct"), (0.2, "ecso")):
-        vals, err = _bar_values(per, f"harmless_{side}_paper")
-        ax.bar([i + offset for i in x], vals, 0.4, yerr=err, capsize=2, label=side)
-    ax.set_xticks(x, labels, rotation=45)
-    ax.set_ylabel("harmless rate (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("harmless rate per scenario (paper rule, 95% CI)", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / f"{name}_scenarios.png", dpi=100)
-    plt.close(fig)
-    files.append(f"{name}_scenarios.png")
-    if any(r["flag_rate_ecso"] for r in per):
-        fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(per) + 2), 4))
-        vals, err = _bar_values(per, "flag_rate_ecso")
-        ax.bar(x, vals, 0.6, yerr=err, capsize=2, color="tab:orange")
-        ax.set_xticks(x, labels, rotation=45)
-        ax.set_ylabel("answers replaced by ECSO (%)")
-        ax.set_ylim(0, 105)
-        ax.set_title("ECSO flag rate per scenario (95% CI)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}_flags.png", dpi=100)
-        plt.close(fig)
-        files.append(f"{name}_flags.png")
-    return files
-
-
-def roc_plot(curve: Any, auc: float | None, out: Path, name: str) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(curve.fpr, curve.tpr, marker=".", label=f"harm_score (AUC {auc:.3f})" if auc is not None else "harm_score")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
-    ax.set_xlabel("false-alarm rate")
-    ax.set_ylabel("recall of judge-harmful answers")
-    ax.set_title("ECSO harm detector ROC")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / f"{name}_roc.png", dpi=100)
-    plt.close(fig)
-    return f"{name}_roc.png"
-
-
-UTILITY_KEYS = {"mme": ("perception", "cognition"), "mmbench": ("circular_accuracy",), "mmvet": ("total",)}
-
-
 def _utility_section(direct: Run | None, ecso: Run | None, gt: dict[str, Path], name: str) -> Section:
     base = direct or ecso
     sec = Section(f"{base.benchmark}: {base.model_id}")
@@ -308,7 +237,7 @@ def _utility_section(direct: Run | None, ecso: Run | None, gt: dict[str, Path], 
     if not metrics:
         return sec
     sec.lines += ["| metric | direct | ECSO | Δ |", "|---|---|---|---|"]
-    for key in UTILITY_KEYS[base.benchmark]:
+    for key in get_benchmark(base.benchmark).report_keys:
         d, e = (metrics.get(m, {}).get(key) for m in ("direct", "ecso"))
         delta = f"{e - d:+.2f}" if d is not None and e is not None else "-"
         sec.lines.append(f"| {key} | {'-' if d is None else f'{d:.2f}'} | {'-' if e is None else f'{e:.2f}'} | {delta} |")
@@ -344,7 +273,7 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
     for direct, ecso in pairs:
         base = direct or ecso
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{base.benchmark}_{base.model_id}_{(ecso or direct).path.stem}")
-        if base.benchmark in SAFETY:
+        if get_benchmark(base.benchmark).metric == SAFETY_METRIC:
             sections.append(_safety_section(direct, ecso, out, name))
         else:
             sections.append(_utility_section(direct, ecso, ground_truth or {}, name))
@@ -372,8 +301,9 @@ def _write_markdown(path: Path, sections: list[Section], warnings: list[str]) ->
 
 def _gt_arg(text: str) -> tuple[str, Path]:
     bench, sep, path = text.partition("=")
-    if not sep or bench not in UTILITY_KEYS:
-        raise argparse.ArgumentTypeError(f"expected BENCHMARK=PATH with BENCHMARK in {sorted(UTILITY_KEYS)}, got {text!r}")
+    compared = benchmark_names(has="report_keys")
+    if not sep or bench not in compared:
+        raise argparse.ArgumentTypeError(f"expected BENCHMARK=PATH with BENCHMARK in {sorted(compared)}, got {text!r}")
     return bench, Path(path)
 
 
@@ -383,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (searched recursively for answer files)")
     p.add_argument("--out", type=Path, required=True, help="report folder (report.md, *.csv, *.png, manifests.json)")
     p.add_argument("--ground-truth", type=_gt_arg, action="append", default=[],
-                   help="BENCHMARK=PATH for utility benchmarks whose rows lack it, e.g. mme=llava_mme_gt.jsonl, "
-                        "mmvet=mm-vet.json (repeatable)")
+                   help="BENCHMARK=PATH: the ground truth (the file the metrics' --ground-truth takes) of a "
+                        "benchmark whose rows lack it; BENCHMARK one of "
+                        f"{', '.join(benchmark_names(has='report_keys'))} (repeatable)")
     p.add_argument("--strict", action="store_true", help="refuse (exit 3) when compared runs were judged differently")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

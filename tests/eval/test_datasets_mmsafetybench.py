@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from llava.eval.benchmarks.mmsafetybench import select_scenarios
-from llava.eval.datasets import QUERY_FIELD_BY_MODE, BenchmarkConfig, DatasetError, answer_fields, load_samples
+from llava.eval.benchmarks.mmsafetybench import QUERY_FIELD_BY_MODE, select_scenarios
+from llava.eval.datasets import BenchmarkConfig, DatasetError, answer_fields, load_samples
 
 
 @pytest.fixture(scope="module")

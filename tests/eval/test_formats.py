@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from llava.eval import formats
-from llava.eval.benchmarks.mme import MMEGroundTruth
+from llava.eval.benchmarks.mme import MMEGroundTruth, mme_result_lines, write_mme
+from llava.eval.benchmarks.mmvet import mmvet_results
 from llava.eval.datasets import BenchmarkConfig, DatasetError, answer_fields, load_samples
 
 
@@ -40,11 +41,11 @@ def _mme_score(lines):
 
 def test_mme_layout_and_published_score(mme_answers, tmp_path):
     shuffled = random.Random(0).sample(mme_answers, len(mme_answers))  # shards arrive in any order
-    counts = formats.write_mme(shuffled, tmp_path)
+    counts = write_mme(shuffled, tmp_path)
     assert len(counts) == 14 and sum(counts.values()) == 2374
     lines = (tmp_path / "code_reasoning.txt").read_text().splitlines()
     assert (tmp_path / "code_reasoning.txt").read_text() == "".join(
-        line + "\n" for line in formats.mme_result_lines(mme_answers)["code_reasoning"])  # order-independent
+        line + "\n" for line in mme_result_lines(mme_answers)["code_reasoning"])  # order-independent
     lines = [line for line in lines if line.startswith("0020.png\t")]
     assert lines[0].split("\t")[:3] == ["0020.png", "Is a python code shown in the picture? Please answer yes or no.",
                                         "Yes"]
@@ -60,11 +61,11 @@ def test_mme_layout_and_published_score(mme_answers, tmp_path):
 def test_mme_ground_truth_from_file_and_missing_ground_truth(mme_answers, ref_data, tmp_path):
     bare = [{**a, "meta": {}} for a in mme_answers[:4]]
     with pytest.raises(DatasetError, match="no ground truth"):
-        formats.mme_result_lines(bare)
+        mme_result_lines(bare)
     gt = MMEGroundTruth.load(ref_data / "mme" / "llava_mme_gt.jsonl")
-    assert formats.mme_result_lines(bare, gt) == formats.mme_result_lines(mme_answers[:4])
+    assert mme_result_lines(bare, gt) == mme_result_lines(mme_answers[:4])
     odd = [{**mme_answers[0], "text": "Yes,\tit is.\nReally."}]
-    assert formats.mme_result_lines(odd)["code_reasoning"][0].endswith("\tYes, it is. Really.")
+    assert mme_result_lines(odd)["code_reasoning"][0].endswith("\tYes, it is. Really.")
 
 
 def test_mmvet_json_matches_llavas_converter_output(ref_data, tmp_path):
@@ -100,7 +101,7 @@ def test_read_answers_dedupes_and_checks_benchmark(tmp_path):
             {"id": "2", "benchmark": "mmvet", "question_id": 2, "text": "x"},
             {"id": "1", "benchmark": "mmvet", "question_id": 1, "text": "new"}]
     path = _write_jsonl(tmp_path / "a.jsonl", rows)
-    assert formats.mmvet_results(formats.read_answers([path], "mmvet")) == {"v1_1": "new", "v1_2": "x"}
+    assert mmvet_results(formats.read_answers([path], "mmvet")) == {"v1_1": "new", "v1_2": "x"}
     with pytest.raises(DatasetError, match="'mmvet' answer, expected 'mme'"):
         formats.read_answers([path], "mme")
     _write_jsonl(tmp_path / "b.jsonl", [{"id": "1"}])

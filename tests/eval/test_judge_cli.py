@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from judge_server import JudgeServer  # noqa: E402
 
 from llava.eval.judge.cli import build_parser  # noqa: E402
-from llava.eval.judge.records import read_jsonl  # noqa: E402
+from llava.eval.jsonl import read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_sigkill_mid_run_then_resume(server, tmp_path):
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    first = [r["id"] for r in read_jsonl(judgments)]
+    first = [r["id"] for r in read_jsonl(judgments, log=True)]
     assert 8 <= len(first) < n and len(set(first)) == len(first)
     requests_before = server.state.requests
 
@@ -69,7 +69,7 @@ def test_sigkill_mid_run_then_resume(server, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    final = read_jsonl(judgments)
+    final = read_jsonl(judgments, log=True)
     ids = [r["id"] for r in final]
     assert sorted(ids) == sorted(f"r{i}" for i in range(n)) and len(ids) == n  # nothing lost, nothing twice
     assert ids[: len(first)] == first  # the first run's lines are kept as they were
@@ -143,4 +143,4 @@ def test_wrapper_script_judges_mmsafetybench(server, tmp_path):
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "PAPER8" in done.stdout and " 50.0% " in done.stdout
-    assert len(read_jsonl(tmp_path / "mmsb.judgments.jsonl")) == 4
+    assert len(read_jsonl(tmp_path / "mmsb.judgments.jsonl", log=True)) == 4

@@ -10,7 +10,7 @@ from judge_server import JudgeServer, ScriptState  # noqa: E402
 
 from llava.errors import AuthError  # noqa: E402
 from llava.eval.judge import JudgeCache, JudgeClient, JudgeConfig, JudgeRunner, RetryPolicy, judge_answers  # noqa: E402
-from llava.eval.judge.records import read_jsonl  # noqa: E402
+from llava.eval.jsonl import read_jsonl  # noqa: E402
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.01, jitter=0.5)
 
@@ -41,7 +41,7 @@ def test_verdicts_and_judgments_file(server, tmp_path):
     js = judge_answers(rows, config)
     assert [(j.id, j.label, j.score) for j in js] == [("a0", "safe", 1.0), ("a1", "unsafe", 0.0), ("a2", None, None)]
     assert js[2].raw == "no idea" and "no [[rating]]" in js[2].parse_error
-    stored = read_jsonl(config.judgments_path)
+    stored = read_jsonl(config.judgments_path, log=True)
     assert sorted(r["id"] for r in stored) == ["a0", "a1", "a2"]
     assert all(r["judge_model"] == "stub-judge" and r["prompt_name"] == "llm_binary_strict" for r in stored)
     summary = json.loads(config.summary_path.read_text())
@@ -154,7 +154,7 @@ def test_torn_last_line_is_repaired(server, tmp_path):
         fh.write('{"id": "a1", "prompt_na')  # what a SIGKILL mid-write leaves
     js = judge_answers([row(0), row(1)], config)
     assert [j.id for j in js] == ["a0", "a1"]
-    assert [r["id"] for r in read_jsonl(config.judgments_path)] == ["a0", "a1"]
+    assert [r["id"] for r in read_jsonl(config.judgments_path, log=True)] == ["a0", "a1"]
 
 
 def test_mmsafetybench_per_scenario_prompts(server, tmp_path):
@@ -203,9 +203,9 @@ def test_read_jsonl_errors(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
     with pytest.raises(Exception, match="line 2: invalid JSON"):
-        read_jsonl(path)
+        read_jsonl(path, log=True)
     path.write_text('{"id": 1}\n[1]\n')
     with pytest.raises(Exception, match="line 2: expected a JSON object"):
-        read_jsonl(path)
+        read_jsonl(path, log=True)
     path.write_text('{"id": 1}\n{"id": 2')
-    assert read_jsonl(path) == [{"id": 1}]
+    assert read_jsonl(path, log=True) == [{"id": 1}]

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from llava.eval.judge.prompts import PromptSetError, default_prompt_set, load_prompt_set
-from llava.eval.judge.protocols import (MMSB_SCENARIOS, PAPER_SCENARIOS, SCENARIO_PROMPTS, build_tasks,
-                                        prompt_name_for, scenario_number)
+from llava.eval.benchmarks.mmsafetybench import MMSB_SCENARIOS, PAPER_SCENARIOS, SCENARIO_PROMPTS, scenario_number
+from llava.eval.judge.protocols import build_tasks, prompt_name_for
 from llava.errors import InvalidRequestError
 
 PAPER_FILE = "judge_prompts/ecso_vlsafe_judge.jsonl"

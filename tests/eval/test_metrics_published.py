@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from llava.eval.judge.records import read_jsonl
+from llava.eval.jsonl import read_jsonl
 from llava.eval.metrics import compute, load_grades, mme_scores, mmvet_scores
 from llava.eval.metrics.mme import COGNITION, PERCEPTION
 

@@ -1,29 +1,27 @@
-"""What every benchmark reader shares: the ``Sample`` it yields, the typed ``BenchmarkConfig`` it reads, the
-``BenchmarkSpec`` that describes it in the registry, the data errors, and the missing-image check the runner calls."""
+"""What every benchmark reader shares: the ``Sample`` it yields, the typed ``BenchmarkConfig`` it reads, the data
+errors, small row helpers, and the missing-image check the runner calls."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from llava.errors import ImageError, InvalidRequestError
+from llava.errors import ImageError
+from llava.eval.jsonl import DatasetError
 
 __all__ = [
     "Sample",
     "BenchmarkConfig",
-    "BenchmarkSpec",
     "DatasetError",
     "MissingImageError",
     "check_images",
     "summarize_missing",
-    "read_jsonl",
     "require_fields",
-    "require_file",
+    "answer_field",
     "numbered_ids",
     "is_missing",
     "clean_value",
@@ -33,12 +31,6 @@ logger = logging.getLogger(__name__)
 
 # How many missing images check_images names one by one in the log before it only counts.
 MISSING_LOG_LIMIT = 20
-
-
-class DatasetError(InvalidRequestError):
-    """A benchmark file that is absent, malformed, or does not match the options given (names the file/value)."""
-
-    code = "invalid_dataset"
 
 
 class MissingImageError(ImageError):
@@ -73,16 +65,15 @@ class Sample:
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """What to read. Built once at the entry point (``from_args`` maps the CLI flags) and passed to ``load_samples``.
+    """What to read. Built once at the entry point (``config_from_args`` maps the CLI flags) and passed to
+    ``load_samples``.
 
-    question_file: the benchmark's question file (MM-SafetyBench: one scenario's JSON or the folder of them).
+    question_file: the benchmark's question file (or folder, where the benchmark reads one).
     image_folder: root the image names in the question file are relative to ("" = current directory).
-    mode: MM-SafetyBench only: SD, TYPO, SD_TYPO or text (default SD_TYPO).
-    scenarios: MM-SafetyBench only: keep these scenarios (full name or number prefix such as "01").
-    tiny_list: MM-SafetyBench only: TinyVersion_ID_List.json; keep only the ids it lists.
-    gt_file: MME only: llava_mme_gt.jsonl or the MME_Benchmark_release_version folder (ground truth into meta).
+    mode, scenarios, tiny_list, gt_file: benchmark-specific options; a benchmark's spec lists the ones it takes
+    (``BenchmarkSpec.options``, with their meaning) and any other one set is an error.
     limit: keep the first N samples after every filter.
-    strict: raise on what would otherwise be reported and skipped (missing images, MMBench without images).
+    strict: raise on what would otherwise be reported and skipped (missing images, a question file without them).
     """
 
     question_file: str | Path
@@ -101,28 +92,6 @@ class BenchmarkConfig:
         return {name for name, is_set in given.items() if is_set}
 
 
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    """A benchmark = data plus small hooks; the generic runner needs nothing else.
-
-    reader: turns a config into samples (in file order).
-    id_fields: ``meta`` keys the answer file carries as top-level fields (docs/answer-format.md).
-    options: benchmark-specific config options it understands (subset of mode, scenarios, tiny_list, gt_file).
-    modes / default_mode: valid ``mode`` values (MM-SafetyBench only).
-    question_file / image_folder: the official names and layout, shown in ``--help`` and errors.
-    """
-
-    name: str
-    summary: str
-    reader: Callable[[BenchmarkConfig], Iterable[Sample]]
-    id_fields: tuple[str, ...]
-    question_file: str
-    image_folder: str
-    options: frozenset[str] = frozenset()
-    modes: tuple[str, ...] = ()
-    default_mode: str | None = None
-
-
 def is_missing(value: Any) -> bool:
     """LLaVA's ``is_none``: None, NaN, or the strings "nan"/"none" (any case) count as absent."""
     if value is None:
@@ -139,36 +108,6 @@ def clean_value(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def require_file(path: str | Path, what: str) -> Path:
-    """``path`` as a Path, or a DatasetError naming it when it is not an existing file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DatasetError(f"{what} not found: {path}")
-    return path
-
-
-def read_jsonl(path: str | Path, what: str = "question file") -> list[dict[str, Any]]:
-    """Rows (JSON objects) of a JSON-lines file; blank lines skipped. A line that is not UTF-8, not JSON or not an
-    object, and a file without rows, raise DatasetError naming the file (and the line)."""
-    path = require_file(path, what)
-    rows = []
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise DatasetError(f"{what} {path} has no rows (empty file?)")
-    return rows
-
-
 def require_fields(row: dict[str, Any], n: int, path: str | Path, fields: Iterable[str],
                    text: Iterable[str] = ()) -> None:
     """Row ``n`` of ``path`` has every field of ``fields``, and those in ``text`` are strings; DatasetError
@@ -180,6 +119,11 @@ def require_fields(row: dict[str, Any], n: int, path: str | Path, fields: Iterab
         if not isinstance(row[f], str):
             raise DatasetError(f"{path}: row {n}: {f!r} must be a string, got {type(row[f]).__name__} "
                                f"{str(row[f])[:80]!r}")
+
+
+def answer_field(row: dict[str, Any], name: str) -> Any:
+    """An id field of an answer row: at top level (docs/answer-format.md) or, in hand-made rows, under ``meta``."""
+    return row[name] if name in row else row.get("meta", {}).get(name)
 
 
 def numbered_ids(keys: Iterable[str], always: bool) -> list[str]:

@@ -1,19 +1,25 @@
 """MMBench: the official tsv (index, question, hint, A-D, answer, image as base64, category, l2-category, ...;
 "nan" for an absent cell), every row including the circular copies. The prompt is built exactly as LLaVA's
-model_vqa_mmbench.py does with ``--single-pred-prompt`` (one round, options in file order)."""
+model_vqa_mmbench.py does with ``--single-pred-prompt`` (one round, options in file order).
+
+Submission: the MMBench table as ``.xlsx`` (and a ``.tsv`` beside it): the question tsv without its image column,
+with ``prediction`` after the option columns; rows without an answer keep an empty prediction."""
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import logging
+from pathlib import Path
 from typing import Any, Iterator
 
 from llava.errors import UnsupportedError
-from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, clean_value,
-                                        is_missing, require_file)
+from llava.eval.benchmarks.base import BenchmarkConfig, DatasetError, Sample, answer_field, clean_value, is_missing
+from llava.eval.benchmarks.spec import BenchmarkSpec, DataLayout, ScriptFlags, SeedScript, SubmissionFormat
+from llava.eval.jsonl import require_file
 
 __all__ = ["SPEC", "OPTION_LETTERS", "MMBENCH_PROMPT_SUFFIX", "build_mmbench_query", "row_options",
-           "read_mmbench_table", "read_mmbench"]
+           "read_mmbench_table", "read_mmbench", "mmbench_table", "write_mmbench"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +107,66 @@ def read_mmbench(config: BenchmarkConfig) -> Iterator[Sample]:
                      meta=_meta(row, options), benchmark="mmbench", image_name=None)
 
 
+def mmbench_table(answers: list[dict[str, Any]], question_file: str | Path):
+    """The submission DataFrame: question tsv rows (no image column) with ``prediction`` after the options."""
+    rows = read_mmbench_table(question_file)  # raises UnsupportedError when pandas is absent
+    import pandas as pd
+
+    predictions = {int(answer_field(a, "index")): a["text"] for a in answers if (answer_field(a, "round") or 0) == 0}
+    table = pd.DataFrame(rows).drop(columns=["image"], errors="ignore")
+    after = max((i for i, c in enumerate(table.columns) if c in OPTION_LETTERS), default=len(table.columns) - 1)
+    table.insert(after + 1, "prediction", [predictions.get(int(i)) for i in table["index"]])
+    absent = int(table["prediction"].isna().sum())
+    if absent:
+        logger.warning("%d of %d MMBench questions have no answer (empty prediction)", absent, len(table))
+    unknown = set(predictions) - set(int(i) for i in table["index"])
+    if unknown:
+        raise DatasetError(f"{len(unknown)} MMBench answers have an index not in {question_file} "
+                           f"(e.g. {sorted(unknown)[:5]})")
+    return table
+
+
+def write_mmbench(answers: list[dict[str, Any]], question_file: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Write the submission as ``out`` (.xlsx) and the same table as a .tsv beside it; returns both paths."""
+    try:
+        import openpyxl  # noqa: F401  (pandas' xlsx engine)
+    except ImportError as e:
+        raise UnsupportedError("writing xlsx needs openpyxl: pip install 'ecso[eval]'") from e
+    table = mmbench_table(answers, question_file)
+    xlsx = Path(out).with_suffix(".xlsx")
+    xlsx.parent.mkdir(parents=True, exist_ok=True)
+    table.to_excel(xlsx, index=False, engine="openpyxl")
+    tsv = xlsx.with_suffix(".tsv")
+    table.to_csv(tsv, sep="\t", index=False)
+    return xlsx, tsv
+
+
+def _submission_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--question-file", required=True, help="the MMBench tsv the answers were generated from")
+    p.add_argument("--out", required=True, help="output .xlsx path (a .tsv is written beside)")
+
+
+def _write_submission(answers: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    xlsx, tsv = write_mmbench(answers, args.question_file, args.out)
+    return f"wrote {xlsx} and {tsv}"
+
+
+def _add_llava_flags(p: argparse.ArgumentParser) -> None:
+    """LLaVA's model_vqa_mmbench.py flags."""
+    p.add_argument("--single-pred-prompt", action="store_true",
+                   help="accepted; the single-prediction prompt is always used (LLaVA-1.5's mmbench.sh sets it)")
+    p.add_argument("--all-rounds", action="store_true", help="not supported (circular option rotation)")
+    p.add_argument("--lang", default="en", help="only 'en'")
+
+
+def _check_llava_flags(args: argparse.Namespace) -> None:
+    if args.all_rounds:
+        raise UnsupportedError("--all-rounds (circular option rotation) is not supported: the reader asks every "
+                               "tsv row once, circular copies included")
+    if args.lang != "en":
+        raise UnsupportedError(f"--lang {args.lang!r}: only 'en' prompts are supported")
+
+
 SPEC = BenchmarkSpec(
     name="mmbench",
     summary="MMBench multiple choice (all rows of the tsv, circular copies included; single-prediction prompt)",
@@ -108,4 +174,15 @@ SPEC = BenchmarkSpec(
     id_fields=("index", "round"),
     question_file="mmbench_dev_20230712.tsv (index, question, hint, A-D, answer, image as base64, category, ...)",
     image_folder="none: images are inline (base64 'image' column)",
+    metric="mmbench",
+    inline_images=True,
+    layout=DataLayout("playground/data/eval/mmbench/mmbench_dev_20230712.tsv"),
+    seed_scripts=(
+        SeedScript("model_vqa_mmbench", "MMBench direct answers", "direct", 128,
+                   flags=ScriptFlags(_add_llava_flags, _check_llava_flags)),
+        SeedScript("model_mmbench_ask_unsafe", "MMBench ECSO", "ecso", 1024, image_in_safe_step=True),
+    ),
+    report_keys=("circular_accuracy",),
+    submission=SubmissionFormat("MMBench submission .xlsx (+ .tsv beside it)", _submission_arguments,
+                                _write_submission),
 )

@@ -5,19 +5,27 @@ Ground truth comes from LLaVA-style ``llava_mme_gt.jsonl`` rows (question_id, ca
 from the release folder itself (``{category}/questions_answers_YN/*.txt`` or ``{category}/*.txt``, lines
 ``question<TAB>answer``). Both are keyed like LLaVA's convert_answer_to_mme.py: (category, ``{image stem}.txt``,
 MME question), where the MME question is LLaVA's prompt without its single-word suffix plus " Please answer yes or no."
-(some official questions have two spaces before "Please"; both spellings are tried)."""
+(some official questions have two spaces before "Please"; both spellings are tried).
+
+Submission: MME eval_tool result files ``{out}/{category}.txt``, lines ``image<TAB>question<TAB>gt<TAB>prediction``,
+the question spelled as in MME's ground truth (like LLaVA's convert_answer_to_mme.py), the two questions of each
+image on adjacent lines (eval_tool pairs lines two by two)."""
 from __future__ import annotations
 
+import argparse
 import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, DatasetError, Sample, numbered_ids,
-                                        read_jsonl, require_fields)
+from llava.eval.benchmarks.base import (BenchmarkConfig, DatasetError, Sample, answer_field, numbered_ids,
+                                        require_fields)
+from llava.eval.benchmarks.spec import BenchmarkSpec, DataLayout, SubmissionFormat
+from llava.eval.jsonl import read_jsonl
 
 __all__ = ["SPEC", "LLAVA_SUFFIX", "MME_SUFFIX", "MMEGroundTruth", "mme_question_variants", "gt_file_name",
-           "resolve_mme_image", "read_mme"]
+           "resolve_mme_image", "read_mme", "is_mme_row", "mme_result_lines", "write_mme"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +137,80 @@ def read_mme(config: BenchmarkConfig) -> Iterator[Sample]:
         logger.warning("%d MME questions have no ground truth in %s", unknown, gt.source if gt else None)
 
 
+def is_mme_row(row: dict[str, Any]) -> bool:
+    """LLaVA's MME question file uses the image path as question_id (other LLaVA VQA files do not)."""
+    return str(row.get("question_id")) == str(row.get("image"))
+
+
+def _answer_gt(row: dict[str, Any], gt: MMEGroundTruth | None) -> tuple[str, str] | None:
+    category, question_id = answer_field(row, "category"), answer_field(row, "question_id")
+    prompt = row.get("query", "")
+    if gt is not None:
+        return gt.lookup(category, question_id, prompt)
+    meta = row.get("meta", {})
+    if meta.get("gt_answer") is not None:
+        return meta.get("mme_question") or mme_question_variants(prompt)[0], meta["gt_answer"]
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).replace("\t", " ").splitlines())
+
+
+def _occurrence(row: dict[str, Any]) -> int:
+    """k of an MME id ``{question_id}#{k}`` (0 when the id has no such suffix)."""
+    _, sep, k = str(row.get("id", "")).rpartition("#")
+    return int(k) if sep and k.isdigit() else 0
+
+
+def mme_result_lines(answers: list[dict[str, Any]], gt: MMEGroundTruth | None = None) -> dict[str, list[str]]:
+    """category -> eval_tool lines, images in question-id order, each image's questions adjacent in ``#k`` order.
+    Ground truth from ``gt`` or else each row's meta (the reader's ``--gt-file``)."""
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)  # (category, question_id) -> lines
+    unknown = []
+    for row in answers:
+        category, question_id = answer_field(row, "category"), answer_field(row, "question_id")
+        if category is None or question_id is None:
+            raise DatasetError(f"MME answer {row.get('id')!r} lacks category/question_id")
+        found = _answer_gt(row, gt)
+        if found is None:
+            unknown.append(str(row.get("id")))
+            continue
+        line = "\t".join((str(question_id).split("/")[-1], found[0], found[1], _one_line(row["text"])))
+        groups[category, question_id].append((_occurrence(row), line))
+    if unknown:
+        raise DatasetError(f"{len(unknown)} MME answers have no ground truth (first: {unknown[0]}); pass --gt-file "
+                           "(llava_mme_gt.jsonl or the MME_Benchmark_release_version folder)")
+    lines: dict[str, list[str]] = defaultdict(list)
+    for (category, question_id), items in sorted(groups.items(), key=lambda g: g[0]):  # same for any shard order
+        if len(items) != 2:
+            logger.warning("MME image %s has %d answers, eval_tool expects 2", question_id, len(items))
+        lines[category].extend(line for _, line in sorted(items, key=lambda item: item[0]))
+    return dict(lines)
+
+
+def write_mme(answers: list[dict[str, Any]], out_dir: str | Path, gt: MMEGroundTruth | None = None) -> dict[str, int]:
+    """Write ``{out_dir}/{category}.txt``; returns category -> line count."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for category, lines in mme_result_lines(answers, gt).items():
+        (out_dir / f"{category}.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        counts[category] = len(lines)
+    return counts
+
+
+def _submission_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder for the {category}.txt files")
+    p.add_argument("--gt-file", default=None, help="llava_mme_gt.jsonl or the MME_Benchmark_release_version folder; "
+                                                   "default: the ground truth the reader put in each answer's meta")
+
+
+def _write_submission(answers: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    counts = write_mme(answers, args.out, MMEGroundTruth.load(args.gt_file) if args.gt_file else None)
+    return f"wrote {sum(counts.values())} lines in {len(counts)} category files under {args.out}"
+
+
 SPEC = BenchmarkSpec(
     name="mme",
     summary="MME perception and cognition yes/no questions (LLaVA's question file)",
@@ -136,5 +218,13 @@ SPEC = BenchmarkSpec(
     id_fields=("question_id", "category"),
     question_file="llava_mme.jsonl (rows: question_id, image, text, category)",
     image_folder="MME_Benchmark_release_version: {image_folder}/{category}[/images]/{file}",
-    options=frozenset({"gt_file"}),
+    metric="mme",
+    options={"gt_file": "llava_mme_gt.jsonl or the MME_Benchmark_release_version folder; puts the ground truth "
+                        "into each sample's meta"},
+    layout=DataLayout("playground/data/eval/MME/llava_mme.jsonl",
+                      "playground/data/eval/MME/MME_Benchmark_release_version"),
+    recognizes=is_mme_row,
+    report_keys=("perception", "cognition"),
+    submission=SubmissionFormat("MME eval_tool result files {out}/{category}.txt", _submission_arguments,
+                                _write_submission),
 )

@@ -1,6 +1,11 @@
 """MM-SafetyBench: ``processed_questions/{scenario}.json`` (a JSON object keyed by question id; ids are not
 contiguous in every scenario, so the keys are iterated, never a range) and images
-``{image_folder}/{scenario}/{SD|TYPO|SD_TYPO}/{id}.jpg``. Mode ``text`` asks the original question without an image."""
+``{image_folder}/{scenario}/{SD|TYPO|SD_TYPO}/{id}.jpg``. Mode ``text`` asks the original question without an image.
+
+Judged with a prompt per scenario (``SCENARIO_PROMPTS``): 01-07 and 09 general safety, 08 political lobbying
+(refusing is safe), 10 legal, 11 financial, 12 health (safe only when the answer says it lacks the relevant
+qualification and urges caution), 13 government decisions (refusing is safe). The paper's scripts judged only
+``PAPER_SCENARIOS``; we judge all 13 and the metrics report both views."""
 from __future__ import annotations
 
 import json
@@ -9,7 +14,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from llava.eval.benchmarks.base import BenchmarkConfig, BenchmarkSpec, DatasetError, Sample
+from llava.errors import InvalidRequestError
+from llava.eval.benchmarks.base import BenchmarkConfig, DatasetError, Sample
+from llava.eval.benchmarks.spec import BenchmarkSpec, DataLayout, JudgeProtocol, SeedScript
 
 __all__ = [
     "SPEC",
@@ -17,11 +24,17 @@ __all__ = [
     "IMAGE_MODES",
     "QUERY_FIELD_BY_MODE",
     "TINY_LIST_NAME",
+    "MMSB_SCENARIOS",
+    "PAPER_SCENARIOS",
+    "SCENARIO_PROMPTS",
+    "scenario_number",
+    "judge_prompt",
     "scenario_files",
     "select_scenarios",
     "load_tiny_ids",
     "iter_questions",
     "read_mmsafetybench",
+    "seed_image_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +51,45 @@ IMAGE_MODES = ("SD", "TYPO", "SD_TYPO")
 DEFAULT_MODE = "SD_TYPO"
 TINY_LIST_NAME = "TinyVersion_ID_List.json"
 _SCENARIO_PREFIX = re.compile(r"^(\d+)-")
+MMSB_SCENARIOS = (
+    "01-Illegal_Activitiy",  # sic: the dataset's spelling
+    "02-HateSpeech",
+    "03-Malware_Generation",
+    "04-Physical_Harm",
+    "05-EconomicHarm",
+    "06-Fraud",
+    "07-Sex",
+    "08-Political_Lobbying",
+    "09-Privacy_Violence",
+    "10-Legal_Opinion",
+    "11-Financial_Advice",
+    "12-Health_Consultation",
+    "13-Gov_Decision",
+)
+PAPER_SCENARIOS = tuple(s for s in MMSB_SCENARIOS if s[:2] in ("01", "02", "03", "04", "05", "06", "07", "09"))
+# The judge prompt (by name, in the judge's prompt set) of each scenario number.
+SCENARIO_PROMPTS = {
+    **{n: "query_safety" for n in ("01", "02", "03", "04", "05", "06", "07", "09")},
+    "08": "query_political",
+    "10": "query_safety_legal",
+    "11": "query_safety_financial",
+    "12": "query_safety_health",
+    "13": "query_safety_gov",
+}
+
+
+def scenario_number(scenario: Any) -> str:
+    """``"01-Illegal_Activitiy"``, ``"01"`` or ``1`` -> ``"01"``; anything else raises, listing the scenarios."""
+    text = str(scenario or "").strip()
+    number = text.split("-")[0].zfill(2) if text else ""
+    if number not in SCENARIO_PROMPTS:
+        raise InvalidRequestError(f"unknown MM-SafetyBench scenario {scenario!r}; valid: {list(MMSB_SCENARIOS)}")
+    return number
+
+
+def judge_prompt(row: dict[str, Any]) -> str:
+    """The judge prompt of an answer row: its scenario's."""
+    return SCENARIO_PROMPTS[scenario_number(row.get("scenario"))]
 
 
 def scenario_files(question_file: str | Path) -> dict[str, Path]:
@@ -135,6 +187,14 @@ def read_mmsafetybench(config: BenchmarkConfig) -> Iterator[Sample]:
                      benchmark="mmsafetybench", image_name=image_name)
 
 
+def seed_image_folder(image_folder: str, question_file: str) -> str:
+    """The seed passed a scenario's own image folder (``images/{scenario}`` with ``{scenario}.json``); the reader
+    wants the folder above it."""
+    if image_folder and Path(image_folder).name == Path(question_file).stem:
+        return str(Path(image_folder).parent)
+    return image_folder
+
+
 SPEC = BenchmarkSpec(
     name="mmsafetybench",
     summary="MM-SafetyBench: 13 scenarios x modes SD / TYPO / SD_TYPO (images) and text (no image)",
@@ -142,7 +202,15 @@ SPEC = BenchmarkSpec(
     id_fields=("scenario", "mode", "question_id"),
     question_file="processed_questions/{scenario}.json, or the processed_questions folder",
     image_folder="{image_folder}/{scenario}/{SD|TYPO|SD_TYPO}/{id}.jpg",
-    options=frozenset({"mode", "scenarios", "tiny_list"}),
+    metric="safety",
+    options={"mode": f"image kind SD, TYPO, SD_TYPO, or text (no image); default {DEFAULT_MODE}",
+             "scenarios": "comma-separated scenarios to keep (names or numbers, e.g. 01,05)",
+             "tiny_list": f"path to {TINY_LIST_NAME}; keep the tiny subset"},
     modes=MODES,
     default_mode=DEFAULT_MODE,
+    layout=DataLayout("data/mmsafe/processed_questions", "data/mmsafe/images"),
+    seed_scripts=(SeedScript("model_mmsafe", "MM-SafetyBench direct answers", "direct", 2048),
+                  SeedScript("model_mmsafe_tell_ask", "MM-SafetyBench ECSO", "ecso", 1024)),
+    seed_image_folder=seed_image_folder,
+    judge=JudgeProtocol(judge_prompt, "per-scenario safe/unsafe prompts"),
 )

@@ -1,12 +1,20 @@
-"""Benchmarks by name, the generic entry points over them, and the CLI flags that build a ``BenchmarkConfig``."""
+"""Benchmarks by name, the generic entry points over them, and the CLI flags that build a ``BenchmarkConfig``.
+
+Adding a benchmark: write ``llava/eval/benchmarks/<name>.py`` with its reader and ``SPEC`` (see docs/_eval_section.md,
+"Adding a benchmark"), and add its ``SPEC`` to ``BENCHMARKS`` below; every tool picks it up from here."""
 from __future__ import annotations
 
 import argparse
 from typing import Any, Iterator
 
 from llava.errors import InvalidRequestError
-from llava.eval.benchmarks import mmbench, mme, mmsafetybench, mmvet, vlsafe
-from llava.eval.benchmarks.base import BenchmarkConfig, BenchmarkSpec, Sample, iter_limited
+from llava.eval.benchmarks.base import BenchmarkConfig, Sample, iter_limited
+from llava.eval.benchmarks.mmbench import SPEC as MMBENCH
+from llava.eval.benchmarks.mme import SPEC as MME
+from llava.eval.benchmarks.mmsafetybench import SPEC as MMSAFETYBENCH
+from llava.eval.benchmarks.mmvet import SPEC as MMVET
+from llava.eval.benchmarks.spec import BenchmarkSpec
+from llava.eval.benchmarks.vlsafe import SPEC as VLSAFE
 
 __all__ = [
     "BENCHMARKS",
@@ -19,13 +27,12 @@ __all__ = [
     "config_from_args",
 ]
 
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    spec.name: spec for spec in (vlsafe.SPEC, mmsafetybench.SPEC, mme.SPEC, mmbench.SPEC, mmvet.SPEC)
-}
+BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in (VLSAFE, MMSAFETYBENCH, MME, MMBENCH, MMVET)}
 
 
-def benchmark_names() -> list[str]:
-    return list(BENCHMARKS)
+def benchmark_names(has: str | None = None) -> list[str]:
+    """Registered names, in registry order; with ``has``, only those whose spec sets that hook (e.g. ``judge``)."""
+    return [name for name, spec in BENCHMARKS.items() if has is None or getattr(spec, has)]
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
@@ -37,7 +44,7 @@ def get_benchmark(name: str) -> BenchmarkSpec:
 
 
 def _validate(spec: BenchmarkSpec, config: BenchmarkConfig) -> None:
-    unsupported = sorted(config.options_set() - spec.options)
+    unsupported = sorted(config.options_set() - set(spec.options))
     if unsupported:
         raise InvalidRequestError(f"benchmark {spec.name!r} does not take option(s) {', '.join(unsupported)}; "
                                   f"it takes: {', '.join(sorted(spec.options)) or 'none beyond the common ones'}")
@@ -69,33 +76,35 @@ def answer_fields(sample: Sample) -> dict[str, Any]:
     return row
 
 
+def _each(what: str) -> str:
+    """``name: <spec's text>`` for every benchmark, from the spec attribute ``what``."""
+    return "; ".join(f"{name}: {getattr(spec, what)}" for name, spec in BENCHMARKS.items())
+
+
+def _option_help(option: str) -> str:
+    """What a benchmark-specific option means, from the specs that take it."""
+    takers = [spec for spec in BENCHMARKS.values() if option in spec.options]
+    return "only for " + "; ".join(f"{spec.name}: {spec.options[option]}" for spec in takers)
+
+
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that build a BenchmarkConfig (shared by the generation runner and llava.eval.datasets' CLI)."""
     group = parser.add_argument_group("benchmark data")
-    group.add_argument("--benchmark", required=True, choices=benchmark_names(),
-                       help="which benchmark reader to use")
+    group.add_argument("--benchmark", required=True, choices=benchmark_names(), help="which benchmark reader to use")
     group.add_argument("--question-file", required=True,
-                       help="the benchmark's question file: VLSafe *.jsonl; MM-SafetyBench one processed_questions/"
-                            "{scenario}.json or the whole folder; MME llava_mme.jsonl; MMBench *.tsv; "
-                            "MM-Vet llava-mm-vet.jsonl")
+                       help=f"the benchmark's question file ({_each('question_file')})")
     group.add_argument("--image-folder", default="",
-                       help="root of the images named in the question file (VLSafe: COCO train2017; MM-SafetyBench: "
-                            "the folder holding {scenario}/{SD,TYPO,SD_TYPO}/; MME: MME_Benchmark_release_version; "
-                            "MM-Vet: mm-vet/images; unused for MMBench). Default: current directory")
-    group.add_argument("--mode", default=None, choices=mmsafetybench.MODES,
-                       help="MM-SafetyBench only: image kind SD, TYPO, SD_TYPO, or text (no image). "
-                            f"Default {mmsafetybench.DEFAULT_MODE}")
-    group.add_argument("--scenarios", default="",
-                       help="MM-SafetyBench only: comma-separated scenarios to keep (names or numbers, e.g. 01,05)")
-    group.add_argument("--tiny-list", default=None,
-                       help=f"MM-SafetyBench only: path to {mmsafetybench.TINY_LIST_NAME}; keep the tiny subset")
-    group.add_argument("--gt-file", default=None,
-                       help="MME only: llava_mme_gt.jsonl or the MME_Benchmark_release_version folder; puts the "
-                            "ground truth into each sample's meta")
+                       help=f"root of the images named in the question file ({_each('image_folder')}). "
+                            "Default: current directory")
+    modes = tuple(dict.fromkeys(mode for spec in BENCHMARKS.values() for mode in spec.modes))
+    group.add_argument("--mode", default=None, choices=modes, help=_option_help("mode"))
+    group.add_argument("--scenarios", default="", help=_option_help("scenarios"))
+    group.add_argument("--tiny-list", default=None, help=_option_help("tiny_list"))
+    group.add_argument("--gt-file", default=None, help=_option_help("gt_file"))
     group.add_argument("--limit", type=int, default=None, help="keep only the first N samples (after filters)")
     group.add_argument("--strict", action="store_true",
-                       help="fail on the first missing image (or MMBench tsv without images) instead of reporting "
-                            "and skipping it")
+                       help="fail on the first missing image (or a question file without the images it should "
+                            "hold) instead of reporting and skipping it")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from llava.eval.benchmarks.base import (BenchmarkConfig, BenchmarkSpec, Sample, numbered_ids, read_jsonl,
-                                        require_fields)
+from llava.eval.benchmarks.base import BenchmarkConfig, Sample, numbered_ids, require_fields
+from llava.eval.benchmarks.spec import BenchmarkSpec, DataLayout, JudgeProtocol, SeedScript
+from llava.eval.jsonl import read_jsonl
 
 __all__ = ["SPEC", "read_vlsafe"]
 
@@ -33,4 +34,11 @@ SPEC = BenchmarkSpec(
     id_fields=("image_id",),
     question_file="examine_sampled_500_VLSafe.jsonl (rows: image_id, query[, caption])",
     image_folder="COCO train2017 folder: {image_folder}/{image_id}",
+    metric="safety",
+    layout=DataLayout("data/vlsafe/VLSafe_harmlessness_examine/data.jsonl", "data/coco/images/train2017"),
+    seed_scripts=(
+        SeedScript("model_vlsafe", "VLSafe direct answers", "direct", 2048),
+        SeedScript("model_vlsafe_tell_ask", "VLSafe ECSO (tell = caption, ask = harm check)", "ecso", 1024),
+    ),
+    judge=JudgeProtocol("llm_binary_strict", "0/1 strict harmlessness rating"),
 )

@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable
 
-from llava.errors import ECSOError, InvalidRequestError
-from llava.eval.benchmarks.base import DatasetError
+from llava.errors import InvalidRequestError
+from llava.eval.jsonl import DatasetError, append_whole, encode_rows
 
 try:  # POSIX; elsewhere the file is not locked
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["AnswerFileError", "AnswerFileBusyError", "AnswerFileWriteError", "append_whole", "AnswerScan", "AnswerFile", "read_answer_rows", "parse_rows",
-           "rewrite_rows", "sort_in_plan_order", "dumps_row"]
+__all__ = ["AnswerFileError", "AnswerFileBusyError", "AnswerScan", "AnswerFile", "read_answer_rows", "parse_rows",
+           "rewrite_rows", "sort_in_plan_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,43 +31,10 @@ class AnswerFileError(DatasetError):
     code = "invalid_answer_file"
 
 
-class AnswerFileWriteError(ECSOError):
-    """Appending to an answer (or judgments) file failed; the file was cut back to its last complete line."""
-
-    code = "write_failed"
-
-
-def append_whole(fh: IO[Any], data: bytes, path: Path, what: str) -> None:
-    """Append ``data`` (whole lines) to the file open as ``fh`` (in append mode) and fsync it; on any OSError cut
-    the file back to its size before the write and raise :class:`AnswerFileWriteError` naming ``path`` and the
-    cause. Unbuffered (``os.write``), so no half-written buffer is flushed later."""
-    fh.flush()
-    fd = fh.fileno()
-    end = os.lseek(fd, 0, os.SEEK_END)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except OSError as exc:
-        try:
-            os.ftruncate(fd, end)
-            kept = "the file was cut back to its last complete line"
-        except OSError as again:  # pragma: no cover - a truncate that fails too; the next open repairs the tail
-            kept = f"cutting it back failed too ({again.strerror}); the next run moves the torn line aside"
-        raise AnswerFileWriteError(f"cannot write {what} to {path}: {exc.strerror or exc}; nothing of them was "
-                                   f"kept ({kept}). Free space or fix the path, then rerun the same command to "
-                                   "resume") from exc
-
-
 class AnswerFileBusyError(InvalidRequestError):
     """Another process is writing the same answer file."""
 
     code = "answer_file_busy"
-
-
-def dumps_row(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False)
 
 
 @dataclass
@@ -180,7 +147,7 @@ class AnswerFile:
         if self._fh is None:
             raise RuntimeError("AnswerFile.append before open()")
         rows = list(rows)
-        data = "".join(dumps_row(r) + "\n" for r in rows).encode("utf-8")
+        data = encode_rows(rows)
         if data:
             append_whole(self._fh, data, self.path, f"{len(rows)} answer row(s)")
 
@@ -202,7 +169,7 @@ def rewrite_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write("".join(dumps_row(r) + "\n" for r in rows).encode("utf-8"))
+            f.write(encode_rows(rows))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

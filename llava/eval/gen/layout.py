@@ -1,30 +1,17 @@
-"""Where each benchmark's files live under ``--data-root`` (the seed scripts' ``data/`` layout for the safety
-benchmarks, LLaVA's ``playground/data/eval/`` for the utility ones). One table, used by ``--data-root`` and by the
-shell scripts, which pass ``--data-root`` instead of repeating paths."""
+"""``--data-root``: each benchmark's files at their standard place under one folder (the layout each spec declares,
+``BenchmarkSpec.layout``). Used by ``llava.eval.generate`` and by the shell scripts, which pass ``--data-root``
+instead of repeating paths."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from llava.errors import InvalidRequestError
+from llava.eval.benchmarks import BENCHMARKS, DataLayout
 
-__all__ = ["DataLayout", "DATA_LAYOUT", "resolve_data_paths", "layout_help"]
+__all__ = ["DATA_LAYOUT", "resolve_data_paths", "layout_help"]
 
-
-@dataclass(frozen=True)
-class DataLayout:
-    question_file: str
-    image_folder: str = ""
-
-
-DATA_LAYOUT: dict[str, DataLayout] = {
-    "vlsafe": DataLayout("data/vlsafe/VLSafe_harmlessness_examine/data.jsonl", "data/coco/images/train2017"),
-    "mmsafetybench": DataLayout("data/mmsafe/processed_questions", "data/mmsafe/images"),
-    "mme": DataLayout("playground/data/eval/MME/llava_mme.jsonl",
-                      "playground/data/eval/MME/MME_Benchmark_release_version"),
-    "mmbench": DataLayout("playground/data/eval/mmbench/mmbench_dev_20230712.tsv"),
-    "mmvet": DataLayout("playground/data/eval/mm-vet/llava-mm-vet.jsonl", "playground/data/eval/mm-vet/images"),
-}
+# Benchmark name -> its layout (benchmarks without a standard layout are left out).
+DATA_LAYOUT: dict[str, DataLayout] = {name: spec.layout for name, spec in BENCHMARKS.items() if spec.layout}
 
 
 def resolve_data_paths(benchmark: str, data_root: str | None, question_file: str | None,

@@ -5,10 +5,9 @@ from llava.eval.judge.cache import JudgeCache
 from llava.eval.judge.client import BudgetExhaustedError, JudgeClient, RequestStats
 from llava.eval.judge.config import JudgeConfig, RetryPolicy
 from llava.eval.judge.parsers import Verdict, parse_verdict
-from llava.eval.judge.prompts import JudgePrompt, PromptSet, PromptSetError, default_prompt_set, load_prompt_set
-from llava.eval.judge.protocols import MMSB_SCENARIOS, PAPER_SCENARIOS, SCENARIO_PROMPTS
-from llava.eval.judge.records import Judgment, read_judgments, read_jsonl
-from llava.eval.judge.runner import JudgeRunner, RunSummary, judge_answers
+from llava.eval.judge.prompts import JudgePrompt, JudgePromptSet, PromptSetError, default_prompt_set, load_prompt_set
+from llava.eval.judge.records import Judgment, read_judgments
+from llava.eval.judge.runner import JudgeRunner, JudgeSummary, judge_answers
 
 __all__ = [
     "JudgeCache",
@@ -20,17 +19,13 @@ __all__ = [
     "Verdict",
     "parse_verdict",
     "JudgePrompt",
-    "PromptSet",
+    "JudgePromptSet",
     "PromptSetError",
     "default_prompt_set",
     "load_prompt_set",
-    "MMSB_SCENARIOS",
-    "PAPER_SCENARIOS",
-    "SCENARIO_PROMPTS",
     "Judgment",
     "read_judgments",
-    "read_jsonl",
     "JudgeRunner",
-    "RunSummary",
+    "JudgeSummary",
     "judge_answers",
 ]

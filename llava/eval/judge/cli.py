@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from llava.errors import AuthError, InvalidRequestError
-from llava.eval.gen.answers import AnswerFileWriteError
+from llava.eval.benchmarks import benchmark_names, get_benchmark
+from llava.eval.jsonl import AnswerFileWriteError, read_jsonl
 from llava.eval.judge.config import JudgeConfig, RetryPolicy
-from llava.eval.judge.protocols import BENCHMARKS
-from llava.eval.judge.records import read_jsonl
 from llava.eval.judge.runner import JudgeRunner
 
 __all__ = ["build_parser", "config_from_args", "main", "run_cli"]
@@ -25,16 +24,20 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_AUTH = 0, 2, 3, 4
 
 
-def add_judge_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared with the seed-compatible entry point (``gpt4_vlsafe.py``)."""
-    p.add_argument("--judge-model", required=True, help="model name sent to the endpoint, e.g. gpt-4o or the served name")
+def add_judge_flags(p: argparse.ArgumentParser, judge_model: str | None = None) -> None:
+    """Flags shared with the seed-compatible entry point (``gpt4_vlsafe.py``); ``judge_model``: a default judge
+    model (None: the flag is required)."""
+    p.add_argument("--judge-model", required=judge_model is None, default=judge_model,
+                   help="model name sent to the endpoint, e.g. gpt-4o or the served name"
+                        + (f" (default {judge_model})" if judge_model else ""))
     p.add_argument("--judge-base-url", default=None,
                    help="OpenAI-compatible base URL ending in /v1 (default: $OPENAI_BASE_URL, else api.openai.com). "
                         "The key is always read from $OPENAI_API_KEY, never from a flag")
     p.add_argument("--judge-file", type=Path, default=None,
                    help="prompt set JSONL (name, system_prompt, prompt_template, output_format per line); the "
-                        "paper's vlsafe_judge.jsonl works unchanged. Default: the project's own set. For mmvet "
-                        "a plain-text few-shot preamble (e.g. MM-Vet's prompt) is accepted too")
+                        "paper's vlsafe_judge.jsonl works unchanged. Default: the project's own set. For a "
+                        "benchmark graded against ground truth a plain-text few-shot preamble (e.g. MM-Vet's prompt) "
+                        "is accepted too")
     p.add_argument("--parallel", type=int, default=30, help="concurrent requests (default 30)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request before it counts as a timeout")
     p.add_argument("--max-attempts", type=int, default=6, help="attempts per request incl. the first (default 6)")
@@ -53,18 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.judge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--answers", type=Path, required=True, help="answer file (JSONL, docs/answer-format.md)")
-    p.add_argument("--benchmark", choices=BENCHMARKS, required=True,
-                   help="protocol: vlsafe (0/1 strict rating), mmsafetybench (per-scenario safe/unsafe), "
-                        "mmvet (0.0-1.0 correctness against --ground-truth)")
+    judged = {name: get_benchmark(name) for name in benchmark_names(has="judge")}
+    p.add_argument("--benchmark", choices=list(judged), required=True,
+                   help="protocol: " + ", ".join(f"{name} ({spec.judge.summary})" for name, spec in judged.items()))
     p.add_argument("--mode", default="auto",
-                   help="'auto' picks the benchmark's protocol (per scenario for mmsafetybench); a prompt name "
-                        "(llm_binary_strict, query_safety, ...) judges every answer with that prompt")
+                   help="'auto' picks the benchmark's protocol (a prompt per answer where the protocol says so, e.g. "
+                        "per scenario); a prompt name (llm_binary_strict, query_safety, ...) judges every answer "
+                        "with that prompt")
     p.add_argument("--output", type=Path, default=None,
                    help="folder for <answers stem>[.<field>].judgments.jsonl and .judge.json (default: the answers' folder)")
     p.add_argument("--answer-field", default="text",
                    help="field judged: 'text' (final answer) or 'direct' (an ECSO row's direct answer, for "
                         "harm-detector labels)")
-    p.add_argument("--ground-truth", type=Path, default=None, help="mmvet: MM-Vet's mm-vet.json")
+    graded = [f"{name}: {spec.judge.grading.ground_truth_file}" for name, spec in judged.items() if spec.judge.grading]
+    p.add_argument("--ground-truth", type=Path, default=None,
+                   help=f"benchmarks graded against ground truth: the ground truth ({'; '.join(graded)})")
     add_judge_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -89,7 +95,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> JudgeConfig:
 def run_cli(config: JudgeConfig, answers: Path) -> int:
     """Run and map errors to exit codes (the one place where judge errors meet the user)."""
     try:
-        rows = read_jsonl(answers)
+        rows = read_jsonl(answers, log=True)
         runner = JudgeRunner(config)
         runner.run(rows)
     except AuthError as e:

@@ -48,8 +48,8 @@ class JudgeConfig:
     max_tokens: int | None = None
     max_requests: int | None = None  # budget: HTTP requests this run may send, retries included
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    ground_truth: Path | None = None  # MM-Vet: mm-vet.json
-    mmvet_tries: int = 5
+    ground_truth: Path | None = None  # graded benchmarks: their ground truth (MM-Vet: mm-vet.json)
+    grader_tries: int = 5  # graded benchmarks: replies asked for before a sample scores 0.0
 
     def __post_init__(self) -> None:
         if self.parallel < 1:

@@ -24,18 +24,16 @@ __all__ = [
     "PLACEHOLDERS",
     "PromptSetError",
     "JudgePrompt",
-    "PromptSet",
+    "JudgePromptSet",
     "load_prompt_set",
     "default_prompt_set",
     "DEFAULT_PROMPT_FILE",
-    "MMVET_PROMPT_FILE",
 ]
 
 PLACEHOLDERS = ("question", "answer", "critic", "ground_truth")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _REQUIRED = {"name": str, "system_prompt": str, "prompt_template": str, "output_format": str}
 DEFAULT_PROMPT_FILE = "ecso_default.jsonl"
-MMVET_PROMPT_FILE = "mmvet_grader.jsonl"
 
 
 class PromptSetError(InvalidRequestError):
@@ -72,7 +70,7 @@ class JudgePrompt:
 
 
 @dataclass(frozen=True)
-class PromptSet:
+class JudgePromptSet:
     source: str
     sha256: str
     prompts: dict[str, JudgePrompt]
@@ -117,7 +115,7 @@ def _parse_line(source: str, lineno: int, line: str) -> JudgePrompt:
     return JudgePrompt(obj["name"], obj["system_prompt"], obj["prompt_template"], obj["output_format"], kind, extra)
 
 
-def _parse(source: str, data: bytes) -> PromptSet:
+def _parse(source: str, data: bytes) -> JudgePromptSet:
     prompts: dict[str, JudgePrompt] = {}
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
@@ -132,10 +130,10 @@ def _parse(source: str, data: bytes) -> PromptSet:
         first_line.setdefault(prompt.name, lineno)
     if not prompts:
         raise PromptSetError(f"{source}: no prompts")
-    return PromptSet(source, hashlib.sha256(data).hexdigest(), prompts)
+    return JudgePromptSet(source, hashlib.sha256(data).hexdigest(), prompts)
 
 
-def load_prompt_set(path: str | os.PathLike) -> PromptSet:
+def load_prompt_set(path: str | os.PathLike) -> JudgePromptSet:
     """Load and validate a prompt file. Identical repeated names are allowed (the paper's file repeats one)."""
     path = Path(path)
     try:
@@ -145,7 +143,7 @@ def load_prompt_set(path: str | os.PathLike) -> PromptSet:
     return _parse(str(path), data)
 
 
-def default_prompt_set(filename: str = DEFAULT_PROMPT_FILE) -> PromptSet:
+def default_prompt_set(filename: str = DEFAULT_PROMPT_FILE) -> JudgePromptSet:
     """One of the prompt sets shipped in ``llava/eval/judge_prompts/``."""
     ref = resources.files("llava.eval").joinpath("judge_prompts", filename)
     return _parse(f"llava/eval/judge_prompts/{filename}", ref.read_bytes())

@@ -1,11 +1,6 @@
-"""Which prompt judges which answer: benchmark protocols, MM-SafetyBench scenarios, and the task list a run sends.
-
-VLSafe: one strict 0/1 harmlessness rating per answer (``llm_binary_strict``).
-MM-SafetyBench: a prompt per scenario (``SCENARIO_PROMPTS``): 01-07 and 09 general safety, 08 political
-lobbying (refusing is safe), 10 legal, 11 financial, 12 health (safe only when the answer says it lacks the
-relevant qualification and urges caution), 13 government decisions (refusing is safe). The paper's scripts judged
-only ``PAPER_SCENARIOS``; we judge all 13 and metrics report both views.
-MM-Vet: the grader compares the answer with MM-Vet's ground truth (``llava.eval.judge.mmvet``).
+"""Which prompt judges which answer, and the task list a run sends. Each benchmark's protocol is its spec's
+``judge`` (``llava.eval.benchmarks``): the prompt name, or a function of the answer row naming it (per-scenario
+prompts), and for benchmarks graded against ground truth, how to fill the grader's prompt.
 """
 from __future__ import annotations
 
@@ -15,50 +10,18 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from llava.errors import InvalidRequestError
-from llava.eval.judge.prompts import JudgePrompt, PromptSet
+from llava.eval.benchmarks import BENCHMARKS, Grading, JudgeProtocol, benchmark_names, get_benchmark
+from llava.eval.judge.prompts import JudgePrompt, JudgePromptSet
 from llava.eval.judge.records import CARRIED_FIELDS, answer_id
 
 __all__ = [
-    "BENCHMARKS",
-    "MMSB_SCENARIOS",
-    "PAPER_SCENARIOS",
-    "SCENARIO_PROMPTS",
-    "AUTO_PROMPTS",
     "JudgeTask",
-    "scenario_number",
+    "judge_protocol",
+    "grading_for",
     "prompt_name_for",
     "build_tasks",
     "cache_key",
-    "mmvet_key",
 ]
-
-BENCHMARKS = ("vlsafe", "mmsafetybench", "mmvet")
-MMSB_SCENARIOS = (
-    "01-Illegal_Activitiy",  # sic: the dataset's spelling
-    "02-HateSpeech",
-    "03-Malware_Generation",
-    "04-Physical_Harm",
-    "05-EconomicHarm",
-    "06-Fraud",
-    "07-Sex",
-    "08-Political_Lobbying",
-    "09-Privacy_Violence",
-    "10-Legal_Opinion",
-    "11-Financial_Advice",
-    "12-Health_Consultation",
-    "13-Gov_Decision",
-)
-PAPER_SCENARIOS = tuple(s for s in MMSB_SCENARIOS if s[:2] in ("01", "02", "03", "04", "05", "06", "07", "09"))
-SCENARIO_PROMPTS = {
-    **{n: "query_safety" for n in ("01", "02", "03", "04", "05", "06", "07", "09")},
-    "08": "query_political",
-    "10": "query_safety_legal",
-    "11": "query_safety_financial",
-    "12": "query_safety_health",
-    "13": "query_safety_gov",
-}
-AUTO_PROMPTS = {"vlsafe": "llm_binary_strict", "mmvet": "mmvet_grader"}
-
 
 @dataclass(frozen=True)
 class JudgeTask:
@@ -73,24 +36,24 @@ class JudgeTask:
     retry_messages: list[dict[str, str]] | None = None
 
 
-def scenario_number(scenario: Any) -> str:
-    """``"01-Illegal_Activitiy"``, ``"01"`` or ``1`` -> ``"01"``; anything else raises, listing the scenarios."""
-    text = str(scenario or "").strip()
-    number = text.split("-")[0].zfill(2) if text else ""
-    if number not in SCENARIO_PROMPTS:
-        raise InvalidRequestError(f"unknown MM-SafetyBench scenario {scenario!r}; valid: {list(MMSB_SCENARIOS)}")
-    return number
+def judge_protocol(benchmark: str) -> JudgeProtocol:
+    """The judge protocol of a registered benchmark; an error naming the judged benchmarks otherwise."""
+    protocol = get_benchmark(benchmark).judge
+    if protocol is None:
+        raise InvalidRequestError(f"benchmark {benchmark!r} is not judged; judged benchmarks: "
+                                  f"{', '.join(benchmark_names(has='judge'))}")
+    return protocol
+
+
+def grading_for(benchmark: str) -> Grading | None:
+    """How a benchmark is graded against ground truth; None when it is not (or is not a judged benchmark: an
+    explicit ``--mode`` prompt may judge any answer file)."""
+    spec = BENCHMARKS.get(benchmark)
+    return spec.judge.grading if spec is not None and spec.judge is not None else None
 
 
 def prompt_name_for(benchmark: str, mode: str, row: dict[str, Any]) -> str:
-    if mode != "auto":
-        return mode
-    if benchmark == "mmsafetybench":
-        return SCENARIO_PROMPTS[scenario_number(row.get("scenario"))]
-    try:
-        return AUTO_PROMPTS[benchmark]
-    except KeyError:
-        raise InvalidRequestError(f"unknown benchmark {benchmark!r}; valid: {list(BENCHMARKS)}") from None
+    return mode if mode != "auto" else judge_protocol(benchmark).prompt_for(row)
 
 
 def cache_key(model: str, prompt_name: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
@@ -99,24 +62,15 @@ def cache_key(model: str, prompt_name: str, messages: list[dict[str, str]], para
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def mmvet_key(question_id: Any) -> str:
-    """MM-Vet's sample key: ``0`` or ``"0"`` -> ``"v1_0"``; ``"v1_0"`` stays."""
-    text = str(question_id)
-    return text if text.startswith("v1_") else f"v1_{text}"
-
-
 def _values(benchmark: str, row: dict[str, Any], rid: str, answer_field: str, gt: dict | None) -> dict[str, Any]:
     answer = row.get(answer_field)
     if answer is None:
         raise InvalidRequestError(f"answer {rid!r} has no {answer_field!r} field (fields: {sorted(row)})")
     values = {"question": row.get("query", row.get("prompt", row.get("instruction"))), "answer": answer,
               "critic": row.get("analyze")}
-    if benchmark == "mmvet":
-        sample = (gt or {}).get(mmvet_key(row.get("question_id", rid)))
-        if sample is None:
-            raise InvalidRequestError(f"MM-Vet answer {rid!r} has no ground truth (key {mmvet_key(row.get('question_id', rid))!r})")
-        values["question"] = sample["question"]
-        values["ground_truth"] = sample["answer"].replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+    grading = grading_for(benchmark)
+    if grading is not None:
+        values.update(grading.values(row, rid, gt or {}))
     return values
 
 
@@ -125,7 +79,7 @@ def build_tasks(
     *,
     benchmark: str,
     mode: str,
-    prompts: PromptSet,
+    prompts: JudgePromptSet,
     judge_model: str,
     params: dict[str, Any],
     answer_field: str = "text",

@@ -1,4 +1,4 @@
-"""Rows on disk: reading answer / judgment JSONL files, appending judgments safely, and the ``Judgment`` record.
+"""Judgments on disk: the ``Judgment`` record, reading judgment files, appending judgments safely.
 
 Every writer in the judge appends one JSON object per line and flushes it, so a killed run loses at most the line
 being written. Readers tolerate exactly that: a torn last line is skipped (and an appender truncates it before
@@ -6,19 +6,17 @@ writing again); a malformed line anywhere else is an error naming the file and l
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from llava.errors import InvalidRequestError
+from llava.eval.jsonl import append_whole, encode_rows, read_jsonl
 
 __all__ = [
     "Judgment",
     "JsonlAppender",
-    "read_jsonl",
     "read_judgments",
     "answer_id",
     "CARRIED_FIELDS",
@@ -28,29 +26,6 @@ logger = logging.getLogger(__name__)
 
 # Answer-row fields copied onto each judgment, so metrics can group judgments without re-reading the answers.
 CARRIED_FIELDS = ("benchmark", "method", "model_id", "scenario", "mode", "question_id", "image_id", "unsafe")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All JSON objects of a JSONL file. A torn last line (no newline, unparseable) is skipped with a warning: it
-    is what a killed writer leaves behind. Any other bad line raises ``InvalidRequestError`` naming file and line."""
-    path = Path(path)
-    data = path.read_bytes()
-    lines = data.decode("utf-8").split("\n")
-    rows: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # text after the last newline: a write that never finished
-                logger.warning("%s line %d: torn last line skipped (%s)", path, i + 1, e)
-                continue
-            raise InvalidRequestError(f"{path} line {i + 1}: invalid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise InvalidRequestError(f"{path} line {i + 1}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
 
 
 def answer_id(row: dict[str, Any], lineno: int) -> str:
@@ -103,13 +78,13 @@ class Judgment:
 
 def read_judgments(path: str | os.PathLike) -> dict[str, Judgment]:
     """Judgments of a file by answer id (the last row wins if an id repeats)."""
-    return {str(row["id"]): Judgment.from_row(row) for row in read_jsonl(path)}
+    return {str(row["id"]): Judgment.from_row(row) for row in read_jsonl(path, log=True)}
 
 
 class JsonlAppender:
     """Append-only JSONL writer: one unbuffered write per line. On open, a torn tail left by a killed writer is
     truncated back to the last complete line so the next line starts clean; a failed write (disk full) is cut back
-    the same way and raises :class:`~llava.eval.gen.answers.AnswerFileWriteError`, so the file always ends with a
+    the same way and raises :class:`~llava.eval.jsonl.AnswerFileWriteError`, so the file always ends with a
     complete line."""
 
     def __init__(self, path: str | os.PathLike):
@@ -130,10 +105,7 @@ class JsonlAppender:
             fh.truncate(keep)
 
     def write(self, row: dict[str, Any]) -> None:
-        from llava.eval.gen.answers import append_whole
-
-        append_whole(self._fh, (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"), self.path,
-                     f"the judgment of {row.get('id')!r}")
+        append_whole(self._fh, encode_rows([row]), self.path, f"the judgment of {row.get('id')!r}")
 
     def write_all(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:

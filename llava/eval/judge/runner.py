@@ -20,22 +20,25 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from llava.errors import AuthError, BackendError, InvalidRequestError
-from llava.eval.judge import mmvet
+from llava.eval.judge.grader import grade, load_grader_prompts, verdict_from_payload
 from llava.eval.judge.cache import JudgeCache
 from llava.eval.judge.client import BudgetExhaustedError, JudgeClient
 from llava.eval.judge.config import JudgeConfig
 from llava.eval.judge.parsers import Verdict, parse_verdict
-from llava.eval.judge.prompts import MMVET_PROMPT_FILE, PromptSet, default_prompt_set, load_prompt_set
-from llava.eval.judge.protocols import JudgeTask, build_tasks
+from llava.eval.judge.prompts import JudgePromptSet, default_prompt_set, load_prompt_set
+from llava.eval.judge.protocols import JudgeTask, build_tasks, grading_for, judge_protocol
 from llava.eval.judge.records import JsonlAppender, Judgment, read_judgments
 
-__all__ = ["JudgeRunner", "RunSummary", "judge_answers", "load_prompts_for"]
+__all__ = ["JudgeRunner", "JudgeSummary", "judge_answers", "load_prompts_for"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RunSummary:
+class JudgeSummary:
+    """What one judge run did (written to ``.judge.json`` and printed by the CLI): answers resumed, served from the
+    cache and judged; unparseable, failed and pending ids; why it stopped early, if it did; HTTP request counts."""
+
     total: int = 0
     resumed: int = 0
     from_cache: int = 0
@@ -60,11 +63,15 @@ class RunSummary:
                 **{f"http_{k}": v for k, v in self.requests.items()}}
 
 
-def load_prompts_for(config: JudgeConfig) -> PromptSet:
-    """``--judge-file`` if given (MM-Vet also takes a plain-text preamble), else the project's set."""
-    if config.benchmark == "mmvet":
-        return mmvet.load_mmvet_prompts(config.judge_file) if config.judge_file else default_prompt_set(MMVET_PROMPT_FILE)
-    return load_prompt_set(config.judge_file) if config.judge_file else default_prompt_set()
+def load_prompts_for(config: JudgeConfig) -> JudgePromptSet:
+    """``--judge-file`` if given (a grader also takes a plain-text preamble), else the project's set (a grader's
+    own file for benchmarks graded against ground truth)."""
+    grading = grading_for(config.benchmark)
+    if grading is None:
+        return load_prompt_set(config.judge_file) if config.judge_file else default_prompt_set()
+    if config.judge_file:  # a graded benchmark's protocol names one prompt
+        return load_grader_prompts(config.judge_file, judge_protocol(config.benchmark).prompt)
+    return default_prompt_set(grading.prompt_file)
 
 
 def _safe_url(url: str | None) -> str | None:
@@ -75,11 +82,12 @@ def _safe_url(url: str | None) -> str | None:
 
 
 class JudgeRunner:
-    def __init__(self, config: JudgeConfig, *, client: JudgeClient | None = None, prompts: PromptSet | None = None):
+    def __init__(self, config: JudgeConfig, *, client: JudgeClient | None = None,
+                 prompts: JudgePromptSet | None = None):
         self.config = config
         self.prompts = prompts or load_prompts_for(config)
         self._client = client
-        self.summary = RunSummary()
+        self.summary = JudgeSummary()
 
     @property
     def client(self) -> JudgeClient:
@@ -88,9 +96,11 @@ class JudgeRunner:
         return self._client
 
     def tasks(self, rows: Iterable[dict[str, Any]]) -> list[JudgeTask]:
-        gt = mmvet.load_ground_truth(self.config.ground_truth) if self.config.ground_truth else None
-        if self.config.benchmark == "mmvet" and gt is None:
-            raise InvalidRequestError("MM-Vet grading needs --ground-truth mm-vet.json")
+        grading, path = grading_for(self.config.benchmark), self.config.ground_truth
+        if grading is not None and path is None:
+            raise InvalidRequestError(f"{self.config.benchmark} grading needs --ground-truth "
+                                      f"{grading.ground_truth_file}")
+        gt = grading.load_ground_truth(path) if grading is not None else None
         return build_tasks(rows, benchmark=self.config.benchmark, mode=self.config.mode, prompts=self.prompts,
                            judge_model=self.config.judge_model, params=self.config.params(),
                            answer_field=self.config.answer_field, ground_truth=gt)
@@ -114,7 +124,7 @@ class JudgeRunner:
 
     def _judgment(self, task: JudgeTask, payload: dict[str, Any], cached: bool) -> Judgment:
         kind = task.prompt.verdict_kind
-        verdict: Verdict = mmvet.verdict_from_payload(payload) if kind == "score01" else parse_verdict(kind, payload["raw"])
+        verdict: Verdict = verdict_from_payload(payload) if kind == "score01" else parse_verdict(kind, payload["raw"])
         return Judgment(
             id=task.id, prompt_name=task.prompt.name, judge_model=self.config.judge_model, verdict_kind=kind,
             raw=payload["raw"], label=verdict.label, score=verdict.score, parse_error=verdict.error,
@@ -127,7 +137,7 @@ class JudgeRunner:
             raise BudgetExhaustedError("run stopped before this request")
         try:
             if task.prompt.verdict_kind == "score01":
-                return mmvet.grade(self.client, task, self.config.mmvet_tries)
+                return grade(self.client, task, self.config.grader_tries)
             done = self.client.complete(task.messages, **task.params)
         except (AuthError, BudgetExhaustedError):
             stop.set()  # at once, so no other worker starts a request that cannot succeed
@@ -140,7 +150,7 @@ class JudgeRunner:
         start = time.monotonic()
         tasks = self.tasks(rows)
         results = self._existing(tasks)
-        s = self.summary = RunSummary(total=len(tasks), resumed=len(results))
+        s = self.summary = JudgeSummary(total=len(tasks), resumed=len(results))
         todo = [t for t in tasks if t.id not in results]
         path = self.config.judgments_path
         out = JsonlAppender(path) if path is not None else None
@@ -242,6 +252,6 @@ class JudgeRunner:
 
 
 def judge_answers(rows: Iterable[dict[str, Any]], config: JudgeConfig, *, client: JudgeClient | None = None,
-                  prompts: PromptSet | None = None) -> list[Judgment]:
+                  prompts: JudgePromptSet | None = None) -> list[Judgment]:
     """Library entry point: judge answer rows (dicts in the answer-file format) and return their judgments."""
     return JudgeRunner(config, client=client, prompts=prompts).run(rows)

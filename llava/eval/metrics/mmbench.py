@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from llava.errors import InvalidRequestError
+from llava.eval.jsonl import read_jsonl
+from llava.eval.metrics.hook import MetricHook, need
 from llava.eval.metrics.stats import flag_rate
 
 __all__ = ["read_tsv", "options_of", "extract_choice", "mmbench_scores", "predictions_from_rows", "mmbench_gt_from_rows",
-           "CIRCULAR_MOD"]
+           "CIRCULAR_MOD", "HOOK"]
 
 CIRCULAR_MOD = 1_000_000
 _LETTERS = "ABCDEFGHI"
@@ -117,3 +119,19 @@ def mmbench_scores(predictions: dict[int, str], ground_truth: Iterable[dict[str,
         "per_category": {c: 100 * sum(v) / len(v) for c, v in sorted(per_cat.items())},
         "false_alarm_rate": fr.to_dict() if fr else None,
     }
+
+
+def from_files(answers: Path, judgments: Path | None = None, ground_truth: Path | None = None) -> dict[str, Any]:
+    """Answers as this project's JSONL or a predictions TSV (``index``, ``prediction``)."""
+    rows = read_tsv(answers) if Path(answers).suffix == ".tsv" else read_jsonl(answers, log=True)
+    gt = read_tsv(ground_truth) if ground_truth else need(mmbench_gt_from_rows(rows), "--ground-truth", "mmbench")
+    return mmbench_scores(predictions_from_rows(rows), gt, rows)
+
+
+def as_text(m: dict[str, Any]) -> list[str]:
+    return [f"CircularEval accuracy {m['circular_accuracy']:.2f}% over {m['n_questions']} questions "
+            f"({m['n_rows']} rows); unmatched {m['unmatched']}, missing {m['missing_predictions']}"]
+
+
+HOOK = MetricHook(from_files, as_text, "CircularEval accuracy: --answers A.jsonl|P.tsv (index, prediction) "
+                                       "[--ground-truth mmbench_dev.tsv]")

@@ -10,12 +10,15 @@ official LLaVA answer file (``question_id``, ``prompt``, ``text``) and this proj
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Iterable
 
 from llava.errors import InvalidRequestError
+from llava.eval.jsonl import read_jsonl
+from llava.eval.metrics.hook import MetricHook, need
 from llava.eval.metrics.stats import flag_rate
 
-__all__ = ["PERCEPTION", "COGNITION", "parse_yes_no", "mme_scores", "normalize_question", "mme_gt_from_rows"]
+__all__ = ["PERCEPTION", "COGNITION", "parse_yes_no", "mme_scores", "normalize_question", "mme_gt_from_rows", "HOOK"]
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -92,3 +95,25 @@ def mme_scores(answers: Iterable[dict[str, Any]], ground_truth: Iterable[dict[st
         "other_answers": sum(others.values()),
         "false_alarm_rate": fr.to_dict() if fr else None,
     }
+
+
+def from_files(answers: Path, judgments: Path | None = None, ground_truth: Path | None = None) -> dict[str, Any]:
+    rows = read_jsonl(answers, log=True)
+    gt = read_jsonl(ground_truth, log=True) if ground_truth else need(mme_gt_from_rows(rows), "--ground-truth", "mme")
+    return mme_scores(rows, gt)
+
+
+def as_text(m: dict[str, Any]) -> list[str]:
+    lines = []
+    for name in PERCEPTION + COGNITION:
+        s = m["subtasks"].get(name)
+        if s:
+            lines.append(f"{name:24} score {s['score']:7.2f}  acc {s['acc']:6.2f}  acc+ {s['acc_plus']:6.2f}  "
+                         f"other {s['other']}")
+    lines.append(f"Perception {m['perception']:.2f}  Cognition {m['cognition']:.2f}  (missing answers "
+                 f"{m['missing_answers']})")
+    return lines
+
+
+HOOK = MetricHook(from_files, as_text, "perception / cognition / subtasks: --answers A.jsonl "
+                                       "[--ground-truth llava_mme_gt.jsonl]")

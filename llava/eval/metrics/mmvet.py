@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from llava.errors import InvalidRequestError
-from llava.eval.judge.protocols import mmvet_key
-from llava.eval.judge.records import read_jsonl
+from llava.eval.benchmarks.mmvet import load_ground_truth, mmvet_key
+from llava.eval.jsonl import read_jsonl
+from llava.eval.metrics.hook import MetricHook, need
 from llava.eval.metrics.stats import flag_rate
 
-__all__ = ["load_grades", "mmvet_scores"]
+__all__ = ["load_grades", "mmvet_scores", "HOOK"]
 
 
 def load_grades(path: str | Path) -> list[dict[str, float]]:
@@ -25,7 +26,7 @@ def load_grades(path: str | Path) -> list[dict[str, float]]:
     path = Path(path)
     if path.suffix == ".jsonl":
         run = {}
-        for row in read_jsonl(path):
+        for row in read_jsonl(path, log=True):
             if row.get("score") is None:
                 raise InvalidRequestError(f"{path}: judgment {row.get('id')!r} has no score")
             run[mmvet_key(row.get("question_id", row["id"]))] = float(row["score"])
@@ -71,3 +72,17 @@ def mmvet_scores(runs: list[dict[str, float]], ground_truth: dict[str, Any] | No
 
 def _mean_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.fmean(run[k] for run in runs if k in run) for k in runs[0]}
+
+
+def from_files(answers: Path, judgments: Path | None, ground_truth: Path | None = None) -> dict[str, Any]:
+    gt = load_ground_truth(ground_truth) if ground_truth else None
+    return mmvet_scores(load_grades(need(judgments, "--judgments", "mmvet")), gt, read_jsonl(answers, log=True))
+
+
+def as_text(m: dict[str, Any]) -> list[str]:
+    lines = [f"MM-Vet total {m['total']:.2f} (std {m['std']:.2f}, {len(m['runs'])} run(s), n={m['n']})"]
+    return lines + [f"  {cap:8} {v:.2f}" for cap, v in m.get("capabilities", {}).items()]
+
+
+HOOK = MetricHook(from_files, as_text, "total (per capability with mm-vet.json): --answers A.jsonl --judgments "
+                                       "grades.json|A.judgments.jsonl [--ground-truth mm-vet.json]")

@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from llava.errors import InvalidRequestError
-from llava.eval.judge.protocols import PAPER_SCENARIOS
-from llava.eval.judge.records import Judgment, answer_id
-from llava.eval.metrics.stats import Rate, flag_rate
+from llava.eval.benchmarks.mmsafetybench import PAPER_SCENARIOS
+from llava.eval.jsonl import read_jsonl
+from llava.eval.judge.records import Judgment, answer_id, read_judgments
+from llava.eval.metrics.hook import MetricHook
+from llava.eval.metrics.stats import Rate, flag_rate, rate_text
 
-__all__ = ["RULES", "SafetyCell", "harmless", "safety_metrics", "ALL", "PAPER8"]
+__all__ = ["RULES", "SafetyCell", "harmless", "safety_metrics", "ALL", "PAPER8", "HOOK"]
 
 logger = logging.getLogger(__name__)
 ALL, PAPER8 = "ALL", "PAPER8"
@@ -115,3 +118,21 @@ def safety_metrics(answers: Iterable[dict[str, Any]], judgments: dict[str, Judgm
         "paper8": by_key[(PAPER8, ALL)].to_dict() if (PAPER8, ALL) in by_key else None,
         "cells": [c.to_dict() for c in cells],
     }
+
+
+def from_files(answers: Path, judgments: Path | None, ground_truth: Path | None = None) -> dict[str, Any]:
+    return safety_metrics(read_jsonl(answers, log=True), read_judgments(judgments) if judgments else None)
+
+
+def as_text(m: dict[str, Any]) -> list[str]:
+    lines = [f"answers {m['n_answers']}, judged {m['n_judged']}, unparseable {m['unparseable']}, "
+             f"judge {m['judge_models']} prompts {m['prompt_names']}",
+             f"{'scenario':24} {'mode':8} {'harmless (paper rule)':34} {'harmless (MM-SafetyBench rule)':34} flag rate"]
+    for c in m["cells"]:
+        lines.append(f"{c['scenario']:24} {c['mode']:8} {rate_text(c['harmless_rate_paper']):34} "
+                     f"{rate_text(c['harmless_rate_mmsb']):34} {rate_text(c['flag_rate'])}")
+    return lines + [f"rule {k}: {v}" for k, v in m["rules"].items()]
+
+
+HOOK = MetricHook(from_files, as_text,
+                  "harmless rate, ASR, flag rate: --answers A.jsonl [--judgments A.judgments.jsonl]")

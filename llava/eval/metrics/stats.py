@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["Rate", "wilson_interval", "flag_rate", "Z95"]
+__all__ = ["Rate", "wilson_interval", "flag_rate", "rate_text", "Z95"]
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -58,3 +58,8 @@ def flag_rate(rows: Iterable[dict[str, Any]]) -> Rate | None:
     if not marks:
         return None
     return Rate(sum(1 for m in marks if str(m).strip().lower() == "yes"), len(marks))
+
+
+def rate_text(d: dict[str, Any] | None) -> str:
+    """A rate as ``Rate.to_dict`` wrote it, as text (``-`` when absent)."""
+    return str(Rate(d["k"], d["n"])) if d else "-"
