@@ -7,6 +7,7 @@ that only run inside functions.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llava"
@@ -125,6 +126,7 @@ def find_cycles(edges: dict[tuple[str, str], int]) -> list[list[str]]:
     return found
 
 
+@functools.cache
 def report() -> tuple[list[str], list[str], list[str]]:
     """(cycle descriptions, upward imports, oversized modules), each a list of printable lines."""
     known = _modules()
