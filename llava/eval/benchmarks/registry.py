@@ -1,6 +1,6 @@
 """Benchmarks by name, the generic entry points over them, and the CLI flags that build a ``BenchmarkConfig``.
 
-Adding a benchmark: write ``llava/eval/benchmarks/<name>.py`` with its reader and ``SPEC`` (see docs/_eval_section.md,
+Adding a benchmark: write ``llava/eval/benchmarks/<name>.py`` with its reader and ``SPEC`` (see docs/architecture.md,
 "Adding a benchmark"), and add its ``SPEC`` to ``BENCHMARKS`` below; every tool picks it up from here."""
 from __future__ import annotations
 
