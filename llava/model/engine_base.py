@@ -94,51 +94,54 @@ class GenerationEngine(abc.ABC):
 
     # ---- prefix reuse ---------------------------------------------------------------------------------------
     def _prefix_batch(self, encoded: Sequence[EncodedRow], num_beams: int = 1) -> dict | None:
-        """Inputs that continue from cached prefixes: ``[prefix | pads | suffix]`` per row with a matching mask and
-        a batched cache of the prefixes; ``None`` when the batch does not qualify (rows without images, prefixes of
-        different lengths, beam search)."""
+        """Inputs that continue from cached prefixes: ``[pads | prefix | pads | suffix]`` per row (prefixes
+        right-aligned at the longest one, suffixes at the end) with a matching mask and a batched cache of the
+        prefixes (zeros where a shorter prefix is padded; masked); ``None`` when the batch does not qualify (rows
+        without images, beam search)."""
         import torch
 
         if not self.prefix_reuse or num_beams != 1:
             return None
-        plen = encoded[0].prefix_len
-        if plen == 0 or any(e.prefix_len != plen or len(e.input_ids) <= plen for e in encoded):
+        if any(e.prefix_len == 0 or len(e.input_ids) <= e.prefix_len for e in encoded):
             return None
+        pmax = max(e.prefix_len for e in encoded)
         entries = self._prefix_entries(encoded)
         if len(entries) == 1:  # the stored tensors themselves: the cache's updates concatenate into new ones
             layers = entries[0].layers
         else:
-            layers = [(torch.cat([en.layers[i][0] for en in entries]), torch.cat([en.layers[i][1] for en in entries]))
+            layers = [(torch.cat([_left_pad(en.layers[i][0], pmax) for en in entries]),
+                       torch.cat([_left_pad(en.layers[i][1], pmax) for en in entries]))
                       for i in range(len(entries[0].layers))]
         cache = cache_around(layers)
-        width = max(len(e.input_ids) for e in encoded)
+        width = pmax + max(len(e.input_ids) - e.prefix_len for e in encoded)
         ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, e in enumerate(encoded):
-            n_suffix = len(e.input_ids) - plen
-            ids[row, :plen] = torch.tensor(e.input_ids[:plen])
+            plen, n_suffix = e.prefix_len, len(e.input_ids) - e.prefix_len
+            ids[row, pmax - plen:pmax] = torch.tensor(e.input_ids[:plen])
             ids[row, width - n_suffix:] = torch.tensor(e.input_ids[plen:])
-            mask[row, :plen] = 1
+            mask[row, pmax - plen:pmax] = 1
             mask[row, width - n_suffix:] = 1
         dev = self.loaded.device
         return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), self._cache_kw: cache}
 
     def _prefix_entries(self, encoded: Sequence[EncodedRow]) -> list[PrefixEntry]:
-        """The cached prefix of every row, prefilling (in one batch) the ones not cached yet."""
+        """The cached prefix of every row, prefilling the ones not cached yet (one batch per prefix length)."""
         import torch
 
         found = [self.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) for e in encoded]
         groups: dict[tuple, list[int]] = {}  # rows sharing a prefix (e.g. two steps of one sample) prefill once
         for i in (i for i, f in enumerate(found) if f is None):
             groups.setdefault(_prefix_key(encoded[i]), []).append(i)
-        if groups:
-            plen = encoded[0].prefix_len
-            firsts = [rows[0] for rows in groups.values()]
-            inputs = self._prefill_inputs([encoded[i] for i in firsts], plen)
+        by_length: dict[int, list[list[int]]] = {}
+        for rows in groups.values():
+            by_length.setdefault(encoded[rows[0]].prefix_len, []).append(rows)
+        for plen, row_groups in by_length.items():
+            inputs = self._prefill_inputs([encoded[rows[0]] for rows in row_groups], plen)
             with torch.inference_mode():
                 out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             layers = [(layer.keys, layer.values) for layer in getattr(out, self._cache_kw).layers]
-            for row, rows in enumerate(groups.values()):
+            for row, rows in enumerate(row_groups):
                 entry = PrefixEntry(tuple(encoded[rows[0]].input_ids[:plen]), encoded[rows[0]].images,
                                     [(k[row:row + 1], v[row:row + 1]) for k, v in layers])
                 self.prefixes.add(entry)
@@ -356,6 +359,14 @@ class GenerationEngine(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` as an answer (no special tokens)."""
         return len(self.tokenizer(text, add_special_tokens=False).input_ids) if text else 0
+
+
+def _left_pad(kv, length: int):
+    """Cached keys or values ``[1, heads, n, dim]`` padded with zeros in front to ``length`` positions."""
+    import torch
+
+    missing = length - kv.shape[-2]
+    return kv if missing == 0 else torch.nn.functional.pad(kv, (0, 0, missing, 0))
 
 
 def _prefix_key(e: EncodedRow) -> tuple:
