@@ -42,7 +42,7 @@ class ModelFamily:
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     ModelFamily(
-        "llava", "LLaVA-1.5 (llava-hf and original release layouts)", ("llava",), "llava", True,
+        "llava", "LLaVA-1.5 (llava-hf and original release layouts; a CLIP vision tower)", ("llava",), "llava", True,
         "the prompt is system + USER: + <image>, then the query: the image prefix is the same for every step",
         "Llama tokenizer: single tokens '▁Yes'/'▁No' and their spellings, first-token score",
         ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "liuhaotian/llava-v1.5-7b",
@@ -97,6 +97,9 @@ def detect_family(config: dict[str, Any], where: str = "the checkpoint") -> Mode
     if is_original_layout(config):
         return FAMILIES["llava"]
     model_type = config.get("model_type")
+    vision_type = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if model_type == "llava" and vision_type != "clip_vision_model":  # Llava-architecture models with another
+        return GENERIC  # vision tower (Pixtral, LLaVA-Interleave's SigLIP): their processor, not LLaVA-1.5's path
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family

@@ -20,6 +20,7 @@ from llava.model.vlm import checkpoint_family, load_vlm
     ({"model_type": "smolvlm"}, "idefics3"),
     ({"model_type": "gemma3"}, "gemma3"),
     ({"model_type": "paligemma"}, "transformers"),  # any other image-text-to-text model: the generic family
+    ({"model_type": "llava", "vision_config": {"model_type": "pixtral"}}, "transformers"),  # Llava class, not 1.5
 ])
 def test_family_from_config(config, family):
     assert detect_family(config).name == family
