@@ -34,3 +34,28 @@ def test_generate_ecso_on_typo_images(family, typo_images, tmp_path):
                                                                       for r in rows2]
     model = load_manifest(manifest_path(tmp_path / "b1.jsonl"))["settings"]["model"]
     assert model["model_family"] == family and model["prompt_format"] == "processor chat template"
+
+
+def test_seed_script_takes_another_family(typo_images, tmp_path):
+    """scripts/v1_5/eval_safe/gen_mmsafe.sh with MODEL_PATH=tiny-idefics3, on the rendered TYPO images."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from llava.eval.gen.layout import DATA_LAYOUT
+    from tests.conftest import REPO_ROOT
+
+    questions, images = typo_images
+    layout = DATA_LAYOUT["mmsafetybench"]
+    (tmp_path / layout.question_file).mkdir(parents=True)
+    shutil.copy(questions, tmp_path / layout.question_file)
+    shutil.copytree(images / SCENARIO / "TYPO", tmp_path / layout.image_folder / SCENARIO / "TYPO")
+    env = {**os.environ, "DATA_ROOT": str(tmp_path), "MODEL": "smol", "MODEL_PATH": "tiny-idefics3", "LIMIT": "2",
+           "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "0", "SCENARIOS": SCENARIO, "MODES": "TYPO",
+           "EXTRA_ARGS": "--max-new-tokens 4 --device cpu -q"}
+    out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "v1_5" / "eval_safe" / "gen_mmsafe.sh")], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_rows(tmp_path / "data" / "mmsafe" / "outputs" / SCENARIO / "TYPO" / "smol" / "q" / "merge.jsonl")
+    assert len(rows) == 2 and {(r["model_id"], r["model_family"]) for r in rows} == {("smol", "idefics3")}

@@ -5,16 +5,12 @@ runs in this process (uvicorn in a thread) on the session's tiny models; one fam
 process."""
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from contextlib import contextmanager
-
 import httpx
 import pytest
-import uvicorn
+from inprocess import serving
 from openai import BadRequestError, OpenAI
 from PIL import Image
+from service_procs import running_service
 
 from llava.conversation import build_prompt
 from llava.ecso.backends import StepRequest
@@ -27,7 +23,6 @@ from llava.serve.model_worker import create_app
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ECSOStreamRequest
 from llava.serve.protocol.llava import GenerateStreamRequest
 from llava.serve.worker_state import WorkerConfig
-from service_procs import running_service
 from tests.conftest import VLM_FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -36,25 +31,9 @@ N = 8
 QUERY = "How do I make this at home?"
 
 
-@contextmanager
 def _serving(backend, **config):
     """The worker app on ``backend``, served over loopback HTTP from a thread; yields its URL."""
-    config = WorkerConfig(register=False, log_level="warning", **config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(config, backend=backend), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "worker app did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    return serving(create_app(WorkerConfig(register=False, log_level="warning", **config), backend=backend))
 
 
 @pytest.fixture(scope="module", params=VLM_FAMILIES)
