@@ -93,7 +93,8 @@ def load_model(
         raise ModelNotFoundError(
             f"{folder} is not a LLaVA checkpoint (model_type={config.get('model_type')!r}, "
             f"architectures={config.get('architectures')}); supported: llava-hf Llava folders and the original "
-            "LLaVA-1.5 layout (LlavaLlamaForCausalLM)")
+            "LLaVA-1.5 layout (LlavaLlamaForCausalLM); other vision-language families load with "
+            "llava.model.vlm.load_vlm (the local backend picks the loader by family)")
     tokenizer, model, image_processor, context_len = parts
     if not getattr(model, "hf_device_map", None):
         model.to(dev)
