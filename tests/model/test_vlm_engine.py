@@ -254,7 +254,7 @@ def test_score_without_single_token_yes_no_llava(tmp_path, tiny_hf_path, capsys)
     assert run_llava.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["verdict_mode"] == "score" and result["harm_score"] is not None
-    assert result["options"]["yes_no_score"] == "sequences"
+    assert result["options"]["yes_no_score"] == "sequences" and result["options"]["model_family"] == "llava"
 
 
 def test_chat_messages_put_images_before_the_text():
