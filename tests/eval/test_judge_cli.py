@@ -139,6 +139,7 @@ def test_wrapper_script_judges_mmsafetybench(server, tmp_path):
             for s in ("01-Illegal_Activitiy", "13-Gov_Decision") for i in range(2)]
     _write(tmp_path / "mmsb.jsonl", rows)
     env = _env(ANSWERS_DIR=str(tmp_path), JUDGE_MODEL="stub", JUDGE_BASE_URL=server.base_url, PARALLEL="2")
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # the script's `python`
     done = subprocess.run(["bash", str(REPO / "llava/eval/eval_mmsafe_loop.sh"), "--backoff-base", "0.001"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
