@@ -44,6 +44,11 @@ class EngineBackend(ServingBackend):
     def supports_score(self) -> bool:  # type: ignore[override]
         return self.engine.can_score
 
+    @property
+    def no_score_reason(self) -> str:
+        return f"the tokenizer of {self.model_name!r} cannot spell 'yes' and 'no' apart (no single tokens, no token " \
+               "sequences)"
+
     # ---- ECSO's steps -----------------------------------------------------------------------------------------
     def generate(self, requests: Sequence[StepRequest]) -> list[str]:
         return self._generate(requests, None)
@@ -73,7 +78,7 @@ class EngineBackend(ServingBackend):
     def stream(self, request: StepRequest, should_stop: StopFlag | None = None) -> Iterator[str]:
         return self.engine.stream_encoded(self.encode_chat(request.chat()), request.params, should_stop)
 
-    def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float]:
+    def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float | None]:
         scores: list[float | None] = [None] * len(requests)
         for idxs in self._groups(requests, by_params=False):
             for chunk in _chunk_list(idxs, self.max_batch_size):
