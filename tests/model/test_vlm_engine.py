@@ -98,11 +98,12 @@ def test_run_llava_direct_equals_plain_transformers(family, plain, tmp_path, cap
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_batched_rows_equal_unbatched_ones(family, vlm_backend):
+    """Images of different sizes get different tile counts (LLaVA-NeXT, Idefics3): zero-padded in the batch."""
     backend = vlm_backend(family)
-    a, b = _image(2), _image(3, (200, 300))
+    a, b, c = _image(2, (20, 20)), _image(3, (400, 100)), _image(4, (300, 300))
     requests = [StepRequest(QUERY, [a], P), StepRequest("Describe the picture.", [b], P),
-                StepRequest("Hello there", [], P), StepRequest("What color is it?", [a], P),
-                StepRequest("Tell me a story.", [], P)]
+                StepRequest("Hello there", [], P), StepRequest("What color is it?", [c], P),
+                StepRequest("Tell me a story.", [], P), StepRequest("And this one?", [a], P)]
     backend.engine.clear_caches()
     batched = backend.generate(requests)
     backend.engine.clear_caches()
