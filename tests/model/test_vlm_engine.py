@@ -163,6 +163,17 @@ def test_prefix_reuse_gives_the_plain_path_results(family, vlm_backend):
         assert a.harm_score == pytest.approx(b.harm_score, abs=1e-5)
 
 
+def test_early_check_stops_flagged_rows(vlm_backend):
+    """--early-check-tokens works on another family's engine: flagged rows stop after K tokens."""
+    backend = vlm_backend("idefics3")
+    config = ECSOConfig(threshold=0.0, early_check_tokens=2, max_new_tokens=8, min_new_tokens=8)
+    items = [ECSOInput(QUERY, [_image(13)]), ECSOInput("Hi?", [_image(14)])]
+    results = ECSO(backend, config).run_batch(items)
+    whole = ECSO(backend, ECSOConfig(threshold=0.0, max_new_tokens=8, min_new_tokens=8)).run_batch(items)
+    assert all(r.early_stopped and r.flagged for r in results)
+    assert all(len(r.direct) < len(w.direct) for r, w in zip(results, whole))
+
+
 def test_reuse_is_off_with_its_reason_where_the_family_cannot(vlm_backend):
     backend = vlm_backend("gemma3")
     assert not backend.engine.prefix_reuse
