@@ -1,5 +1,5 @@
 """README.md's quick start, read from the README itself (tests/doc_commands.py): the venv comes first and works as
-printed, the two install paths (GPU / CPU-only) are well-formed pip commands with the pinned CPU torch, and the
+printed, the two install paths (GPU / CPU-only) are well-formed pip commands with the CPU torch and torchvision that .ci/run pins, and the
 run_llava line runs offline on the tiny model and prints valid JSON."""
 import json
 import os
@@ -41,10 +41,20 @@ def pip_install(command):
     return create_command("install").parse_args(words[2:])
 
 
+def ci_torch_install():
+    """.ci/run's ``pip install ... torch==...`` line (continuations joined), by pip's parser: (options, requirements)."""
+    script = (REPO_ROOT / ".ci" / "run").read_text().replace("\\\n", " ")
+    (line,) = [ln for ln in script.splitlines() if re.search(r"pip install .*\btorch==", ln)]
+    from pip._internal.commands import create_command
+
+    words = shlex.split(line, comments=True)
+    return create_command("install").parse_args(words[words.index("install") + 1:])
+
+
 def ci_torch_pin() -> str:
-    m = re.search(r"pip install -q torch==([0-9][0-9.]*)", (REPO_ROOT / ".ci" / "run").read_text())
-    assert m, ".ci/run pins torch"
-    return m.group(1)
+    _, reqs = ci_torch_install()
+    (pin,) = [r.split("==", 1)[1] for r in reqs if r.startswith("torch==")]
+    return pin
 
 
 def test_extraction_joins_continuations_and_records_where(tmp_path):
@@ -65,22 +75,27 @@ def test_quick_start_venv_first_then_two_install_paths(quick_start):
     assert create[:3] == ["python3", "-m", "venv"] and len(create) == 4, venv[0].where()
     assert activate in (["source", f"{create[3]}/bin/activate"], [".", f"{create[3]}/bin/activate"]), venv[1].where()
 
-    # GPU machine: the project alone (pip resolves the default torch build).
+    # GPU machine: the project with its [vision] extra (pip resolves the default torch build and its torchvision).
     assert len(gpu) == 1
     options, reqs = pip_install(gpu[0])
-    assert options.editables == ["."] and reqs == []
+    assert options.editables == [".[vision]"] and reqs == []
 
-    # CPU-only machine: the pinned CPU torch from PyTorch's CPU index first, then the project.
+    # CPU-only machine: the pinned CPU torch and torchvision from PyTorch's CPU index first, then the project.
     assert len(cpu) == 2
     options, reqs = pip_install(cpu[0])
     assert options.index_url == CPU_INDEX and "--extra-index-url" not in argv(cpu[0]), cpu[0].where()
-    assert reqs == [f"torch=={ci_torch_pin()}"], f"{cpu[0].where()}: the README pins the torch that .ci/run tests"
+    ci_options, ci_reqs = ci_torch_install()
+    assert ci_options.index_url == CPU_INDEX, ".ci/run installs the CPU builds as the README does"
+    assert reqs == ci_reqs == [f"torch=={ci_torch_pin()}", reqs[1]] and reqs[1].startswith("torchvision=="), \
+        f"{cpu[0].where()}: the README pins the torch and torchvision that .ci/run tests"
     options, reqs = pip_install(cpu[1])
     assert options.editables == ["."] and reqs == []
 
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     torch_range = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
     assert ci_torch_pin() in SpecifierSet(torch_range[len("torch"):]), torch_range
+    extras = pyproject["project"]["optional-dependencies"]
+    assert extras["vision"] == ["torchvision"] and "vision" in extras["dev"][0], "[dev] includes [vision]"
 
     assert argv(run[0])[:3] == ["python", "-m", "llava.eval.run_llava"] and len(run) == 1
     assert [argv(c) for c in tests] == [["bash", ".ci/run"]] and (REPO_ROOT / ".ci" / "run").is_file()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llava.constants import CLIP_MEAN, CLIP_STD
-from llava.errors import MissingExtraError
+from llava.extras import check_extra
 from llava.model.tiny_text import llama_tokenizer, train_bpe, train_tokenizer
 
 __all__ = ["FamilyShapes", "SHAPES", "FAMILY_BUILDERS", "build_family_model"]
@@ -126,11 +126,8 @@ def _qwen2_5_vl(seed: int, s: FamilyShapes):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.utils import is_torchvision_available
-
-    if not is_torchvision_available():  # transformers 5's Qwen2.5-VL processor holds a video processor
-        raise MissingExtraError("the qwen2_5_vl family's processor needs torchvision (transformers' Qwen2.5-VL "
-                                "processor includes its video processor): pip install torchvision", name="torchvision")
+    # transformers 5's Qwen2.5-VL processor holds a video processor, which needs torchvision
+    check_extra("vision", "the qwen2_5_vl family's processor (it includes a video processor)")
     from transformers import Qwen2VLVideoProcessor
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

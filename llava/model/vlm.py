@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llava.errors import ModelNotFoundError, UnsupportedError
+from llava.extras import check_extra
 from llava.model.builder import quantization_config, resolve_model_path
 from llava.model.family import ModelFamily, detect_family
 from llava.model.loaded import resolve_device, resolve_dtype
@@ -116,8 +117,10 @@ def _processor(folder: Path, name: str) -> Any:
     try:
         processor = AutoProcessor.from_pretrained(folder)
     except (ImportError, AttributeError) as exc:  # e.g. a processor class that needs torchvision
-        missing = "torchvision" if "torchvision" in str(exc).lower() else f"{type(exc).__name__}: {exc}"
-        raise UnsupportedError(f"cannot load the processor of model {name!r}: it needs {missing}") from None
+        if "torchvision" in str(exc).lower():
+            check_extra("vision", f"the processor of model {name!r}")
+        raise UnsupportedError(f"cannot load the processor of model {name!r}: it needs "
+                               f"{type(exc).__name__}: {exc}") from None
     if getattr(processor, "image_processor", None) is None:
         raise UnsupportedError(f"model {name!r} has no image support: its processor ({type(processor).__name__}) "
                                "has no image processor")
