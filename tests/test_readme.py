@@ -1,6 +1,6 @@
 """README.md's quick start, read from the README itself (tests/doc_commands.py): the venv comes first and works as
-printed, the two install paths (GPU / CPU-only) are well-formed pip commands with the CPU torch and torchvision that .ci/run pins, and the
-run_llava line runs offline on the tiny model and prints valid JSON."""
+printed, the two install paths (GPU / CPU-only) are well-formed pip commands with the CPU torch and torchvision that
+.ci/run pins, and the run_llava line runs offline on the tiny model and prints valid JSON."""
 import json
 import os
 import re
