@@ -180,6 +180,37 @@ def test_reuse_is_off_with_its_reason_where_the_family_cannot(vlm_backend):
     assert "sliding-window" in backend.describe()["prefix_reuse_note"]
 
 
+@pytest.mark.skipif(bool("qwen2_5_vl" not in VLM_FAMILIES), reason="the tiny Qwen2.5-VL needs torchvision")
+def test_qwen_positions_kept_in_the_model_are_never_read(vlm_backend, monkeypatch):
+    """Qwen2.5-VL's model keeps the M-RoPE deltas of its last call (``model.model.rope_deltas``). Another call's
+    deltas (another batch, another worker thread) written after every forward pass, i.e. between a generation's
+    prefill and its decoding steps, change no hidden state of any step: positions are derived per call."""
+    backend = vlm_backend("qwen2_5_vl")
+    inner = backend.engine.model.model
+    forward = inner.forward
+    requests = [StepRequest(QUERY, [_image(15)], P), StepRequest("Describe the picture.", [_image(16, (90, 300))], P)]
+    texts = [StepRequest("Hello there", [], P), StepRequest("Tell me a story about a cat.", [], P)]
+
+    def run(stale: bool):
+        states = []
+
+        def recording(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            states.append(out.last_hidden_state[:, -1].clone())
+            if stale:
+                inner.rope_deltas = torch.full((1, 1), 97)  # what a call on another image would leave
+            return out
+
+        monkeypatch.setattr(inner, "forward", recording)
+        answers = [backend.generate(r) for r in (requests, texts)] + [backend.score_yes_no(r) for r in (requests, texts)]
+        return answers, states
+
+    (clean, clean_states), (stale, stale_states) = run(False), run(True)
+    assert stale == clean and inner.rope_deltas.item() == 97
+    assert len(clean_states) == len(stale_states) > 4
+    assert all(torch.equal(a, b) for a, b in zip(clean_states, stale_states))
+
+
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_stream_equals_generate(family, vlm_backend):
     backend = vlm_backend(family)

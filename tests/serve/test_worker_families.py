@@ -5,6 +5,11 @@ runs in this process (uvicorn in a thread) on the session's tiny models; one fam
 process."""
 from __future__ import annotations
 
+import functools
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 from inprocess import serving
@@ -75,6 +80,37 @@ def test_openai_direct_and_ecso_answer_as_the_backend(served):
     local = ECSO(backend, ECSOConfig(max_new_tokens=N, threshold=0.0)).run(image, QUERY)
     assert resp.choices[0].message.content == local.final == resp.ecso["safe_answer"]
     assert resp.ecso["model_family"] == family and resp.ecso["caption"] == local.caption
+
+
+def test_two_requests_at_once_answer_as_one_at_a_time(served, monkeypatch):
+    """Two chat requests in flight together answer as they do one at a time: the model's first two forward passes
+    (each request's prefill) wait for each other, so both are prefilled before either decodes, and what one call
+    leaves in the model (Qwen2.5-VL's M-RoPE deltas) never reaches the other."""
+    _, backend, url = served
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    asks = [([_image()], QUERY, N), ([_image((120, 300))], "Describe the picture in detail.", N + 4)]
+
+    def ask(item):
+        images, text, max_tokens = item
+        resp = client.chat.completions.create(model=backend.model_name, messages=[_user(images, text)],
+                                              max_tokens=max_tokens, temperature=0)
+        return resp.choices[0].message.content
+
+    one_at_a_time = [ask(item) for item in asks]
+    model, calls, meet = backend.engine.model, itertools.count(), threading.Barrier(2, timeout=30)
+    forward = model.forward
+
+    @functools.wraps(forward)  # generate checks its arguments against forward's signature
+    def meeting(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if next(calls) < 2:
+            meet.wait()
+        return out
+
+    monkeypatch.setattr(model, "forward", meeting)
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(ask, asks))
+    assert together == one_at_a_time and next(calls) > 4
 
 
 def test_llava_stream_prompt_is_rendered_with_the_chat_template(served):
