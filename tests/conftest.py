@@ -87,8 +87,9 @@ def run_module(module: str, *args: str, timeout: float = 120, input: str | None 
 
 
 def _vlm_families() -> list[str]:
-    """The tiny non-LLaVA families this machine can build: transformers' Qwen2.5-VL processor needs torchvision
-    (tests/model/test_tiny_families.py checks the clear error where it is missing)."""
+    """The tiny non-LLaVA families this environment can build: transformers' Qwen2.5-VL processor needs torchvision,
+    the [vision] extra (in [dev], installed by .ci/run; tests/model/test_tiny_families.py checks the clear error
+    where it is missing)."""
     from transformers.utils import is_torchvision_available
 
     return ["llava_next", "idefics3", "gemma3"] + (["qwen2_5_vl"] if is_torchvision_available() else [])

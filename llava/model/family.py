@@ -55,8 +55,10 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
         ("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf")),
     ModelFamily(
         "qwen2_5_vl", "Qwen2.5-VL (dynamic resolution, M-RoPE)", ("qwen2_5_vl",), "processor", False,
-        "M-RoPE: the positions after the image depend on its grid and transformers keeps them as model state "
-        "between calls, so a cached prefix cannot be continued safely",
+        "M-RoPE: the positions after the image depend on its grid, and transformers continues a cached prefix "
+        "with the position deltas the model kept from its last call (another sample's, another request's), so "
+        "continuing a cache would be exact only with 3-D positions the engine computed itself; each step "
+        "prefills its image instead (without a cache, every call derives its positions afresh)",
         "Qwen2 byte-level BPE: single tokens 'Yes'/'ĠYes'/'No'/'ĠNo', first-token score",
         ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"), model_positions=True),
     ModelFamily(
