@@ -13,6 +13,7 @@ from llava.ecso import registry
 from llava.ecso.registry import BackendEntry, create_backend
 from llava.errors import MissingExtraError, UnsupportedError
 from llava.extras import require_extra
+from llava.model.tiny import tiny_model_path
 from tests.conftest import REPO_ROOT
 
 SERVE = ("fastapi", "uvicorn", "httpx", "gradio", "pydantic", "anyio", "starlette")
@@ -49,6 +50,18 @@ def test_judge_and_metrics_without_the_eval_extra_say_what_to_install(tmp_path, 
     done = _run_without(tmp_path, module, "--help", hidden=("openai",))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert 'pip install -e ".[eval]"' in done.stderr and "openai" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_qwen_model_without_the_vision_extra_says_what_to_install(tmp_path):
+    """transformers' Qwen2.5-VL processor holds a video processor that needs torchvision: loading the tiny model
+    (built here, where torchvision is installed) in a process without it names the [vision] extra."""
+    folder = tiny_model_path("tiny-qwen2_5_vl")
+    done = _run_without(tmp_path, "llava.eval.run_llava", "--model-path", str(folder), "--query", "q",
+                        "--image-file", str(REPO_ROOT / "assets" / "examples" / "cat.png"), hidden=("torchvision",))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"the processor of model {folder.name!r} needs torchvision (the [vision] extra)" in done.stderr
+    assert 'pip install -e ".[vision]"' in done.stderr and not done.stdout
 
 
 def test_a_backend_or_module_whose_dependency_is_missing_names_its_extra(monkeypatch):
