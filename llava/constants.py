@@ -55,3 +55,5 @@ class ErrorCode(enum.IntEnum):
     INVALID_REQUEST = 4
     CONTEXT_OVERFLOW = 5
     UNAUTHORIZED = 6
+    UPSTREAM_UNAVAILABLE = 7  # the model's upstream server cannot take the request (down, overloaded, cooling down)
+    POLICY = 8  # the service's policy refuses the request (e.g. opting out of ECSO)

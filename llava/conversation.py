@@ -22,6 +22,7 @@ __all__ = [
     "Chat",
     "render_prompt",
     "build_prompt",
+    "chat_from_prompt",
     "default_conv_mode",
 ]
 
@@ -256,3 +257,64 @@ def default_conv_mode(text_model_type: str | None) -> str:
     """The template for a text backbone, read from the checkpoint's config (never from its folder name).
     LLaVA-1.5 (Vicuna/Llama) uses ``vicuna_v1``, as LLaVA's own evaluation scripts do."""
     return _CONV_MODE_BY_TEXT_MODEL.get(text_model_type or "llama", "vicuna_v1")
+
+
+def chat_from_prompt(conv_mode: str, prompt: str) -> Chat:
+    """The chat a LLaVA-protocol prompt renders (:func:`render_prompt`'s inverse), for models that take chat
+    messages rather than LLaVA's prompt text. Each user message keeps its ``<image>`` tags, where they stand (one
+    image per tag in ``turn_images``, as ``None``); ``system`` is ``None`` when the prompt uses the template's own.
+    The last turn must be the user's, with the assistant's turn left open. Raises
+    :class:`~llava.errors.InvalidRequestError` for a prompt the template does not render."""
+    conv = get_conv_template(conv_mode)
+    if conv.sep_style == SeparatorStyle.PLAIN:
+        return _chat_of([(prompt, None)], None)
+    if conv.sep_style == SeparatorStyle.LLAMA_2:
+        return _llama2_chat(conv, prompt)
+    if conv.sep_style == SeparatorStyle.MPT:
+        markers, ends = conv.roles, (conv.sep,)
+    else:
+        markers, ends = (f"{conv.roles[0]}: ", f"{conv.roles[1]}: "), (conv.sep, conv.sep2 or conv.sep)
+    user, assistant = markers
+    first = prompt.find(user)
+    if first < 0 or not prompt.endswith(assistant.rstrip(" ")):
+        raise InvalidRequestError(f"the prompt is not in the {conv_mode!r} template (it needs {user.strip()!r} "
+                                  f"turns and ends with {assistant.strip()!r}): {prompt[:120]!r}")
+    head = prompt[:first]
+    system = None if head == conv.system + conv.sep else _strip_end(head, ends).removeprefix("<|im_start|>system\n")
+    body = prompt[first:-len(assistant.rstrip(" "))]
+    turns: list[tuple[str, str | None]] = []
+    for part in filter(None, body.split(user)):
+        said, _, answer = part.partition(assistant)
+        turns.append((_strip_end(said, ends), _strip_end(answer, ends) if answer else None))
+    if not turns or turns[-1][1] is not None:
+        raise InvalidRequestError(f"the prompt's last turn must be the user's, with the assistant's left open: "
+                                  f"{prompt[-120:]!r}")
+    return _chat_of(turns, system)
+
+
+def _strip_end(text: str, ends: Sequence[str]) -> str:
+    for end in ends:
+        if end and text.endswith(end):
+            return text[: -len(end)]
+    return text
+
+
+def _llama2_chat(conv: Conversation, prompt: str) -> Chat:
+    turns: list[tuple[str, str | None]] = []
+    system = None
+    for k, part in enumerate(p for p in prompt.split("[INST] ") if p.strip(conv.sep or " ")):
+        said, closed, answer = part.partition(" [/INST]")
+        if not closed:
+            raise InvalidRequestError(f"the prompt is not in the llama_2 template: {prompt[:120]!r}")
+        if k == 0 and said.startswith("<<SYS>>\n"):
+            sys_text, _, said = said[len("<<SYS>>\n"):].partition("\n<</SYS>>\n\n")
+            system = None if sys_text == conv.system else sys_text
+        answer = _strip_end(_strip_end(answer.strip(), (conv.sep,)), (conv.sep2 or "",)).strip()
+        turns.append((said, answer or None))
+    if not turns or turns[-1][1] is not None:
+        raise InvalidRequestError(f"the prompt's last turn must be the user's: {prompt[-120:]!r}")
+    return _chat_of(turns, system)
+
+
+def _chat_of(turns: list[tuple[str, str | None]], system: str | None) -> Chat:
+    return Chat(system, turns, [[None] * user.count(DEFAULT_IMAGE_TOKEN) for user, _ in turns])

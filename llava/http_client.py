@@ -31,6 +31,8 @@ from llava.errors import (
     ECSOError,
     InvalidRequestError,
     NoWorkerError,
+    PolicyError,
+    UpstreamUnavailableError,
 )
 from llava.extras import require_extra
 
@@ -46,6 +48,7 @@ __all__ = [
     "ChunkDecoder",
     "iter_chunks",
     "aiter_chunks",
+    "aiter_sse_data",
     "resolve_api_key",
     "auth_headers",
     "openai_base_url",
@@ -131,18 +134,47 @@ async def aiter_chunks(data: AsyncIterable[bytes]) -> AsyncIterator[dict[str, An
     decoder.check_finished()
 
 
+class _SSEData:
+    """The ``data`` of server-sent events, line by line: :meth:`line` returns an event's data (multi-line data
+    joined by newlines) when a blank line ends it, :meth:`end` what is left when the stream ends."""
+
+    def __init__(self) -> None:
+        self._buffer: list[str] = []
+
+    def line(self, line: str) -> str | None:
+        if line.startswith("data:"):
+            self._buffer.append(line[5:].lstrip(" "))
+        elif not line and self._buffer:
+            return self.end()
+        return None
+
+    def end(self) -> str | None:
+        data, self._buffer = ("\n".join(self._buffer) if self._buffer else None), []
+        return data
+
+
 def _sse_data(lines: Iterator[str]) -> Iterator[str]:
     """The ``data`` of each server-sent event (multi-line data joined by newlines)."""
-    buffer: list[str] = []
+    parser = _SSEData()
     for line in lines:
-        if not line:
-            if buffer:
-                yield "\n".join(buffer)
-                buffer = []
-        elif line.startswith("data:"):
-            buffer.append(line[5:].lstrip(" "))
-    if buffer:
-        yield "\n".join(buffer)
+        data = parser.line(line)
+        if data is not None:
+            yield data
+    data = parser.end()
+    if data is not None:
+        yield data
+
+
+async def aiter_sse_data(lines: AsyncIterable[str]) -> AsyncIterator[str]:
+    """:func:`_sse_data` over an async stream of lines (e.g. httpx's ``aiter_lines()``)."""
+    parser = _SSEData()
+    async for line in lines:
+        data = parser.line(line)
+        if data is not None:
+            yield data
+    data = parser.end()
+    if data is not None:
+        yield data
 
 
 def _json_object(data: str, where: str) -> dict[str, Any]:
@@ -197,6 +229,8 @@ _ERRORS_BY_STREAM_CODE = MappingProxyType({
     ErrorCode.INVALID_REQUEST: InvalidRequestError,
     ErrorCode.CONTEXT_OVERFLOW: ContextLengthError,
     ErrorCode.UNAUTHORIZED: AuthError,
+    ErrorCode.UPSTREAM_UNAVAILABLE: UpstreamUnavailableError,
+    ErrorCode.POLICY: PolicyError,
 })
 
 

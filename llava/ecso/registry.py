@@ -50,7 +50,7 @@ _BACKENDS: dict[str, BackendEntry] = {
     "local": BackendEntry("llava.ecso.local:LocalBackend.load", help="load the model in this process"),
     "worker": BackendEntry("llava.ecso.remote:WorkerBackend", "serve",
                            help="a LLaVA worker behind a controller (LLaVA's worker protocol)"),
-    "openai": BackendEntry("llava.ecso.remote:OpenAIBackend", "serve",
+    "openai": BackendEntry("llava.ecso.openai_remote:OpenAIBackend", "serve",
                            help="an OpenAI-compatible chat endpoint (vLLM, SGLang, transformers serve, ...)"),
 }
 

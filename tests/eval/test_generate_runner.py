@@ -258,7 +258,7 @@ def test_openai_backend_with_concurrency_keeps_requests_in_flight(tmp_path, vlsa
 
     import httpx
 
-    from llava.ecso.remote import OpenAIBackend
+    from llava.ecso.openai_remote import OpenAIBackend
 
     state = {"now": 0, "peak": 0}
     lock = threading.Lock()
