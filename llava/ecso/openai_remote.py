@@ -391,7 +391,8 @@ class OpenAIBackend(AsyncServingBackend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "base_url": self.base_url if len(self.pool.urls) == 1 else self.pool.urls,
-                "model_name": self._model, "image_aspect_ratio": self.image_aspect_ratio, "logprobs": self._logprobs}
+                "model_name": self.upstream_model, "image_aspect_ratio": self.image_aspect_ratio,
+                "logprobs": self._logprobs}
 
     async def aclose(self) -> None:
         await self.pool.aclose()

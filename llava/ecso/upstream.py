@@ -13,8 +13,8 @@
   :class:`~llava.errors.BackendTimeoutError` (504) for a timeout; a 4xx is the request's fault (400, context length)
   except 401/403/404, which say the upstream is not set up for us (502).
 
-A pool is used from one event loop (its clients are created there, on first use). :class:`LoopThread` runs a
-private loop in a thread for blocking callers (command-line runs).
+A pool is used from one event loop at a time (its clients are made there, on first use, and made again on another
+loop). :class:`LoopThread` runs a private loop in a thread for blocking callers (command-line runs).
 """
 from __future__ import annotations
 
@@ -185,10 +185,10 @@ class UpstreamPool:
     # ---- requests ---------------------------------------------------------------------------------------------
     def _client(self, upstream: Upstream) -> Any:
         loop = asyncio.get_running_loop()
-        if self._loop is None:
+        if self._loop is not loop:  # clients belong to the loop that made them: a new loop gets its own
+            for u in self.upstreams:
+                u.client = None
             self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("an upstream pool is used from one event loop; this one belongs to another")
         if upstream.client is None:
             timeout = httpx.Timeout(self.timeout, connect=min(CONNECT_TIMEOUT, self.timeout))
             # Proxy settings apply to remote upstreams, never to this machine's own servers.
@@ -213,7 +213,7 @@ class UpstreamPool:
     def _unavailable(self, tried: list[tuple[Upstream, ECSOError]]) -> ECSOError:
         if len(tried) == 1 and not isinstance(tried[0][1], UpstreamUnavailableError):
             return tried[0][1]  # one upstream's own answer says more than "unavailable"
-        parts = [f"{u.url}: {e}" for u, e in tried]
+        parts = [str(e) for _, e in tried]  # each names its server
         now = time.monotonic()
         parts += [f"{u.url}: skipped for {u.down_until - now:.1f} s more after: {u.error}"
                   for u in self.upstreams if not u.up(now) and u not in [t for t, _ in tried]]

@@ -16,13 +16,17 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 from openai import OpenAI, PermissionDeniedError
 from PIL import Image, ImageDraw
-from service_procs import Service, serving_in_thread, start_service, stop_service
+from service_procs import Service, _spawn, _wait_healthy, free_port, serving_in_thread, start_service, stop_service
+from test_demo_browser import TIMEOUT_MS, browser, open_demo, page, panel, start_demo  # noqa: F401 - fixtures
 
 from llava.conversation import build_prompt
 from llava.ecso.config import ECSOConfig
@@ -60,6 +64,7 @@ MESSAGES = [{"role": "user", "content": [{"type": "image_url", "image_url": {"ur
 class Stack:
     controller: Service
     worker: Service
+    demo: Service
 
     def post(self, path: str, body: dict | None = None, *, to: str = "worker") -> httpx.Response:
         svc = self.worker if to == "worker" else self.controller
@@ -71,23 +76,43 @@ def _env() -> dict[str, str]:
     return {"ECSO_API_KEY": KEY}
 
 
+def _controller_at(port: int) -> Service:
+    env = {**{k: v for k, v in os.environ.items() if k != "ECSO_API_KEY"}, **_env()}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p)
+    svc = _spawn("llava.serve.controller", port, ("--heart-beat-expiration", "5"), env)
+    if not _wait_healthy(svc, 60):
+        stop_service(svc)
+        raise RuntimeError(f"the controller did not start:\n{svc.output[-2000:]}")
+    return svc
+
+
 @pytest.fixture(scope="module")
 def stack(transformers_serve) -> Iterator[Stack]:
-    controller = start_service("llava.serve.controller", "--heart-beat-expiration", "5", env=_env())
+    """A controller, the guard worker (--backend openai in front of the session's transformers serve) and the demo,
+    started side by side (the worker retries its registration until the controller is up)."""
+    port = free_port()
+    controller_url = f"http://127.0.0.1:{port}"
+    with ThreadPoolExecutor(3) as pool:
+        futures = [
+            pool.submit(_controller_at, port),
+            pool.submit(start_service, "llava.serve.model_worker", "--backend", "openai", "--openai-base-url",
+                        transformers_serve.url, "--model-name", NAME, "--controller-url", controller_url,
+                        "--heart-beat-interval", "0.5", "--max-new-tokens", str(N), "--upstream-cooldown", "2",
+                        env=_env(), startup_timeout=120),
+            pool.submit(start_demo, controller_url, "--model-list-mode", "reload", "--max-new-tokens", str(N),
+                        "--api-key", KEY),
+        ]
+        started = [f.result() if f.exception() is None else None for f in futures]
     try:
-        worker = start_service("llava.serve.model_worker", "--backend", "openai", "--openai-base-url",
-                               transformers_serve.url, "--model-name", NAME, "--controller-url", controller.url,
-                               "--heart-beat-interval", "0.5", "--max-new-tokens", str(N), "--upstream-cooldown", "2",
-                               env=_env(), startup_timeout=120)
-    except BaseException:
-        stop_service(controller)
-        raise
-    try:
-        _wait_for(lambda: _address(Stack(controller, worker)) == worker.url, 20, "the worker to register")
-        yield Stack(controller, worker)
+        if None in started:
+            raise RuntimeError(f"could not start the stack: {[f.exception() for f in futures]}")
+        stack = Stack(*started)
+        _wait_for(lambda: _address(stack) == stack.worker.url, 20, "the worker to register")
+        yield stack
     finally:
-        stop_service(worker)
-        stop_service(controller)
+        for svc in reversed(started):
+            if svc is not None:
+                stop_service(svc)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -215,17 +240,31 @@ def test_monitor_streams_at_once_and_attaches_the_verdict(monitor, want, caplog)
 # ------------------------------------------------------------------------------- our worker as the upstream
 
 
+class _InProcess:
+    """An app served in this process until :meth:`stop` (or the end of the module)."""
+
+    def __init__(self, app) -> None:
+        self._stack = ExitStack()
+        self.url = self._stack.enter_context(serving_in_thread(app))
+
+    def stop(self) -> None:
+        self._stack.close()
+
+
 @pytest.fixture(scope="module")
-def our_worker(transformers_serve) -> Iterator[Service]:
-    """Our own worker on the tiny model (the same weights as the upstream's), under the upstream's model id so it
-    can stand beside it in one pool; it returns logprobs of every token (--max-top-logprobs)."""
-    svc = start_service("llava.serve.model_worker", "--model-path", "tiny", "--model-name",
-                        transformers_serve.model_id, "--no-register", "--max-top-logprobs", "2100",
-                        startup_timeout=120)
+def our_worker(transformers_serve, tiny_engine) -> Iterator[_InProcess]:
+    """Our own worker on the tiny model (the same weights as the upstream's; in this process, on the session's
+    engine), under the upstream's model id so it can stand beside it in one pool; it returns the logprobs of every
+    token (max_top_logprobs)."""
+    class Named(LocalBackend):  # the session's engine, served under another name
+        model_name = transformers_serve.model_id
+
+    config = WorkerConfig(register=False, max_top_logprobs=2100, log_level="warning")
+    server = _InProcess(create_app(config, backend=Named(tiny_engine)))
     try:
-        yield svc
+        yield server
     finally:
-        stop_service(svc)
+        server.stop()
 
 
 def test_our_worker_behind_another_worker_uses_the_score_verdict(our_worker, tiny_engine) -> None:
@@ -264,7 +303,7 @@ def test_two_upstreams_one_killed_traffic_moves(transformers_serve, our_worker) 
             ask()
         before = requests_per_server(url)
         assert all(n >= 2 for n in before.values()), before  # round robin over both
-        stop_service(our_worker)
+        our_worker.stop()
         for _ in range(3):
             assert ask().choices[0].message.content is not None  # nothing fails: the dead one is skipped
         after = requests_per_server(url)
@@ -273,6 +312,21 @@ def test_two_upstreams_one_killed_traffic_moves(transformers_serve, our_worker) 
     assert not dead["up"] and "cannot connect" in dead["last_error"]
     moved = after[transformers_serve.url] - before[transformers_serve.url]
     assert moved >= 6 and after[dead["url"]] - before[dead["url"]] <= 1  # tried once, then skipped (cool-down)
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+
+
+@pytest.mark.browser
+def test_the_demo_runs_ecso_through_the_guard_worker(stack, page) -> None:  # noqa: F811 - page fixture
+    from playwright.sync_api import expect
+
+    open_demo(page, stack.demo.url, image="cat.png", query=QUERY, model=NAME)
+    page.get_by_role("button", name="Run ECSO").click()
+    expect(page.locator("#status")).to_contain_text("Done.", timeout=TIMEOUT_MS)
+    assert panel(page, "direct")  # the upstream's answer, streamed through the worker
+    verdict = panel(page, "verdict")
+    assert verdict.startswith("HARMFUL: ") and "harm score P(yes)" not in verdict  # parsed: no score to show
 
 
 # ---------------------------------------------------------------------------------------------------- faults
