@@ -6,10 +6,10 @@ import argparse
 import logging
 import os
 
+from llava.constants import OPENAI_API_KEY_ENV
 from llava.ecso.backends import Backend
 from llava.ecso.config import DECODING_GROUP, ECSO_GROUP, add_option_args, ecso_options
 from llava.ecso.registry import backend_names, create_backend
-from llava.http_client import OPENAI_API_KEY_ENV
 from llava.mm_utils import ASPECT_RATIOS
 
 __all__ = ["add_model_args", "add_backend_args", "add_ecso_args", "add_decoding_args", "backend_from_args",

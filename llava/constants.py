@@ -15,6 +15,7 @@ __all__ = [
     "WORKER_HEART_BEAT_INTERVAL",
     "CONTROLLER_HEART_BEAT_EXPIRATION",
     "ECSO_ALIAS_SUFFIX",
+    "OPENAI_API_KEY_ENV",
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_IMAGE_SIZE",
@@ -39,6 +40,9 @@ WEB_PORT = 7860
 # "<model>+ecso": the name under which a model worker's OpenAI API answers with ECSO; clients never pick it by
 # themselves when they look for "the" model of an endpoint.
 ECSO_ALIAS_SUFFIX = "+ecso"
+
+# The environment variable an OpenAI-compatible endpoint's key is read from by default (never a command line).
+OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
 
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds

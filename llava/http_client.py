@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from llava import errors
-from llava.constants import ErrorCode
+from llava.constants import OPENAI_API_KEY_ENV, ErrorCode
 from llava.errors import (
     AuthError,
     BackendError,
@@ -62,7 +62,6 @@ __all__ = [
 ]
 
 API_KEY_ENV = "ECSO_API_KEY"
-OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
 OPENAI_BASE_URL_ENV = "OPENAI_BASE_URL"
 STREAM_DELIMITER = b"\0"
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # one frame; a peer that never sends the delimiter is cut off here

@@ -202,7 +202,9 @@ class OpenAIBackend(AsyncServingBackend):
             if hit is not None and hit[0] is image:
                 self._encoded.move_to_end(id(image))
                 return hit[1]
-        url = "data:image/png;base64," + encode_image_base64(image_for_upload(image, self.image_aspect_ratio))
+        # Lossless, and fast to write (the request is the worker's own work before the upstream can start).
+        url = "data:image/png;base64," + encode_image_base64(image_for_upload(image, self.image_aspect_ratio),
+                                                             compress_level=1)
         with self._lock:
             self._encoded[id(image)] = (image, url)  # the image is kept, so its id is not reused while cached
             while len(self._encoded) > _IMAGE_CACHE:

@@ -14,6 +14,11 @@ import io
 import json
 import logging
 import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +32,7 @@ from openai import OpenAI, PermissionDeniedError
 from PIL import Image, ImageDraw
 from service_procs import Service, _spawn, _wait_healthy, free_port, serving_in_thread, start_service, stop_service
 from test_demo_browser import TIMEOUT_MS, browser, open_demo, page, panel, start_demo  # noqa: F401 - fixtures
+from upstreams import OFFLINE_ENV
 
 from llava.conversation import build_prompt
 from llava.ecso.config import ECSOConfig
@@ -36,6 +42,7 @@ from llava.ecso.prompts import parse_verdict_tolerant
 from llava.http_client import auth_headers, iter_chunks
 from llava.serve.model_worker import create_app
 from llava.serve.worker_state import RemoteModel, WorkerConfig
+from tests.doc_commands import section_commands
 
 pytestmark = pytest.mark.slow
 
@@ -327,6 +334,65 @@ def test_the_demo_runs_ecso_through_the_guard_worker(stack, page) -> None:  # no
     assert panel(page, "direct")  # the upstream's answer, streamed through the worker
     verdict = panel(page, "verdict")
     assert verdict.startswith("HARMFUL: ") and "harm score P(yes)" not in verdict  # parsed: no score to show
+
+
+# ------------------------------------------------------------------------------------------------------ docs
+
+GUARDRAIL = "Guardrail in front of vLLM / SGLang / transformers serve"
+
+
+def _doc_process(argv: list[str], port: int) -> Service:
+    env = {k: v for k, v in os.environ.items() if k != "ECSO_API_KEY"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p)
+    fd, log_name = tempfile.mkstemp(prefix="doc-command-", suffix=".log")
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen([sys.executable if argv[0] == "python" else argv[0], *argv[1:]],
+                                cwd=Path(__file__).parents[2], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    svc = Service(" ".join(argv[:3]), port, proc, Path(log_name))
+    if not _wait_healthy(svc, 120):
+        stop_service(svc)
+        raise AssertionError(f"{argv} did not come up:\n{svc.output[-3000:]}")
+    return svc
+
+
+def test_the_guardrail_commands_of_serving_md_run_as_written(transformers_serve, tmp_path) -> None:
+    """docs/serving.md's runnable block, run from the doc (its ports swapped for free ones). Its transformers serve
+    line is the session's server: the same command (folder and port aside), checked here, so it is not started twice.
+    The engine-specific lines below it are marked as needing their engine."""
+    doc = Path(__file__).parents[2] / "docs" / "serving.md"
+    commands = section_commands(doc, GUARDRAIL)
+    runnable = [c for c in commands if c.block == commands[0].block]
+    marked = [c for c in commands if c.block != commands[0].block]
+    lines = doc.read_text().splitlines()
+    assert marked and all(lines[c.line - 2].startswith("# needs: ") for c in marked), [c.where() for c in marked]
+    controller_port, worker_port = free_port(), free_port()
+    swap = {"8000": str(transformers_serve.port), "10000": str(controller_port), "40000": str(worker_port)}
+
+    def swapped(text: str) -> str:
+        return re.sub(r"127\.0\.0\.1:(8000|10000|40000)\b", lambda m: f"127.0.0.1:{swap[m.group(1)]}",
+                      re.sub(r"--port (8000|10000|40000)\b", lambda m: f"--port {swap[m.group(1)]}", text))
+
+    build, serve, controller, worker, ask, status = (swapped(c.text) for c in runnable)
+    env = {**os.environ, **OFFLINE_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(doc.parents[1]), env.get("PYTHONPATH")) if p)
+    assert build.startswith("python ")
+    subprocess.run([sys.executable, *shlex.split(build)[1:]], cwd=tmp_path, env=env, check=True)
+    words = shlex.split(serve)
+    assert words[0] == "HF_HUB_DISABLE_UPDATE_CHECK=1" and words[1] == "transformers"
+    assert words[2:] == [a if a != transformers_serve.model_dir else words[3] for a in transformers_serve.argv()]
+    assert (tmp_path / words[3] / "config.json").is_file()  # the folder the first command built
+    started = [_doc_process(shlex.split(controller), controller_port)]
+    try:
+        started.append(_doc_process(shlex.split(worker), worker_port))
+        answer = json.loads(subprocess.run(ask, shell=True, capture_output=True, text=True, check=True).stdout)
+        assert answer["model"] == "guarded" and answer["ecso"]["policy"] == "hold"
+        assert answer["ecso"]["verdict_fallback"] == NO_LOGPROBS and answer["choices"][0]["message"]["content"]
+        report = json.loads(subprocess.run(status, shell=True, capture_output=True, text=True, check=True).stdout)
+        assert report["upstream"]["servers"][0]["url"] == transformers_serve.url and report["healthy"] is True
+    finally:
+        for svc in reversed(started):
+            stop_service(svc)
 
 
 # ---------------------------------------------------------------------------------------------------- faults

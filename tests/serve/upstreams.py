@@ -51,13 +51,16 @@ class TransformersServe:
     def running(self) -> bool:
         return self.service is not None and self.service.proc.poll() is None
 
+    def argv(self) -> list[str]:
+        """The command line after the ``transformers`` script (docs/serving.md prints the same one)."""
+        return ["serve", self.model_dir, "--host", LOOPBACK, "--port", str(self.port), "--device", "cpu", *self.args]
+
     def start(self, timeout: float = 240.0) -> TransformersServe:
         env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         fd, log_name = tempfile.mkstemp(prefix="transformers-serve-", suffix=".log")
         with os.fdopen(fd, "wb") as log:
             proc = subprocess.Popen(
-                [str(TRANSFORMERS_CLI), "serve", self.model_dir, "--host", LOOPBACK, "--port", str(self.port),
-                 "--device", "cpu", *self.args],
+                [str(TRANSFORMERS_CLI), *self.argv()],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         self.service = Service("transformers serve", self.port, proc, Path(log_name))
