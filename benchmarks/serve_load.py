@@ -57,6 +57,7 @@ class Sample:
     latency: float
     first_chunk: float | None
     error: str | None = None
+    tokens: int | None = None  # completion tokens, when the server reports them
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Report:
     latency_max_s: float | None = None
     first_chunk_p50_s: float | None = None
     first_chunk_p95_s: float | None = None
+    completion_tokens_mean: float | None = None
     error_kinds: dict[str, int] = field(default_factory=dict)
     queue_length_after: dict[str, int | None] = field(default_factory=dict)
     workers: int = 0
@@ -103,12 +105,13 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def image_b64() -> str:
+def image_b64(height: int = 64) -> str:
+    """A small PNG (96 x ``height``; a square one passes a worker's pad-to-square unchanged)."""
     import base64
 
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (96, 64), (240, 230, 210))
+    img = Image.new("RGB", (96, height), (240, 230, 210))
     ImageDraw.Draw(img).ellipse((20, 8, 76, 56), fill=(220, 120, 30))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -160,7 +163,7 @@ async def one_openai_request(client: httpx.AsyncClient, url: str, payload: dict)
     """One streamed chat completion; ``first_chunk``: seconds to its first chunk with content (ECSO's hold policy
     sends the answer once the verdict is in)."""
     t0 = time.monotonic()
-    first, error, done = None, None, False
+    first, error, done, tokens = None, None, False, None
     try:
         async with client.stream("POST", url, json=payload) as resp:
             if resp.status_code != 200:
@@ -177,6 +180,7 @@ async def one_openai_request(client: httpx.AsyncClient, url: str, payload: dict)
                     if event.get("error"):
                         error = f"error event: {str(event['error'])[:200]}"
                         break
+                    tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
                     choices = event.get("choices") or [{}]
                     if first is None and (choices[0].get("delta") or {}).get("content"):
                         first = time.monotonic() - t0
@@ -185,7 +189,7 @@ async def one_openai_request(client: httpx.AsyncClient, url: str, payload: dict)
                     error = "stream ended mid-answer"
     except (httpx.HTTPError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:200]
-    return Sample(error is None, time.monotonic() - t0, first, error)
+    return Sample(error is None, time.monotonic() - t0, first, error, tokens)
 
 
 async def client_loop(send, budget: Budget, out: list[Sample]) -> None:
@@ -242,7 +246,7 @@ def free_port() -> int:
 
 @contextmanager
 def service(module: str | list[str], port: int, args: list[str], env: dict, log_dir: Path,
-            startup_timeout: float) -> Iterator[str]:
+            startup_timeout: float, cpus: set[int] | None = None) -> Iterator[str]:
     """``python -m module`` (or the command ``module`` as a list) on 127.0.0.1:port in its own process group;
     yields its URL once /health answers; SIGTERM (then SIGKILL) to the group on exit."""
     command = [sys.executable, "-m", module] if isinstance(module, str) else list(module)
@@ -250,7 +254,8 @@ def service(module: str | list[str], port: int, args: list[str], env: dict, log_
     log = open(log_dir / f"{name}-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port), *args],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
@@ -321,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", default="tiny", help="--start-stack, --compare-remote: the model (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="--start-stack: how many workers (default %(default)s)")
     p.add_argument("--device", default="cpu", help="--compare-remote: transformers serve's device (default %(default)s)")
+    p.add_argument("--warmup", type=float, default=10.0,
+                   help="--compare-remote: seconds of the same load, unmeasured, before each target (default %(default)g)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--compare-remote: the targets take turns this many times, each for duration/rounds seconds a "
+                        "turn (a machine whose load drifts weighs on each alike) (default %(default)s)")
+    p.add_argument("--pin", action="store_true",
+                   help="--compare-remote: the server on half of this machine's CPUs, the worker and the clients on "
+                        "the other half (on a small machine, so the worker's CPU is not taken from the server)")
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                    help="--start-stack: an extra flag for every worker, e.g. --worker-arg=--limit-model-concurrency=5")
     p.add_argument("--worker-url", action="append", default=[],
@@ -365,6 +378,7 @@ def summarize(args: argparse.Namespace, samples: list[Sample], elapsed: float, w
                     latency_p95_s=percentile([s.latency for s in ok], 95),
                     latency_max_s=max((s.latency for s in ok), default=None),
                     first_chunk_p50_s=percentile(firsts, 50), first_chunk_p95_s=percentile(firsts, 95),
+                    completion_tokens_mean=(sum(t) / len(t)) if (t := [s.tokens for s in ok if s.tokens]) else None,
                     workers=workers, max_new_tokens=args.max_new_tokens,
                     config={**config, "max_requests": args.max_requests, "request_timeout": args.request_timeout})
     for s in samples:
@@ -399,34 +413,38 @@ def run(args: argparse.Namespace, controller: str, worker_urls: list[str], api_k
 
 
 def chat_payload(model: str, args: argparse.Namespace, ecso_field: str) -> dict:
-    """A streamed chat completion: the image (a data: URL) and the query of the LLaVA payload, greedy."""
+    """A streamed chat completion: a square image (a data: URL; so a worker that pads sends the same pixels on) and
+    the query of the LLaVA payload, greedy, usage asked for (the answers' lengths are reported)."""
     content: list[dict] = [] if args.no_image else [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64()}"}}]
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64(96)}"}}]
     content.append({"type": "text", "text": "What is in this picture?"})
     payload = {"model": model, "messages": [{"role": "user", "content": content}], "stream": True,
-               "max_tokens": args.max_new_tokens, "temperature": 0.0}
+               "stream_options": {"include_usage": True}, "max_tokens": args.max_new_tokens, "temperature": 0.0}
     if ecso_field != "absent":
         payload["ecso"] = ecso_field == "true"
     return payload
 
 
-def run_openai(args: argparse.Namespace, base_url: str, api_key: str | None, ecso_field: str,
-               worker: str | None = None) -> Report:
-    """Streamed chat completions against ``base_url`` (.../v1); ``worker``: a worker whose queue_length to check."""
+def load_openai(args: argparse.Namespace, base_url: str, api_key: str | None, ecso_field: str,
+                duration: float) -> tuple[list[Sample], float, str]:
+    """``args.clients`` clients streaming chat completions from ``base_url`` (.../v1) for ``duration`` seconds:
+    the samples, the seconds taken, the model asked for."""
     model = args.model
     if model is None:
         with httpx.Client(timeout=10, headers=auth_headers(api_key), trust_env=False) as http:
             model = http.get(f"{base_url}/models").json()["data"][0]["id"]
-    logger.info("%d clients for %g s against %s (model %s, ecso %s, %d new tokens)", args.clients, args.duration,
+    logger.info("%d clients for %g s against %s (model %s, ecso %s, %d new tokens)", args.clients, duration,
                 base_url, model, ecso_field, args.max_new_tokens)
-    samples, elapsed = asyncio.run(run_clients(f"{base_url}/chat/completions", api_key, args.clients, args.duration,
+    samples, elapsed = asyncio.run(run_clients(f"{base_url}/chat/completions", api_key, args.clients, duration,
                                                args.max_requests, chat_payload(model, args, ecso_field),
                                                args.request_timeout, request=one_openai_request))
-    report = summarize(args, samples, elapsed, 1 if worker else 0,
-                       {"openai_url": base_url, "model": model, "image": not args.no_image, "ecso": ecso_field})
-    if worker:
-        report.queue_length_after = queue_lengths([worker], worker, api_key, args.drain_timeout)
-    return report
+    return samples, elapsed, model
+
+
+def run_openai(args: argparse.Namespace, base_url: str, api_key: str | None, ecso_field: str) -> Report:
+    samples, elapsed, model = load_openai(args, base_url, api_key, ecso_field, args.duration)
+    return summarize(args, samples, elapsed, 0,
+                     {"openai_url": base_url, "model": model, "image": not args.no_image, "ecso": ecso_field})
 
 
 def model_folder(model_path: str) -> str:
@@ -449,19 +467,45 @@ def compare_remote(args: argparse.Namespace) -> dict[str, Report]:
     server_cmd = [str(Path(sys.executable).with_name("transformers")), "serve", model_folder(args.model_path),
                   "--device", args.device, "--continuous-batching"]
     logger.info("starting transformers serve and a guard worker (%s); logs in %s", args.model_path, log_dir)
+    server_cpus = worker_cpus = None
+    if args.pin:  # the server on one half of the CPUs, the worker and the clients on the other
+        mine = sorted(os.sched_getaffinity(0))
+        if len(mine) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        server_cpus, worker_cpus = set(mine[: len(mine) // 2]), set(mine[len(mine) // 2:])
+        os.sched_setaffinity(0, worker_cpus)
+        logger.info("CPUs: server %s, worker and clients %s", sorted(server_cpus), sorted(worker_cpus))
     reports: dict[str, Report] = {}
     with ExitStack() as stack_:
-        upstream = stack_.enter_context(service(server_cmd, free_port(), [], env, log_dir, args.startup_timeout))
+        upstream = stack_.enter_context(service(server_cmd, free_port(), [], env, log_dir, args.startup_timeout,
+                                                server_cpus))
         worker = stack_.enter_context(service(
             "llava.serve.model_worker", free_port(),
             ["--backend", "openai", "--openai-base-url", f"{upstream}/v1", "--no-register", "--allow-ecso-opt-out",
              "--limit-model-concurrency", str(args.clients), "--max-new-tokens", str(args.max_new_tokens),
-             *args.worker_arg], env, log_dir, args.startup_timeout))
+             "--log-level", "warning", *args.worker_arg], env, log_dir, args.startup_timeout, worker_cpus))
         with httpx.Client(timeout=10, trust_env=False) as http:
             args.model = http.get(f"{upstream}/v1/models").json()["data"][0]["id"]
-        reports["(a) transformers serve"] = run_openai(args, f"{upstream}/v1", None, "absent")
-        reports["(b) guard worker, no ECSO"] = run_openai(args, f"{worker}/v1", None, "false", worker)
-        reports["(c) guard worker, ECSO hold"] = run_openai(args, f"{worker}/v1", None, "absent", worker)
+        targets = {"(a) transformers serve": (f"{upstream}/v1", "absent", None),
+                   "(b) guard worker, no ECSO": (f"{worker}/v1", "false", worker),
+                   "(c) guard worker, ECSO hold": (f"{worker}/v1", "absent", worker)}
+        for url, ecso, _ in targets.values():
+            if args.warmup > 0:  # the same load, unmeasured: a server's first requests are slow
+                load_openai(args, url, None, ecso, args.warmup)
+        # Rounds interleave the targets, each measured for duration/rounds per round: a machine whose load drifts
+        # over the run weighs on every target alike.
+        runs: dict[str, list] = {name: [[], 0.0] for name in targets}
+        for _ in range(args.rounds):
+            for name, (url, ecso, _) in targets.items():
+                samples, elapsed, _ = load_openai(args, url, None, ecso, args.duration / args.rounds)
+                runs[name][0] += samples
+                runs[name][1] += elapsed
+        for name, (url, ecso, checked) in targets.items():
+            reports[name] = summarize(args, runs[name][0], runs[name][1], 1 if checked else 0,
+                                      {"openai_url": url, "model": args.model, "image": not args.no_image,
+                                       "ecso": ecso, "rounds": args.rounds, "pinned": args.pin})
+            if checked:
+                reports[name].queue_length_after = queue_lengths([checked], checked, None, args.drain_timeout)
     return reports
 
 
@@ -471,12 +515,14 @@ def table(reports: dict[str, Report]) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
     base = next(iter(reports.values())).latency_p50_s
-    lines = ["| target | requests | errors | req/s | latency p50 / p95 (s) | first chunk p50 / p95 (s) | p50 vs (a) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| target | requests | errors | req/s | latency p50 / p95 (s) | first chunk p50 / p95 (s) | tokens/answer "
+             "| p50 vs (a) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in reports.items():
         ratio = f"{r.latency_p50_s / base:.2f}x" if base and r.latency_p50_s else "n/a"
+        tokens = "n/a" if r.completion_tokens_mean is None else f"{r.completion_tokens_mean:.1f}"
         lines.append(f"| {name} | {r.requests} | {r.errors} | {r.requests_per_s:.2f} | {s(r.latency_p50_s)} / "
-                     f"{s(r.latency_p95_s)} | {s(r.first_chunk_p50_s)} / {s(r.first_chunk_p95_s)} | {ratio} |")
+                     f"{s(r.latency_p95_s)} | {s(r.first_chunk_p50_s)} / {s(r.first_chunk_p95_s)} | {tokens} "
+                     f"| {ratio} |")
     return "\n".join(lines)
 
 

@@ -298,7 +298,7 @@ class UpstreamPool:
 
         async def attempt(upstream: Upstream) -> Any:
             resp = await self._open(upstream, path, body, stream=True)
-            lines = aiter_sse_data(resp.aiter_lines())
+            lines = aiter_sse_data(resp.aiter_bytes())
             try:
                 first = await lines.__anext__()
             except StopAsyncIteration:

@@ -216,7 +216,7 @@ async def _prepare(state: WorkerState, req: ChatCompletionRequest) -> _Request:
     pipeline = state.pipeline(_ecso_overrides(req), streamed=req.stream) if mode != "direct" else None
     chat = chat.with_images(await load_image_urls(chat.images, state.policy, state.http))
     params = GenerationParams(max_new_tokens=req.token_limit(state.config.max_new_tokens), temperature=req.temperature,
-                              top_p=req.top_p, stop=tuple(req.stop_list))
+                              top_p=req.top_p if "top_p" in req.model_fields_set else None, stop=tuple(req.stop_list))
     query = chat.turns[-1][0]
     if pipeline is not None and mode == "hold":  # its first prompt: the query with its images, as the chat's own
         prepared = await state.check_fits(pipeline, query, chat.images)

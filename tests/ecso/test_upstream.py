@@ -54,6 +54,7 @@ class Servers:
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         host = request.url.host.split(".")[0]
         self.seen.append((host, request.url.path))
+        self.auth = request.headers.get("authorization")
         outcome = self.script[host](request)
         if isinstance(outcome, Exception):
             raise outcome
@@ -87,7 +88,7 @@ def test_round_robin_over_the_servers_that_are_up() -> None:
         return [await pool.post("/chat/completions", {}) for _ in range(4)]
 
     run(four())
-    assert sorted(servers.hosts()) == ["a", "a", "b", "b"] and pool.healthy
+    assert sorted(servers.hosts()) == ["a", "a", "b", "b"] and pool.healthy and servers.auth == "Bearer k"
     assert [s["requests"] for s in pool.status()] == [2, 2]
 
 
@@ -199,9 +200,9 @@ def test_all_servers_cooling_down_is_a_503_naming_each_and_a_probe_brings_them_b
 def test_a_pool_moves_to_a_new_event_loop_with_new_clients() -> None:
     pool = _pool(Servers(a=_ok, b=_ok))
     run(pool.post("/chat/completions", {}))
-    first = {id(u.client) for u in pool.upstreams if u.client is not None}
+    first = [u.client for u in pool.upstreams if u.client is not None]  # kept alive: ids stay unique
     run(pool.post("/chat/completions", {}))
-    assert first and not first & {id(u.client) for u in pool.upstreams if u.client is not None}
+    assert first and not any(u.client is c for u in pool.upstreams for c in first)
 
 
 def test_loop_thread_runs_coroutines_and_iterates_for_blocking_callers() -> None:

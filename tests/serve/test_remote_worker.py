@@ -79,8 +79,11 @@ class Stack:
                           trust_env=False)
 
 
+UPSTREAM_KEY = "upstream-key-never-logged-7c1"
+
+
 def _env() -> dict[str, str]:
-    return {"ECSO_API_KEY": KEY}
+    return {"ECSO_API_KEY": KEY, "OPENAI_API_KEY": UPSTREAM_KEY}  # the server ignores it; it must not leak
 
 
 def _controller_at(port: int) -> Service:
@@ -164,6 +167,7 @@ def test_registers_and_reports_its_upstream(stack, transformers_serve) -> None:
     assert upstream["model"] == transformers_serve.model_id and upstream["logprobs"] is False
     assert [(s["url"], s["up"]) for s in upstream["servers"]] == [(transformers_serve.url, True)]
     assert "does not return first-token logprobs" in stack.worker.log()
+    assert UPSTREAM_KEY not in stack.worker.log() and UPSTREAM_KEY not in json.dumps(status)
     assert httpx.get(f"{stack.worker.url}/health", trust_env=False).json()["healthy"] is True
 
 
@@ -334,6 +338,19 @@ def test_the_demo_runs_ecso_through_the_guard_worker(stack, page) -> None:  # no
     assert panel(page, "direct")  # the upstream's answer, streamed through the worker
     verdict = panel(page, "verdict")
     assert verdict.startswith("HARMFUL: ") and "harm score P(yes)" not in verdict  # parsed: no score to show
+
+
+def test_the_load_benchmark_drives_the_openai_api(stack, tmp_path) -> None:
+    """benchmarks/serve_load.py --openai-url (what --compare-remote runs three times), briefly, through the worker."""
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--openai-url", f"{stack.worker.url}/v1",
+                           "--model", NAME, "--ecso-field", "true", "--clients", "2", "--duration", "2",
+                           "--max-new-tokens", "4", "--api-key", KEY, "--json", str(out)],
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["requests"] >= 2 and report["errors"] == 0 and report["first_chunk_p50_s"] > 0
+    assert report["config"]["ecso"] == "true" and proc.stdout.count("serve_load: ") == 1
 
 
 # ------------------------------------------------------------------------------------------------------ docs
