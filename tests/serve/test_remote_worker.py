@@ -97,7 +97,7 @@ def _controller_at(port: int) -> Service:
 
 
 @pytest.fixture(scope="module")
-def stack(transformers_serve) -> Iterator[Stack]:
+def stack(transformers_serve, tmp_path_factory) -> Iterator[Stack]:
     """A controller, the guard worker (--backend openai in front of the session's transformers serve) and the demo,
     started side by side (the worker retries its registration until the controller is up)."""
     port = free_port()
@@ -110,7 +110,7 @@ def stack(transformers_serve) -> Iterator[Stack]:
                         "--heart-beat-interval", "0.5", "--max-new-tokens", str(N), "--upstream-cooldown", "2",
                         env=_env(), startup_timeout=120),
             pool.submit(start_demo, controller_url, "--model-list-mode", "reload", "--max-new-tokens", str(N),
-                        "--api-key", KEY),
+                        "--api-key", KEY, "--log-dir", str(tmp_path_factory.mktemp("demo-logs"))),
         ]
         started = [f.result() if f.exception() is None else None for f in futures]
     try:
@@ -192,6 +192,24 @@ def test_ecso_stream_says_its_verdict_was_parsed_and_why(stack, want) -> None:
     assert verdict["flagged"] is bool(parse_verdict_tolerant(verdict["text"]))
     expected = ["direct", "verdict", *(["caption", "safe"] if verdict["flagged"] else []), "final"]
     assert [e["event"] for e in events if e.get("done")] == expected
+
+
+def test_images_are_checked_before_anything_goes_upstream(stack) -> None:
+    def sent() -> int:
+        return stack.post("/worker_get_status").json()["upstream"]["servers"][0]["requests"]
+
+    before = sent()
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGEgcG5n"}},
+                                        {"type": "text", "text": QUERY}]}]
+    refused = stack.post("/v1/chat/completions", {"model": NAME, "messages": bad})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_image"
+    url = stack.post("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/cat.png"}}, {"type": "text", "text": QUERY}]}]})
+    assert url.status_code == 400 and "--allow-image-urls" in url.json()["error"]["message"]
+    status, frames = _llava_stream(stack, {"model": NAME, "prompt": build_prompt("vicuna_v1", QUERY, 1),
+                                           "images": ["@@@"]})
+    assert status == 400 and frames[-1]["error_code"] == 4
+    assert sent() == before  # nothing reached the server
 
 
 def test_openai_api_holds_the_answer_until_the_verdict(stack, want) -> None:
