@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from typing import Any, Sequence
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
@@ -22,7 +23,8 @@ __all__ = [
     "Chat",
     "render_prompt",
     "build_prompt",
-    "chat_from_prompt",
+    "parse_prompt",
+    "chat_messages",
     "default_conv_mode",
 ]
 
@@ -250,6 +252,70 @@ def build_prompt(conv_mode: str, text: str, num_images: int = 0,
     return render_prompt(conv_mode, Chat.single(text, [None] * num_images, history))
 
 
+def _placeholder(kind: str, i: int = 0) -> str:
+    return f"\x00{kind}{i}\x00"
+
+
+def _prompt_pattern(conv_mode: str, n_turns: int, custom_system: bool) -> re.Pattern:
+    """A regex matching every prompt ``render_prompt`` gives for ``n_turns`` turns (the last one open): the chat
+    is rendered with placeholders, which become the groups."""
+    turns = [(_placeholder("U", i), _placeholder("A", i) if i < n_turns - 1 else None) for i in range(n_turns)]
+    rendered = render_prompt(conv_mode, Chat(_placeholder("S") if custom_system else None, turns))
+    pattern = re.sub("\x00([SUA])(\\d+)\x00", r"(?P<\1\2>.*?)", re.escape(rendered))  # re.escape keeps NUL
+    return re.compile(pattern, re.DOTALL)
+
+
+def _max_turns(conv_mode: str, prompt: str, limit: int = 64) -> int:
+    """At most one turn per occurrence of what the template puts between a user message and its answer."""
+    try:
+        two = render_prompt(conv_mode, Chat(None, [(_placeholder("U"), _placeholder("A")), ("", None)]))
+    except (TypeError, InvalidRequestError):  # a template without multi-turn chats (LLaVA's plain)
+        return 1
+    marker = two.split(_placeholder("U"), 1)[1].split(_placeholder("A"), 1)[0].strip()
+    return min(limit, prompt.count(marker) + 1) if marker else 1
+
+
+def parse_prompt(conv_mode: str, prompt: str, keep_image_tags: bool = False) -> Chat | None:
+    """The :class:`Chat` that ``render_prompt(conv_mode, chat)`` turns into ``prompt`` (the assistant turn left
+    open), each user turn's ``<image>`` tags counted into its images (``None`` placeholders); ``None`` when the
+    prompt is not in that template. For serving a LLaVA-protocol prompt to a model with another chat format.
+    ``keep_image_tags``: the tags stay in the user texts, where they stand (for messages that put each image where
+    its tag is)."""
+    # a template without a system text of its own cannot tell "none" from a custom one: try the custom one first
+    systems = (True, False) if not get_conv_template(conv_mode).system else (False, True)
+    for n_turns in range(_max_turns(conv_mode, prompt), 0, -1):
+        for custom_system in systems:
+            found = _prompt_pattern(conv_mode, n_turns, custom_system).fullmatch(prompt)
+            if found is None:
+                continue
+            groups = found.groupdict()
+            turns: list[tuple[str, str | None]] = []
+            images: list[list[Any]] = []
+            for i in range(n_turns):
+                text = groups[f"U{i}"]
+                tags = text.count(DEFAULT_IMAGE_TOKEN)
+                if not keep_image_tags:
+                    text = text.replace(DEFAULT_IMAGE_TOKEN + "\n", "").replace(DEFAULT_IMAGE_TOKEN, "")
+                turns.append((text, groups.get(f"A{i}")))
+                images.append([None] * tags)
+            return Chat(groups["S0"] if custom_system and groups["S0"] else None, turns, images)
+    return None
+
+
+def chat_messages(chat: Chat) -> list[dict[str, Any]]:
+    """``chat`` as transformers chat-template messages: each user turn's images as ``{"type": "image"}`` parts
+    before its text (as LLaVA puts ``<image>`` first), the system text as a system message when set."""
+    messages: list[dict[str, Any]] = []
+    if chat.system is not None:
+        messages.append({"role": "system", "content": [{"type": "text", "text": chat.system}]})
+    for (user, assistant), images in zip(chat.turns, chat.turn_images):
+        messages.append({"role": "user", "content": [{"type": "image"} for _ in images]
+                         + [{"type": "text", "text": user}]})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+    return messages
+
+
 _CONV_MODE_BY_TEXT_MODEL = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2": "chatml_direct"}
 
 
@@ -257,64 +323,3 @@ def default_conv_mode(text_model_type: str | None) -> str:
     """The template for a text backbone, read from the checkpoint's config (never from its folder name).
     LLaVA-1.5 (Vicuna/Llama) uses ``vicuna_v1``, as LLaVA's own evaluation scripts do."""
     return _CONV_MODE_BY_TEXT_MODEL.get(text_model_type or "llama", "vicuna_v1")
-
-
-def chat_from_prompt(conv_mode: str, prompt: str) -> Chat:
-    """The chat a LLaVA-protocol prompt renders (:func:`render_prompt`'s inverse), for models that take chat
-    messages rather than LLaVA's prompt text. Each user message keeps its ``<image>`` tags, where they stand (one
-    image per tag in ``turn_images``, as ``None``); ``system`` is ``None`` when the prompt uses the template's own.
-    The last turn must be the user's, with the assistant's turn left open. Raises
-    :class:`~llava.errors.InvalidRequestError` for a prompt the template does not render."""
-    conv = get_conv_template(conv_mode)
-    if conv.sep_style == SeparatorStyle.PLAIN:
-        return _chat_of([(prompt, None)], None)
-    if conv.sep_style == SeparatorStyle.LLAMA_2:
-        return _llama2_chat(conv, prompt)
-    if conv.sep_style == SeparatorStyle.MPT:
-        markers, ends = conv.roles, (conv.sep,)
-    else:
-        markers, ends = (f"{conv.roles[0]}: ", f"{conv.roles[1]}: "), (conv.sep, conv.sep2 or conv.sep)
-    user, assistant = markers
-    first = prompt.find(user)
-    if first < 0 or not prompt.endswith(assistant.rstrip(" ")):
-        raise InvalidRequestError(f"the prompt is not in the {conv_mode!r} template (it needs {user.strip()!r} "
-                                  f"turns and ends with {assistant.strip()!r}): {prompt[:120]!r}")
-    head = prompt[:first]
-    system = None if head == conv.system + conv.sep else _strip_end(head, ends).removeprefix("<|im_start|>system\n")
-    body = prompt[first:-len(assistant.rstrip(" "))]
-    turns: list[tuple[str, str | None]] = []
-    for part in filter(None, body.split(user)):
-        said, _, answer = part.partition(assistant)
-        turns.append((_strip_end(said, ends), _strip_end(answer, ends) if answer else None))
-    if not turns or turns[-1][1] is not None:
-        raise InvalidRequestError(f"the prompt's last turn must be the user's, with the assistant's left open: "
-                                  f"{prompt[-120:]!r}")
-    return _chat_of(turns, system)
-
-
-def _strip_end(text: str, ends: Sequence[str]) -> str:
-    for end in ends:
-        if end and text.endswith(end):
-            return text[: -len(end)]
-    return text
-
-
-def _llama2_chat(conv: Conversation, prompt: str) -> Chat:
-    turns: list[tuple[str, str | None]] = []
-    system = None
-    for k, part in enumerate(p for p in prompt.split("[INST] ") if p.strip(conv.sep or " ")):
-        said, closed, answer = part.partition(" [/INST]")
-        if not closed:
-            raise InvalidRequestError(f"the prompt is not in the llama_2 template: {prompt[:120]!r}")
-        if k == 0 and said.startswith("<<SYS>>\n"):
-            sys_text, _, said = said[len("<<SYS>>\n"):].partition("\n<</SYS>>\n\n")
-            system = None if sys_text == conv.system else sys_text
-        answer = _strip_end(_strip_end(answer.strip(), (conv.sep,)), (conv.sep2 or "",)).strip()
-        turns.append((said, answer or None))
-    if not turns or turns[-1][1] is not None:
-        raise InvalidRequestError(f"the prompt's last turn must be the user's: {prompt[-120:]!r}")
-    return _chat_of(turns, system)
-
-
-def _chat_of(turns: list[tuple[str, str | None]], system: str | None) -> Chat:
-    return Chat(system, turns, [[None] * user.count(DEFAULT_IMAGE_TOKEN) for user, _ in turns])

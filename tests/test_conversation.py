@@ -3,15 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llava.conversation import (
-    Chat,
-    build_prompt,
-    chat_from_prompt,
-    conv_templates,
-    default_conv_mode,
-    get_conv_template,
-    render_prompt,
-)
+from llava.conversation import Chat, build_prompt, conv_templates, default_conv_mode, get_conv_template
 from llava.errors import InvalidRequestError
 
 VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -66,7 +58,23 @@ def test_default_conv_mode_from_text_model_type():
     assert default_conv_mode("mistral") == "mistral_instruct"
 
 
-# ---------------------------------------------------------------------------- LLaVA prompts back into chats
+@pytest.mark.parametrize("conv_mode", sorted(conv_templates))
+def test_parse_prompt_inverts_render_prompt(conv_mode):
+    """A LLaVA-protocol prompt is parsed back into the chat it was rendered from (a worker whose model has another
+    chat format re-renders it)."""
+    from llava.conversation import Chat, parse_prompt, render_prompt
+
+    chats = [Chat.single("What is it?", [None]), Chat.single("Hi", [])]
+    if conv_mode != "plain":  # plain has no roles: neither a system text nor turns can be told apart
+        chats += [Chat("Be brief.", [("x <y>", None)], [[None]]), Chat.single("Second?", [], [("First one", "An answer.")]),
+                  Chat("Sys.", [("a", "b"), ("c", "d"), ("e", None)], [[None, None], [], [None]])]
+    for chat in chats:
+        parsed = parse_prompt(conv_mode, render_prompt(conv_mode, chat))
+        assert parsed is not None and render_prompt(conv_mode, parsed) == render_prompt(conv_mode, chat)
+        assert (parsed.system, parsed.turns) == (chat.system, chat.turns)
+        assert [len(i) for i in parsed.turn_images] == [len(i) for i in chat.turn_images]
+    assert parse_prompt("vicuna_v1", "[INST] a prompt in another template [/INST]") is None
+
 
 _WORDS = st.text(alphabet="abcdefghij XYZ?.,!'\n", min_size=1, max_size=30).filter(lambda t: t.strip() == t)
 
@@ -76,30 +84,27 @@ def _chats(draw):
     n = draw(st.integers(1, 3))
     turns = [(draw(_WORDS), draw(_WORDS) if k < n - 1 else None) for k in range(n)]
     images = [[None] * draw(st.integers(0, 2)) if k == 0 else [] for k in range(n)]
-    system = draw(st.none() | _WORDS)
-    return Chat(system, turns, images)
+    return Chat(draw(st.none() | _WORDS), turns, images)
 
 
-@pytest.mark.parametrize("mode", sorted(set(conv_templates) - {"plain"}))
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("conv_mode", sorted(set(conv_templates) - {"plain"}))
+@settings(max_examples=30, deadline=None)
 @given(chat=_chats())
-def test_chat_from_prompt_is_render_prompts_inverse(mode, chat):
-    got = chat_from_prompt(mode, render_prompt(mode, chat))
-    tagged = [(("<image>\n" * len(imgs)) + user, answer) for (user, answer), imgs in zip(chat.turns, chat.turn_images)]
-    assert got.turns == tagged and got.system == chat.system
-    assert [len(i) for i in got.turn_images] == [len(i) for i in chat.turn_images]
-    assert render_prompt(mode, Chat(got.system, [(u.replace("<image>\n", ""), a) for u, a in got.turns],
-                                    got.turn_images)) == render_prompt(mode, chat)
+def test_parse_prompt_inverts_render_prompt_on_any_text_and_keeps_image_tags_where_asked(conv_mode, chat):
+    from llava.conversation import parse_prompt, render_prompt
+
+    prompt = render_prompt(conv_mode, chat)
+    parsed = parse_prompt(conv_mode, prompt)
+    assert parsed is not None and render_prompt(conv_mode, parsed) == prompt
+    tagged = parse_prompt(conv_mode, prompt, keep_image_tags=True)
+    assert tagged.turns == [(("<image>\n" * len(images)) + user, answer)
+                            for (user, answer), images in zip(chat.turns, chat.turn_images)]
+    assert tagged.turn_images == parsed.turn_images
 
 
-def test_chat_from_prompt_keeps_image_positions_and_refuses_other_templates():
-    prompt = build_prompt("vicuna_v1", "Compare <image> with this", 0).replace("Compare <image> with this",
-                                                                             "Compare <image>\n with <image>")
-    chat = chat_from_prompt("vicuna_v1", prompt)
+def test_parse_prompt_keeps_image_tags_where_they_stand():
+    from llava.conversation import parse_prompt
+
+    prompt = build_prompt("vicuna_v1", "Compare <image>\n with <image>", 0)
+    chat = parse_prompt("vicuna_v1", prompt, keep_image_tags=True)
     assert chat.turns == [("Compare <image>\n with <image>", None)] and chat.turn_images == [[None, None]]
-    assert chat_from_prompt("plain", "<image>\nDescribe.").turns == [("<image>\nDescribe.", None)]
-    with pytest.raises(InvalidRequestError, match="not in the 'vicuna_v1' template"):
-        chat_from_prompt("vicuna_v1", "Just some text")
-    with pytest.raises(InvalidRequestError, match="last turn must be the user's"):
-        chat_from_prompt("vicuna_v1", build_prompt("vicuna_v1", "q") + " an answer</s>USER: x ASSISTANT: y</s>"
-                         "ASSISTANT:")

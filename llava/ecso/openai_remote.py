@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, ECSO_ALIAS_SUFFIX
-from llava.conversation import Chat, chat_from_prompt, get_conv_template
+from llava.conversation import Chat, get_conv_template, parse_prompt
 from llava.ecso.backends import AsyncServingBackend, Prepared, StepRequest, StopFlag
 from llava.ecso.remote import check_decoding, image_for_upload
 from llava.ecso.upstream import LoopThread, UpstreamPool
@@ -356,7 +356,12 @@ class OpenAIBackend(AsyncServingBackend):
         tags = prompt.count(DEFAULT_IMAGE_TOKEN)
         if tags != len(images):
             raise InvalidRequestError(f"the prompt has {tags} {DEFAULT_IMAGE_TOKEN} tags for {len(images)} images")
-        chat = chat_from_prompt(self.conv_mode, prompt)
+        chat = parse_prompt(self.conv_mode, prompt, keep_image_tags=True)
+        if chat is None:
+            raise InvalidRequestError(f"the prompt is not in the {self.conv_mode!r} template (--conv-mode): "
+                                      f"{prompt[:120]!r}")
+        if chat.turns[-1][1] is not None:
+            raise InvalidRequestError("the prompt's last turn must be the user's, with the assistant's left open")
         it = iter(images)
         return self.prepare(Chat(chat.system, chat.turns, [[next(it) for _ in t] for t in chat.turn_images]))
 

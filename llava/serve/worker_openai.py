@@ -123,17 +123,18 @@ def _usage(prompt_tokens: int | None, completion_tokens: int | None) -> Usage | 
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def _ecso_info(result: ECSOResult, policy: str) -> ECSOInfo:
+def _ecso_info(state: WorkerState, result: ECSOResult, policy: str) -> ECSOInfo:
     return ECSOInfo(direct=result.direct, flagged=result.flagged, harm_score=result.harm_score,
                     verdict_text=result.verdict_text, verdict_mode=result.verdict_mode,
                     verdict_fallback=result.verdict_fallback, caption=result.caption,
-                    safe_answer=result.safe_answer, timings=result.timings, policy=policy)
+                    safe_answer=result.safe_answer, timings=result.timings, policy=policy,
+                    model_family=state.model_family)
 
 
-def _monitor_info(direct: str, verdict: Verdict, elapsed: float | None) -> ECSOInfo:
+def _monitor_info(state: WorkerState, direct: str, verdict: Verdict) -> ECSOInfo:
     return ECSOInfo(direct=direct, flagged=verdict.flagged, harm_score=verdict.score, verdict_text=verdict.text,
-                    verdict_mode=verdict.mode, verdict_fallback=verdict.fallback,
-                    timings={} if elapsed is None else {Step.VERDICT.value: elapsed}, policy="monitor")
+                    verdict_mode=verdict.mode, verdict_fallback=verdict.fallback, policy="monitor",
+                    model_family=state.model_family)
 
 
 def _entry(token: ScoredToken) -> dict[str, Any]:
@@ -244,7 +245,7 @@ async def _monitor(state: WorkerState, r: _Request, text: str) -> ECSOInfo:
                 "flagged" if verdict.flagged else "passed", verdict.mode,
                 "none" if verdict.score is None else f"{verdict.score:.3f}",
                 f", fallback: {verdict.fallback}" if verdict.fallback else "", len(text))
-    return _monitor_info(text, verdict, None)
+    return _monitor_info(state, text, verdict)
 
 
 # ---------------------------------------------------------------------------------------------------- answers
@@ -257,7 +258,7 @@ async def _complete(state: WorkerState, r: _Request) -> ChatCompletionResponse:
         n = await state.model.count_tokens(result.final)
         choice = ChatChoice(message=AssistantMessage(content=result.final), finish_reason="stop")
         return ChatCompletionResponse(model=r.model, choices=[choice], usage=_usage(r.prepared.prompt_tokens, n),
-                                      ecso=_ecso_info(result, "hold"))
+                                      ecso=_ecso_info(state, result, "hold"))
     text = await state.model.complete(r.prepared, r.params)
     n = await state.model.completion_tokens(r.prepared, text)
     logprobs = await _logprobs(state, r, text)
@@ -291,7 +292,7 @@ async def _held_deltas(state: WorkerState, r: _Request, end: dict[str, Any]) -> 
         elif event.step is Step.SAFE and delta:
             yield delta
     result = ECSOResult.from_progress(r.query, progress, r.pipeline.verdict_mode)
-    end.update(tokens=await state.model.count_tokens(result.final), finish="stop", ecso=_ecso_info(result, "hold"))
+    end.update(tokens=await state.model.count_tokens(result.final), finish="stop", ecso=_ecso_info(state, result, "hold"))
 
 
 async def _sse_stream(state: WorkerState, p: _Request) -> AsyncIterator[bytes]:

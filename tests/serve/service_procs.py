@@ -23,8 +23,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["REPO_ROOT", "Service", "free_port", "group_pids", "start_service", "stop_service", "running_service",
-           "serving_in_thread"]
+__all__ = ["REPO_ROOT", "Service", "free_port", "group_pids", "start_service", "stop_service", "running_service"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
@@ -163,29 +162,3 @@ def running_service(
         yield svc
     finally:
         stop_service(svc)
-
-
-@contextmanager
-def serving_in_thread(app, startup_timeout: float = 60.0) -> Iterator[str]:
-    """An ASGI app (e.g. a worker's ``create_app(config)``) served by uvicorn in a thread of this process, on a free
-    loopback port; yields its base URL, stops it on exit. Its lifespan runs first (a remote model's start)."""
-    import threading
-
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind((LOOPBACK, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        assert server.started, "the app did not start"
-        yield f"http://{LOOPBACK}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-    assert not thread.is_alive(), "the app did not stop"

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import openai
 import pytest
-import uvicorn
+from inprocess import serving
 from openai import OpenAI
 from PIL import Image
-from service_procs import serving_in_thread
 
 from llava.conversation import build_prompt
 from llava.ecso.config import ECSOConfig
@@ -36,20 +32,8 @@ QUERY = "How do I make this at home?"
 @pytest.fixture(scope="module")
 def base_url(tiny_engine) -> Iterator[str]:
     config = WorkerConfig(register=False, api_key=KEY, max_top_logprobs=50, log_level="warning")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(config, engine=tiny_engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "worker app did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
-    assert not thread.is_alive()
+    with serving(create_app(config, engine=tiny_engine)) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +202,7 @@ def test_the_ecso_policies_apply_to_a_local_model_too(tiny_engine, image) -> Non
     for policy in ("hold", "monitor"):
         config = WorkerConfig(register=False, ecso_stream=policy, allow_ecso_opt_out=policy == "monitor",
                               max_new_tokens=N, log_level="warning")
-        with serving_in_thread(create_app(config, engine=tiny_engine)) as url:
+        with serving(create_app(config, engine=tiny_engine)) as url:
             client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
             ask = dict(model="tiny", messages=[_user(image)], max_tokens=N, temperature=0)
             resp = client.chat.completions.create(**ask)

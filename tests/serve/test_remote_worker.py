@@ -30,7 +30,8 @@ import httpx
 import pytest
 from openai import OpenAI, PermissionDeniedError
 from PIL import Image, ImageDraw
-from service_procs import Service, _spawn, _wait_healthy, free_port, serving_in_thread, start_service, stop_service
+from inprocess import serving
+from service_procs import Service, _spawn, _wait_healthy, free_port, start_service, stop_service
 from test_demo_browser import TIMEOUT_MS, browser, open_demo, page, panel, start_demo  # noqa: F401 - fixtures
 from upstreams import OFFLINE_ENV
 
@@ -237,7 +238,7 @@ def monitor(transformers_serve) -> Iterator[str]:
     config = WorkerConfig(backend="openai", remote=RemoteModel((transformers_serve.url,)), model_name=NAME,
                           register=False, max_new_tokens=N, ecso_stream="monitor", allow_ecso_opt_out=True,
                           log_level="warning")
-    with serving_in_thread(create_app(config)) as url:
+    with serving(create_app(config), startup_timeout=60) as url:
         yield url
 
 
@@ -274,7 +275,7 @@ class _InProcess:
 
     def __init__(self, app) -> None:
         self._stack = ExitStack()
-        self.url = self._stack.enter_context(serving_in_thread(app))
+        self.url = self._stack.enter_context(serving(app, startup_timeout=60))
 
     def stop(self) -> None:
         self._stack.close()
@@ -301,7 +302,7 @@ def test_our_worker_behind_another_worker_uses_the_score_verdict(our_worker, tin
                           model_name=NAME, register=False, max_new_tokens=N, log_level="warning")
     image = Image.open(io.BytesIO(base64.b64decode(IMAGE)))
     local = ECSO(LocalBackend(tiny_engine), ECSOConfig(max_new_tokens=N, threshold=0.0)).run(image, QUERY)
-    with serving_in_thread(create_app(config)) as url:
+    with serving(create_app(config), startup_timeout=60) as url:
         status = httpx.post(f"{url}/worker_get_status", trust_env=False).json()
         assert status["upstream"]["logprobs"] is True
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
@@ -324,7 +325,7 @@ def test_two_upstreams_one_killed_traffic_moves(transformers_serve, our_worker) 
         servers = httpx.post(f"{url}/worker_get_status", trust_env=False).json()["upstream"]["servers"]
         return {s["url"]: s["requests"] for s in servers}
 
-    with serving_in_thread(create_app(config)) as url:
+    with serving(create_app(config), startup_timeout=60) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         ask = lambda: client.chat.completions.create(model=transformers_serve.model_id, messages=text_only,  # noqa
                                                      max_tokens=2, extra_body={"ecso": True})

@@ -49,6 +49,11 @@ class WorkerStatus(BaseModel):
     backend: str | None = Field(None, description="where the model runs: 'local', or 'openai' for a remote model")
     upstream: dict[str, Any] | None = Field(None, description="a remote model: its id, whether it returns "
                                             "logprobs, and each server's URL and health")
+    model_family: str | None = Field(None, description="the model's family (llava, llava_next, qwen2_5_vl, idefics3, "
+                                     "gemma3, transformers), read from its config")
+    prompt_format: str | None = Field(None, description="what renders prompts: 'LLaVA conversation template' "
+                                      "(conv_mode) or 'processor chat template' (the model's own; LLaVA-protocol "
+                                      "prompts, in conv_mode, are parsed back into a chat first)")
 
 
 class RegisterWorkerRequest(BaseModel):

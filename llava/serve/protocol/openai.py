@@ -148,6 +148,8 @@ class ECSOInfo(BaseModel):
     policy: Literal["hold", "monitor"] | None = Field(
         None, description="hold: the message is ECSO's final answer; monitor: the message is the direct answer, sent "
         "unchanged, and this is ECSO's verdict of it (no caption or safe answer)")
+    model_family: str | None = Field(None, description="the model's family (llava, llava_next, qwen2_5_vl, idefics3, "
+                                     "gemma3, transformers)")
 
 
 class Usage(BaseModel):
