@@ -293,9 +293,6 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
     out.mkdir(parents=True, exist_ok=True)
     pairs = pair_runs(runs)
     sections = []
-    defenses = _defenses_section(runs, folders, out)
-    if defenses is not None:
-        sections.append(defenses)
     for direct, ecso in pairs:
         base = direct or ecso
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{base.benchmark}_{base.model_id}_{(ecso or direct).path.stem}")
@@ -304,6 +301,9 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
             sections.append(_safety_section(direct, ecso, out, name))
         elif metric not in TWO_SIDED_METRICS:  # FigStep and XSTest are in the defenses section
             sections.append(_utility_section(direct, ecso, ground_truth or {}, name))
+    defenses = _defenses_section(runs, folders, out)
+    if defenses is not None:
+        sections.append(defenses)
     warnings = [w for s in sections for w in s.warnings]
     if warnings and strict:
         raise JudgeMismatchError("refusing to compare differently judged runs: " + " | ".join(warnings))

@@ -69,6 +69,22 @@ def _over_refusal(r: RunRates, index: dict[tuple, RunRates]) -> tuple[dict | Non
     return (other.over if other else None), source
 
 
+def _judge_warnings(model: str, runs: list[RunRates], columns: list[tuple], index: dict[tuple, RunRates]) -> list[str]:
+    """A warning per method judged otherwise than ``direct`` in the same column (ECSO against direct on
+    MM-SafetyBench / VLSafe is already warned about by the report's direct vs ECSO section)."""
+    out = []
+    for bench, mode in columns:
+        base = index.get((model, bench, mode, "direct"))
+        for r in runs:
+            if (r.benchmark, r.mode) != (bench, mode) or base is None or r is base or not (r.judge and base.judge):
+                continue
+            paired = r.method == "ecso" and get_benchmark(bench).metric == "safety"
+            if r.judge != base.judge and not paired:
+                out.append(f"{model}, {_name(bench, mode)}: {r.method} was judged {r.judge}, direct {base.judge}; "
+                           "their rates are NOT comparable")
+    return out
+
+
 def methods_table(runs: list[RunRates], out: Path) -> tuple[list[str], list[str]]:
     """Markdown lines (one table per model) and warnings; writes ``methods.csv`` (one row per model, benchmark, mode
     and method)."""
@@ -110,11 +126,7 @@ def methods_table(runs: list[RunRates], out: Path) -> tuple[list[str], list[str]
                              "delta_over_refusal": _delta(over, base_over), "answers": r.path})
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += [""] + [f"- over-refusal of {_name(b, m)}: {s}" for (b, m), s in sources.items()] + [""]
-        for bench, mode in columns:
-            judges = {r.judge for r in mine if (r.benchmark, r.mode) == (bench, mode) and r.judge}
-            if len(judges) > 1:
-                warnings.append(f"{model}, {_name(bench, mode)}: the methods were judged differently "
-                                f"{sorted(judges)}; their rates are NOT comparable")
+        warnings += _judge_warnings(model, mine, columns, index)
     if flat:
         with open(out / "methods.csv", "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(flat[0]))

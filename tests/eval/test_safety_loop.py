@@ -3,6 +3,7 @@ end on the tiny model", read from the doc and run command by command in this pro
 images and XSTest's TYPO and FigStep images -> generate with every method -> the refusal-match judge -> metrics ->
 the threshold sweep -> the report."""
 import csv
+import importlib
 import json
 import re
 import runpy
@@ -23,7 +24,8 @@ _FOR = re.compile(r"for (\w+) in (.+?); do (.+); done")
 
 
 def run(text: str, monkeypatch) -> None:
-    """One command of the block: ``for`` loops expanded, ``python -m`` modules run here, anything else in bash."""
+    """One command of the block: ``for`` loops expanded, ``python -m`` modules run here (their ``main``, or a
+    package's ``__main__``), anything else in bash."""
     loop = _FOR.fullmatch(text)
     if loop:
         var, values, body = loop.groups()
@@ -34,10 +36,14 @@ def run(text: str, monkeypatch) -> None:
     if words[:2] != ["python", "-m"]:
         subprocess.run(["bash", "-c", text], check=True, timeout=60)
         return
-    monkeypatch.setattr(sys, "argv", [words[2], *words[3:]])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_module(words[2], run_name="__main__")
-    assert done.value.code in (0, None), text
+    module = importlib.import_module(words[2])
+    if hasattr(module, "__path__"):  # a package: its __main__ runs its CLI and exits
+        monkeypatch.setattr(sys, "argv", [words[2], *words[3:]])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_module(words[2], run_name="__main__")
+        assert done.value.code in (0, None), text
+    else:
+        assert module.main(words[3:]) == 0, text
 
 
 @pytest.fixture(scope="module")
