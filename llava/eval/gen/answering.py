@@ -63,21 +63,25 @@ class BatchResult:
         return len(self.rows) + len(self.failures)
 
 
-def _base_row(sample: Sample, method: str, text: str, model_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _base_row(sample: Sample, method: str, text: str, model_id: str,
+              model_family: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The row's leading fields, and the id fields + meta (kept last, as in the format's table)."""
     fields = answer_fields(sample)
     head = {"id": fields.pop("id"), "benchmark": fields.pop("benchmark"), "method": method,
-            "image": fields.pop("image"), "query": fields.pop("query"), "text": text, "model_id": model_id}
+            "image": fields.pop("image"), "query": fields.pop("query"), "text": text, "model_id": model_id,
+            "model_family": model_family}
     return head, fields
 
 
-def direct_row(sample: Sample, text: str, model_id: str, method: str = "direct") -> dict[str, Any]:
-    head, tail = _base_row(sample, method, text, model_id)
+def direct_row(sample: Sample, text: str, model_id: str, method: str = "direct",
+               model_family: str | None = None) -> dict[str, Any]:
+    head, tail = _base_row(sample, method, text, model_id, model_family)
     return {**head, **tail}
 
 
-def ecso_row(sample: Sample, result: ECSOResult, model_id: str, method: str = "ecso") -> dict[str, Any]:
-    head, tail = _base_row(sample, method, result.final, model_id)
+def ecso_row(sample: Sample, result: ECSOResult, model_id: str, method: str = "ecso",
+             model_family: str | None = None) -> dict[str, Any]:
+    head, tail = _base_row(sample, method, result.final, model_id, model_family)
     ecso = {"unsafe": "Yes" if result.flagged else "No", "harm_score": result.harm_score,
             "caption": result.caption, "unsafe_answer": result.direct if result.flagged else None,
             "direct": result.direct}
@@ -124,6 +128,7 @@ class Answerer:
         self.strict = strict
         self.defense = create_defense(method, backend, config, image_limits)
         self.pipeline = self.defense.pipeline
+        self.model_family = backend.describe().get("model_family")  # None where a remote backend cannot tell
 
     def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
         """Load each sample's image (thread-safe; the runner calls it ahead of generation)."""
@@ -154,6 +159,7 @@ class Answerer:
         direct = self.direct_answers or {}
         inputs = [ECSOInput(s.query, imgs, direct.get(s.id)) for s, imgs in zip(samples, images)]
         answers = self.defense.answer(inputs)
-        rows = [ecso_row(s, a.result, self.model_id, self.method) if a.result is not None
-                else direct_row(s, a.text, self.model_id, self.method) for s, a in zip(samples, answers)]
+        rows = [ecso_row(s, a.result, self.model_id, self.method, self.model_family) if a.result is not None
+                else direct_row(s, a.text, self.model_id, self.method, self.model_family)
+                for s, a in zip(samples, answers)]
         return rows, sum(a.result.flagged for a in answers if a.result is not None)
