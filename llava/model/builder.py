@@ -1,7 +1,9 @@
 """Load a LLaVA checkpoint into transformers' ``LlavaForConditionalGeneration``.
 
 Accepts the llava-hf layout and LLaVA's original release layout (converted on load), detected from
-``config.json``, never from the folder name; ``tiny``/``tiny-original`` build a local random model.
+``config.json``, never from the folder name; ``tiny``/``tiny-original`` build a local random model. A LoRA
+checkpoint of either layout (``--model-path LORA --model-base BASE``) is merged into its base on load
+(:mod:`llava.model.lora`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from llava.mm_utils import ASPECT_RATIOS
 from llava.model.convert import is_original_layout
 from llava.model.loaded import LoadedModel, hub_snapshot, resolve_device, resolve_dtype
 from llava.model.loader_original import load_original
+from llava.model.lora import ADAPTER_CONFIG, is_lora_checkpoint, merge_lora, read_lora
 from llava.model.tiny import is_tiny_name, tiny_model_path
 
 __all__ = ["load_model", "load_pretrained_model", "resolve_model_path"]
@@ -79,16 +82,21 @@ def load_model(
     quant = _quantization(load_8bit, load_4bit, dev)
     base = None
     if model_base is not None:
-        if not (folder / "adapter_config.json").exists() or not is_original_layout(config):
-            raise UnsupportedError(f"--model-base is for LLaVA LoRA checkpoints (original layout with "
-                                   f"adapter_config.json); {folder} is not one")
+        if not is_lora_checkpoint(folder):
+            raise UnsupportedError(f"--model-base is for LoRA checkpoints (a folder with {ADAPTER_CONFIG}, as LLaVA's "
+                                   f"-lora releases and llava.train.lora write them); {folder} is not one")
         base = resolve_model_path(model_base)
     if is_original_layout(config):
         parts = load_original(folder, config, torch_dtype, base=base)
         layout = "original" if base is None else "original+lora"
     elif config.get("model_type") == "llava" and "text_config" in config:
-        parts = _load_hf(folder, torch_dtype, quant, device_map if dev.startswith("cuda") else None)
-        layout = "hf"
+        if base is not None and quant is not None:
+            raise UnsupportedError("a LoRA checkpoint is merged into 16/32-bit weights: drop --load-8bit/--load-4bit "
+                                   "with --model-base (or merge and save the model first)")
+        parts = _load_hf(base or folder, torch_dtype, quant, device_map if dev.startswith("cuda") else None)
+        if base is not None:
+            merge_lora(parts[1].state_dict(), read_lora(folder), str(base), inplace=True, legacy_names=True)
+        layout = "hf" if base is None else "hf+lora"
     else:
         raise ModelNotFoundError(
             f"{folder} is not a LLaVA checkpoint (model_type={config.get('model_type')!r}, "
