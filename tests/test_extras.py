@@ -15,9 +15,10 @@ from llava.errors import MissingExtraError, UnsupportedError
 from llava.extras import require_extra
 from tests.conftest import REPO_ROOT
 
+SERVE_PACKAGES = ("fastapi", "uvicorn", "httpx", "gradio", "pydantic", "anyio", "starlette")
 HIDE = '''
 import importlib.machinery, sys
-HIDDEN = {"fastapi", "uvicorn", "httpx", "gradio", "pydantic", "anyio", "starlette"}
+HIDDEN = set(%r)
 class _Hiding(importlib.machinery.PathFinder):
     @classmethod
     def find_spec(cls, name, path=None, target=None):
@@ -26,8 +27,8 @@ sys.meta_path[:] = [_Hiding if f is importlib.machinery.PathFinder else f for f 
 '''
 
 
-def _run_without_serve(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    (tmp_path / "sitecustomize.py").write_text(HIDE)
+def _run_without_serve(tmp_path, *args: str, hidden: tuple[str, ...] = SERVE_PACKAGES) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(HIDE % (hidden,))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
     return subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=120)
 
@@ -50,3 +51,11 @@ def test_a_backend_or_module_whose_dependency_is_missing_names_its_extra(monkeyp
         create_backend("nope")
     with pytest.raises(MissingExtraError, match=r"the demo needs ecso_no_such_package \(the \[serve\] extra\)"):
         require_extra("ecso_no_such_package", "serve", "the demo")
+
+
+@pytest.mark.slow
+def test_lora_training_without_the_train_extra_says_what_to_install(tmp_path):
+    proc = _run_without_serve(tmp_path, "llava.train.lora", "--data", "sft.json", "--model-path", "tiny", "--out",
+                              str(tmp_path / "out"), hidden=("peft",))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert 'LoRA fine-tuning needs peft (the [train] extra): pip install -e ".[train]"' in proc.stderr
