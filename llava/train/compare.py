@@ -1,7 +1,8 @@
 """The base model vs the fine-tuned one, direct answers (no ECSO) on a held-out safety set and on a utility set,
 scored with the project's metrics:
 
-    python -m llava.train.compare --model-path checkpoints/llava-v1.5-7b-ecso-lora --model-base liuhaotian/llava-v1.5-7b \\
+    python -m llava.train.compare --model-path checkpoints/llava-v1.5-7b-ecso-lora \\
+        --model-base liuhaotian/llava-v1.5-7b \\
         --safety-benchmark vlsafe --safety-question-file data/vlsafe/examine_sampled_500_VLSafe.jsonl \\
         --safety-image-folder coco/train2017 --utility-benchmark mme --utility-question-file llava_mme.jsonl \\
         --utility-image-folder MME_Benchmark_release_version --utility-gt-file data/mme/llava_mme_gt.jsonl \\

@@ -93,7 +93,8 @@ class TrainConfig:
         if self.max_length is not None and self.max_length < 2:
             raise InvalidRequestError(f"--max-length must be at least 2, got {self.max_length}")
         if (Path(self.out) / ADAPTER_CONFIG).exists() and not self.overwrite:
-            raise InvalidRequestError(f"{self.out} already holds a checkpoint; choose another --out or pass --overwrite")
+            raise InvalidRequestError(f"{self.out} already holds a checkpoint; choose another --out or pass "
+                                      "--overwrite")
 
 
 @dataclass
@@ -246,45 +247,48 @@ def _write_manifest(config: TrainConfig, loaded: Any, result: TrainResult, writt
     })
 
 
+class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written; every flag's default from the flag itself."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llava.train.lora", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TrainConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="python -m llava.train.lora", description=__doc__, formatter_class=_HelpFormat)
+    d = {name: f.default for name, f in TrainConfig.__dataclass_fields__.items()}
     g = p.add_argument_group("data and model")
     g.add_argument("--data", required=True, help="SFT data: LLaVA's conversation JSON (llava.train.sft_data writes it)")
-    g.add_argument("--image-folder", default="", help="root of the rows' image paths (default: current directory)")
+    g.add_argument("--image-folder", default="", help="root of the rows' image paths ('': the current directory)")
     g.add_argument("--model-path", required=True, help="the LLaVA model to fine-tune (folder, hub id, or tiny)")
     g.add_argument("--out", required=True, help="checkpoint folder (LLaVA's LoRA layout), with the training logs")
     g.add_argument("--overwrite", action="store_true", help="write over a checkpoint already in --out")
-    g.add_argument("--conv-mode", default=None, help="chat template (default: the model's; vicuna_v1 for LLaVA-1.5)")
+    g.add_argument("--conv-mode", default=None, help="chat template (None: the model's; vicuna_v1 for LLaVA-1.5)")
     g.add_argument("--image-aspect-ratio", default=None, choices=ASPECT_RATIOS,
-                   help="image preprocessing (default pad, LLaVA-1.5's; what inference uses)")
+                   help="image preprocessing (None: the model's, pad for LLaVA-1.5; what inference uses)")
     g.add_argument("--max-length", type=int, default=None,
-                   help="tokens per row, longer rows are cut (default: the model's context length, 2048 for LLaVA-1.5)")
+                   help="tokens per row, longer rows are cut (None: the model's context length, 2048 for LLaVA-1.5)")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=d["lora_r"].default, help="rank (default 128, LLaVA-1.5's)")
-    g.add_argument("--lora-alpha", type=int, default=d["lora_alpha"].default, help="alpha (default 256, LLaVA-1.5's)")
-    g.add_argument("--lora-dropout", type=float, default=d["lora_dropout"].default, help="dropout (default 0.05)")
+    g.add_argument("--lora-r", type=int, default=d["lora_r"], help="rank (LLaVA-1.5's)")
+    g.add_argument("--lora-alpha", type=int, default=d["lora_alpha"], help="alpha (LLaVA-1.5's)")
+    g.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="dropout (LLaVA-1.5's)")
     g.add_argument("--target-modules", default="",
                    help="comma-separated linear layers of the language model to adapt, e.g. q_proj,v_proj "
-                        "(default: all of them, as LLaVA)")
+                        "('': all of them, as LLaVA)")
     g.add_argument("--tune-projector", action="store_true", help="also train the projector (at --projector-lr)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs over the data)")
-    g.add_argument("--epochs", type=float, default=d["epochs"].default, help="epochs when --max-steps is not set (default 1)")
-    g.add_argument("--lr", type=float, default=d["lr"].default, help="learning rate of the LoRA weights (default 2e-4)")
-    g.add_argument("--projector-lr", type=float, default=d["projector_lr"].default,
-                   help="learning rate of the projector with --tune-projector (default 2e-5, LLaVA's mm_projector_lr)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="rows per device and step (default 16)")
-    g.add_argument("--grad-accum", type=int, default=d["grad_accum"].default, help="gradient accumulation steps (default 1)")
-    g.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"].default, help="warm-up share (default 0.03)")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"].default, help="AdamW weight decay (default 0)")
-    g.add_argument("--lr-scheduler", default=d["lr_scheduler"].default, choices=SCHEDULERS, help="default cosine")
+    g.add_argument("--max-steps", type=int, default=d["max_steps"], help="optimizer steps (-1: --epochs over the data)")
+    g.add_argument("--epochs", type=float, default=d["epochs"], help="epochs when --max-steps is not set")
+    g.add_argument("--lr", type=float, default=d["lr"], help="learning rate of the LoRA weights")
+    g.add_argument("--projector-lr", type=float, default=d["projector_lr"],
+                   help="learning rate of the projector with --tune-projector (LLaVA's mm_projector_lr)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="rows per device and step")
+    g.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="gradient accumulation steps")
+    g.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"], help="share of the steps warming up")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
+    g.add_argument("--lr-scheduler", default=d["lr_scheduler"], choices=SCHEDULERS, help="learning-rate schedule")
     g.add_argument("--bf16", action="store_true", help="bfloat16 weights and autocast (GPUs with bf16)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
-    g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the LoRA init, dropout and shuffling")
-    g.add_argument("--logging-steps", type=int, default=d["logging_steps"].default, help="log the loss every N steps")
-    g.add_argument("--dataloader-workers", type=int, default=0, help="data loading processes (default 0)")
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed of the LoRA init, dropout and shuffling")
+    g.add_argument("--logging-steps", type=int, default=d["logging_steps"], help="log the loss every N steps")
+    g.add_argument("--dataloader-workers", type=int, default=d["dataloader_workers"], help="data loading processes")
     g.add_argument("-v", "--verbose", action="count", default=0, help="-v: debug logs")
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from llava.cli_args import (add_backend_args, add_decoding_args, add_ecso_args, add_model_args, backend_from_args,
-                            setup_logging)
+from llava.cli_args import backend_from_args, setup_logging
 from llava.ecso.backends import Backend
 from llava.ecso.config import ecso_config_from_args
 from llava.errors import ECSOError, InvalidRequestError
@@ -32,6 +31,7 @@ from llava.eval.gen.config import GenerateConfig
 from llava.eval.gen.manifest import (ResumeMismatchError, environment, file_digest, load_manifest, manifest_path,
                                      now_iso, write_manifest)
 from llava.eval.gen.runner import plan_samples, run_generation
+from llava.eval.generate import add_answering_args, add_console_args
 from llava.train.sft_rows import select_rows
 
 __all__ = ["SFTDataConfig", "SFTResult", "build_parser", "config_from_cli", "make_sft_data", "main"]
@@ -163,13 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="discard the ECSO answers file and start again")
     g.add_argument("--force-mismatch", action="store_true",
                    help="resume although the answers file's settings differ (or --from-answers is unfinished)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="-v: debug logs")
-    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    add_model_args(p, default_model=None)
-    add_backend_args(p)
-    add_decoding_args(p, temperature=0.0, max_new_tokens=1024)
-    add_ecso_args(p)
+    add_console_args(g)
+    add_answering_args(p)
     return p
 
 

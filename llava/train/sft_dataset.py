@@ -175,7 +175,8 @@ class SFTDataset:
     dropped: dict[str, list[str]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        missing = [e for e in self.examples if e.image is not None and not (Path(self.image_folder) / e.image).is_file()]
+        folder = Path(self.image_folder)
+        missing = [e for e in self.examples if e.image is not None and not (folder / e.image).is_file()]
         if missing:
             raise DatasetError(f"{len(missing)} image(s) of the SFT data are not in --image-folder "
                                f"{self.image_folder}, e.g. {missing[0].image} (row {missing[0].id})")

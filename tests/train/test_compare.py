@@ -34,7 +34,8 @@ def test_base_and_tuned_models_are_scored_side_by_side(lora_run, ref_data, typo_
     out = tmp_path / "compare"
     with JudgeServer(ScriptState(default_reply=_verdict)) as judge:
         argv = ["--out", str(out), "--model-path", str(lora_run.out), "--model-base", "tiny", "--device", "cpu",
-                "--max-new-tokens", "8", "--no-progress", "--safety-benchmark", "mmsafetybench", "--safety-mode", "TYPO",
+                "--max-new-tokens", "8", "--no-progress", "--safety-benchmark", "mmsafetybench",
+                "--safety-mode", "TYPO",
                 "--safety-question-file", str(questions(ref_data, SCENARIO_HELD_OUT)),
                 "--safety-image-folder", str(typo_images), "--safety-limit", "3", *utility,
                 "--utility-gt-file", str(ref_data / "mme" / "llava_mme_gt.jsonl"), "--judge-model", "stub",
