@@ -107,7 +107,7 @@ def load_model(
         model.to(dev)
     model.eval()
     return _finish(tokenizer, model, image_processor, context_len, folder, model_path, model_name, layout, dev,
-                   torch_dtype, image_aspect_ratio, conv_mode, config)
+                   torch_dtype, image_aspect_ratio, conv_mode, config, base)
 
 
 def _quantization(load_8bit: bool, load_4bit: bool, device: str):
@@ -145,7 +145,7 @@ def _load_hf(folder: Path, torch_dtype, quant, device_map):
 
 
 def _finish(tokenizer, model, image_processor, context_len, folder, model_path, model_name, layout, dev, torch_dtype,
-            image_aspect_ratio, conv_mode, raw_config) -> LoadedModel:
+            image_aspect_ratio, conv_mode, raw_config, base: Path | None = None) -> LoadedModel:
     cfg = model.config
     image_token_id = cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index
     if tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN) != image_token_id:
@@ -166,7 +166,8 @@ def _finish(tokenizer, model, image_processor, context_len, folder, model_path, 
         tokenizer=tokenizer, model=model, image_processor=image_processor, context_len=context_len, model_name=name,
         model_path=str(folder), layout=layout, image_token_id=image_token_id, tokens_per_image=tokens_per_image,
         image_aspect_ratio=aspect, conv_mode=conv_mode or default_conv_mode(cfg.text_config.model_type),
-        device=dev, dtype=torch_dtype, suppress_token_ids=suppress, is_tiny=(folder / "ecso_tiny.json").exists(),
+        device=dev, dtype=torch_dtype, suppress_token_ids=suppress,
+        is_tiny=((base or folder) / "ecso_tiny.json").exists(),  # a LoRA over a tiny base is random text too
     )
     if loaded.is_tiny:
         logger.warning("%s is a tiny random-weight model: its outputs are random text", name)

@@ -36,7 +36,7 @@ def test_the_checkpoint_loads_with_model_base_as_stock_peft_merges_it(lora_run, 
     assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
                                                "non_lora_trainables.bin", "config.json"}
     merged = load_model(str(out), model_base="tiny", device="cpu")
-    assert merged.layout == "hf+lora"
+    assert merged.layout == "hf+lora" and merged.is_tiny  # over a random-weight base: flagged as random text
     reference = peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tiny_hf_path), str(out))
     ref = reference.merge_and_unload().state_dict()
     got, base = merged.model.state_dict(), tiny_loaded.model.state_dict()
