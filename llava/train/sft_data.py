@@ -62,6 +62,9 @@ class SFTDataConfig:
                                       "name image files: choose a benchmark whose images are files")
         if Path(self.out).suffix != ".json":
             raise InvalidRequestError(f"--out is LLaVA's JSON data file and must end in .json, got {self.out}")
+        if self.manifest.resolve() == manifest_path(self.generate.answers_file).resolve():
+            raise InvalidRequestError(f"--out {self.out} and --answers-file {self.generate.answers_file} would share "
+                                      f"the manifest {self.manifest}: give them different names")
 
     @property
     def manifest(self) -> Path:

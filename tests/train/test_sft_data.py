@@ -77,9 +77,11 @@ def test_an_ecso_answer_file_is_converted_without_loading_a_model(ref_data, typo
     (("--out", "sft.jsonl"), "must end in .json"),
     (("--keep-benign-ratio", "2"), "keep-benign-ratio must be in"),
     (("--benchmark", "mmbench"), "keeps its images inside the question file"),
+    (("--answers-file", "{tmp}/sft.jsonl"), "would share the manifest"),
 ])
 def test_bad_flags_are_refused_naming_the_value(ref_data, typo_images, tmp_path, caplog, change, message):
-    args = sft_args(ref_data, typo_images, tmp_path / "sft.json") + list(change)  # the last occurrence wins
+    flag, value = change
+    args = sft_args(ref_data, typo_images, tmp_path / "sft.json") + [flag, value.format(tmp=tmp_path)]  # last wins
     assert main(args) == 2
     assert message in caplog.text
 
