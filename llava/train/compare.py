@@ -9,9 +9,10 @@ scored with the project's metrics:
         --judge-model gpt-4o --out runs/compare
 
 Each model answers each set with the generation runner (``OUT/<set>/<base|tuned>.jsonl`` with their manifests:
-resumable, so a rerun only does what is missing); answers of a benchmark that is judged are judged when
---judge-model is given (any OpenAI-compatible endpoint: --judge-base-url, key from OPENAI_API_KEY); the metrics are
-the ones ``llava.eval.metrics`` computes. Writes ``OUT/compare.md`` and ``OUT/compare.json``.
+resumable, so a rerun only does what is missing); answers of a benchmark that is judged are judged, by default with
+the refusal-match judge (no endpoint), or by an LLM with --judge-model (any OpenAI-compatible endpoint:
+--judge-base-url, key from OPENAI_API_KEY; --judge-model '' judges none); the metrics are the ones
+``llava.eval.metrics`` computes. Writes ``OUT/compare.md`` and ``OUT/compare.json``.
 Exit status: 0 done, 1 a generation or judge run is incomplete (rerun to resume), 2 error.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from llava.eval.gen.runner import run_generation
 from llava.eval.jsonl import read_jsonl
 from llava.eval.judge.cli import add_judge_flags
 from llava.eval.judge.cli import config_from_args as judge_config_from_args
+from llava.eval.judge.local import REFUSAL_MATCH, local_judge
 from llava.eval.judge.runner import JudgeRunner
 from llava.eval.metrics.registry import compute
 from llava.eval.metrics.stats import rate_text
@@ -91,9 +93,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Flags]]:
     add_model_args(p, default_model=None)
     add_backend_args(p)
     add_decoding_args(p, temperature=0.0, max_new_tokens=1024)
-    groups["judge"] = _Flags(p.add_argument_group("judge (optional: safety sets are scored only when judged)"),
+    groups["judge"] = _Flags(p.add_argument_group("judge (safety sets are scored by their judgments; '' judges none)"),
                              lambda f: f if f.startswith("--judge-") else f"--judge-{f[2:]}")
-    add_judge_flags(groups["judge"])  # type: ignore[arg-type]
+    add_judge_flags(groups["judge"], judge_model=REFUSAL_MATCH.name)  # type: ignore[arg-type]
     groups["judge"].add_argument("--ground-truth", default=None,
                                  help="graded benchmarks (MM-Vet): the ground truth the judge grades against")
     return p, groups
@@ -126,8 +128,14 @@ def _models(args: argparse.Namespace) -> list[_Model]:
 
 
 def _judge(judge: argparse.Namespace, benchmark: str, answers: Path) -> Path | None:
-    """Judge an answer file when its benchmark is judged and a judge is configured; the judgments file or None."""
-    if not judge.judge_model or get_benchmark(benchmark).judge is None:
+    """Judge an answer file when its benchmark is judged and the judge can judge it (a benchmark graded against
+    ground truth, MM-Vet, needs an LLM grader, not refusal-match); the judgments file or None."""
+    protocol = get_benchmark(benchmark).judge
+    if not judge.judge_model or protocol is None:
+        return None
+    if protocol.grading is not None and local_judge(judge.judge_model) is not None:
+        logger.warning("%s is graded against its ground truth by an LLM; --judge-model %s cannot grade it: not scored",
+                       benchmark, judge.judge_model)
         return None
     config = judge_config_from_args(judge, benchmark=benchmark, output_dir=answers.parent,
                                     output_stem=answers.name.removesuffix(".jsonl"),
@@ -160,8 +168,7 @@ def _evaluate(args: argparse.Namespace, judge: argparse.Namespace, name: str, se
     if summary.status != "complete":
         raise _Incomplete(f"{out} is {summary.status}; rerun to resume")
     judgments = _judge(judge, set_args.benchmark, out)
-    spec = get_benchmark(set_args.benchmark)
-    if spec.judge is not None and judgments is None and not spec.report_keys:
+    if get_benchmark(set_args.benchmark).judge is not None and judgments is None:
         return {"answers": str(out), "judged": False, "metrics": None}
     metrics = compute(set_args.benchmark, out, judgments, None)
     return {"answers": str(out), "judged": judgments is not None, "metrics": _summary(set_args.benchmark, metrics)}
@@ -200,7 +207,7 @@ def _markdown(result: dict[str, Any]) -> str:
         lines += [f"## {name}: {s['benchmark']} (`{s['question_file']}`)", ""]
         base, tuned = s["base"]["metrics"], s["tuned"]["metrics"]
         if base is None or tuned is None:
-            lines += ["_not judged: give --judge-model to score this set_", ""]
+            lines += ["_not scored: this set needs judgments (see the log)_", ""]
             continue
         lines += ["| metric | base | tuned |", "|---|---|---|"]
         lines += [f"| {key} | {_cell(base[key])} | {_cell(tuned[key])} |" for key in base]

@@ -63,6 +63,26 @@ def test_base_and_tuned_models_are_scored_side_by_side(lora_run, ref_data, typo_
     assert "## safety: mmsafetybench" in report and "| harmless_rate_paper |" in report and "| perception |" in report
 
 
+def test_by_default_safety_sets_are_judged_by_refusal_match(lora_run, ref_data, typo_images, tmp_path):
+    """No endpoint: the refusal-match judge scores the held-out set; its counts are the classifier's own."""
+    from llava.eval.refusal_match import classify
+
+    out = tmp_path / "compare"
+    argv = ["--out", str(out), "--model-path", str(lora_run.out), "--model-base", "tiny", "--device", "cpu",
+            "--max-new-tokens", "8", "--no-progress", "--safety-benchmark", "mmsafetybench", "--safety-mode", "TYPO",
+            "--safety-question-file", str(questions(ref_data, SCENARIO_HELD_OUT)),
+            "--safety-image-folder", str(typo_images), "--safety-limit", "2"]
+    assert compare.main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    for model in compare.MODELS:
+        rows = read_answer_rows(out / "safety" / f"{model}.jsonl")
+        judgments = read_judgments(out / "safety" / f"{model}.judgments.jsonl")
+        assert {j.judge_model for j in judgments.values()} == {"refusal-match"}
+        metrics = result["sets"]["safety"][model]["metrics"]
+        assert metrics["harmless_rate_paper"]["n"] == len(rows) == 2
+        assert metrics["harmless_rate_paper"]["k"] == sum(classify(r["text"]).refusal for r in rows)
+
+
 def test_a_set_and_both_models_are_required(tmp_path, caplog):
     assert compare.main(["--out", str(tmp_path), "--model-path", "x", "--model-base", "tiny"]) == 2
     assert "give a --safety-benchmark or a --utility-benchmark" in caplog.text
