@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from llava.cli_args import setup_logging
-from llava.errors import ECSOError, InvalidRequestError
+from llava.errors import ECSOError, InvalidRequestError, UnsupportedError
 from llava.eval.gen.manifest import environment, file_digest, now_iso, write_manifest
 from llava.extras import check_extra, require_extra
 from llava.mm_utils import ASPECT_RATIOS
 from llava.model.builder import load_model
 from llava.model.lora import ADAPTER_CONFIG
+from llava.model.vlm import checkpoint_family
 from llava.train.checkpoint import PROJECTOR, write_checkpoint
 from llava.train.sft_dataset import LlavaTemplateFormat, SFTDataset, collate, read_sft_json
 
@@ -204,6 +205,12 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers import Trainer
 
     t0 = time.perf_counter()
+    _, family = checkpoint_family(config.model_path)
+    if family.engine != "llava":
+        raise UnsupportedError(
+            f"{config.model_path} is a {family.name} checkpoint; LoRA fine-tuning covers LLaVA-1.5 (both layouts) for "
+            "now. Another family needs a PromptFormat over its processor's chat template "
+            "(llava/train/sft_dataset.py), its image inputs in the collator and a checkpoint loader for --model-base")
     loaded = load_model(config.model_path, device="cpu", dtype="bfloat16" if config.bf16 else "float32",
                         image_aspect_ratio=config.image_aspect_ratio, conv_mode=config.conv_mode)
     examples = read_sft_json(config.data)

@@ -106,3 +106,5 @@ def test_bad_settings_are_refused(tmp_path, caplog):
         TrainConfig(data=tmp_path, image_folder=tmp_path, model_path="tiny", out=tmp_path)
     assert main(["--data", str(tmp_path / "none.json"), "--model-path", "tiny", "--out", str(tmp_path / "o")]) == 2
     assert "cannot read the SFT data" in caplog.text
+    assert main(["--data", str(tmp_path / "none.json"), "--model-path", "tiny-gemma3", "--out", str(tmp_path / "g")]) == 2
+    assert "tiny-gemma3 is a gemma3 checkpoint; LoRA fine-tuning covers LLaVA-1.5 (both layouts) for now" in caplog.text
