@@ -73,6 +73,21 @@ def test_an_ecso_answer_file_is_converted_without_loading_a_model(ref_data, typo
     assert json.loads(manifest_path(out).read_text())["source"]["converted_from_ecso_file"] is True
 
 
+def test_another_family_makes_rows_through_its_chat_template(ref_data, typo_images, tmp_path):
+    """sft_data is not LLaVA-only: an Idefics3 checkpoint (prompts from its processor's chat template) makes the
+    same LLaVA-format rows, and the manifest names its family."""
+    out = tmp_path / "idefics3.json"
+    args = sft_args(ref_data, typo_images, out, "--max-new-tokens", "4") + ["--limit", "1"]  # last wins
+    args[args.index("tiny")] = "tiny-idefics3"
+    assert main(args) == 0
+    (row,) = json.loads(out.read_text())
+    (answer,) = _ecso_rows(out)
+    assert row["conversations"] == [{"from": "human", "value": "<image>\n" + answer["query"]},
+                                    {"from": "gpt", "value": answer["text"].strip()}]
+    model = json.loads(manifest_path(out).read_text())["model"]
+    assert model["model_family"] == "idefics3" and model["prompt_format"] == "processor chat template"
+
+
 @pytest.mark.parametrize("change, message", [
     (("--out", "sft.jsonl"), "must end in .json"),
     (("--keep-benign-ratio", "2"), "keep-benign-ratio must be in"),
