@@ -12,7 +12,7 @@ from llava.conversation import Chat, get_conv_template, render_prompt
 from llava.ecso.backends import Prepared, ServingBackend, StepRequest, StopFlag
 from llava.generation import EarlyCheck, FirstTokenLogprobs, GenerationParams
 from llava.model.builder import load_model
-from llava.model.engine import LlavaEngine
+from llava.model.engine import Encoded, LlavaEngine
 
 __all__ = ["LocalBackend"]
 
@@ -42,6 +42,10 @@ class LocalBackend(ServingBackend):
     def prompt(self, request: StepRequest) -> str:
         return render_prompt(self.conv_mode, request.chat())
 
+    def encode(self, request: StepRequest) -> Encoded:
+        """The request templated and encoded, its images to be preprocessed as it says."""
+        return self.engine.encode(self.prompt(request), request.images, aspect_ratio=request.image_aspect_ratio)
+
     def generate(self, requests: Sequence[StepRequest]) -> list[str]:
         return self._generate(requests, None)
 
@@ -53,21 +57,19 @@ class LocalBackend(ServingBackend):
         # Rows of one model call share decoding settings: group by params, keep the caller's order.
         for params, idxs in _group_by_params(requests).items():
             for chunk in _chunk_list(idxs, self.max_batch_size):
-                answers = self.engine.generate([self.prompt(requests[i]) for i in chunk],
-                                               [requests[i].images for i in chunk], params,
-                                               _for_chunk(early_check, chunk))
+                answers = self.engine.generate_encoded([self.encode(requests[i]) for i in chunk], params,
+                                                       _for_chunk(early_check, chunk))
                 for i, answer in zip(chunk, answers):
                     out[i] = answer
         return out
 
     def stream(self, request: StepRequest, should_stop: StopFlag | None = None) -> Iterator[str]:
-        return self.engine.stream(self.prompt(request), request.images, request.params, should_stop=should_stop)
+        return self.engine.stream_encoded(self.encode(request), request.params, should_stop)
 
     def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float]:
         scores: list[float] = []
         for chunk in _chunk_list(list(range(len(requests))), self.max_batch_size):
-            scores += self.engine.yes_no_scores([self.prompt(requests[i]) for i in chunk],
-                                                [requests[i].images for i in chunk])
+            scores += self.engine.yes_no_scores_encoded([self.encode(requests[i]) for i in chunk])
         return scores
 
     def describe(self) -> dict:

@@ -19,7 +19,7 @@ from PIL import Image
 from llava.ecso.backends import Backend, StepRequest, StopFlag
 from llava.ecso.config import ECSOConfig
 from llava.ecso.events import ECSOResult, Step, StepEvent
-from llava.ecso.prompts import get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
+from llava.ecso.prompts import parse_verdict_exact, parse_verdict_tolerant
 from llava.generation import EarlyCheck
 from llava.mm_utils import ImageInput, ImageLimits, load_image
 
@@ -44,7 +44,7 @@ class ECSO:
     def __init__(self, backend: Backend, config: ECSOConfig = ECSOConfig(), image_limits: ImageLimits = ImageLimits()):
         self.backend = backend
         self.config = config
-        self.prompts = get_prompt_set(config.prompt_set)
+        self.prompts = config.prompts()
         self.image_limits = image_limits
         self.verdict_mode = config.verdict
         if config.verdict == "score" and not backend.supports_score:
@@ -164,11 +164,13 @@ class ECSO:
         return text
 
     def _caption_request(self, query: str, images: list[Image.Image]) -> StepRequest:
-        return StepRequest(self.prompts.fill_caption(query), images, self.config.params())
+        return StepRequest(self.prompts.fill_caption(query), images, self.config.params(),
+                           image_aspect_ratio=self.config.image_aspect_ratio_caption)
 
     def _safe_request(self, caption: str, query: str, images: list[Image.Image]) -> StepRequest:
-        return StepRequest(self.prompts.fill_safe(caption, query),
-                           images if self.config.image_in_safe_step else [], self.config.params())
+        """Step 4; with the image (``image_in_safe_step``) preprocessed as for the caption, as the seed did."""
+        return StepRequest(self.prompts.fill_safe(caption, query), images if self.config.image_in_safe_step else [],
+                           self.config.params(), image_aspect_ratio=self.config.image_aspect_ratio_caption)
 
     def _verdicts(self, queries: Sequence[str], answers: Sequence[str],
                   images: Sequence[list[Image.Image]]) -> list[tuple[bool, float | None, str | None]]:
@@ -179,7 +181,8 @@ class ECSO:
         todo = [j for j, a in enumerate(answers) if self.skip_check is None or not self.skip_check.fullmatch(a.strip())]
         mode = self.verdict_mode
         params = self.config.params(self.config.verdict_max_new_tokens)
-        reqs = [StepRequest(self.prompts.fill_harm_check(queries[j], answers[j]), images[j], params) for j in todo]
+        reqs = [StepRequest(self.prompts.fill_harm_check(queries[j], answers[j]), images[j], params,
+                            image_aspect_ratio=self.config.image_aspect_ratio_check) for j in todo]
         if reqs and mode == "score":
             for j, s in zip(todo, self.backend.score_yes_no(reqs)):
                 out[j] = (s >= self.config.threshold, float(s), "Yes" if s >= self.config.threshold else "No")

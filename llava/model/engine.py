@@ -26,12 +26,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Encoded:
-    """One prompt ready for the model: token ids (image tags expanded), its images, and the length of the
-    reusable prefix (up to and including the last image token; 0 without images)."""
+    """One prompt ready for the model: token ids (image tags expanded), its images, the length of the reusable
+    prefix (up to and including the last image token; 0 without images) and how its images are preprocessed
+    (``aspect_ratio``; empty: the model's)."""
 
     input_ids: list[int]
     images: tuple[Image.Image, ...] = ()
     prefix_len: int = 0
+    aspect_ratio: str = ""
 
 
 class LlavaEngine:
@@ -55,7 +57,10 @@ class LlavaEngine:
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
 
     # ---- encoding -------------------------------------------------------------------------------------------
-    def encode(self, prompt: str, images: Sequence[Image.Image] = (), max_new_tokens: int = 0) -> Encoded:
+    def encode(self, prompt: str, images: Sequence[Image.Image] = (), max_new_tokens: int = 0,
+               aspect_ratio: str | None = None) -> Encoded:
+        """``prompt`` tokenized with its images; ``aspect_ratio`` (``pad``, ``crop``, ``resize``): how they are
+        preprocessed, default the model's (``LoadedModel.image_aspect_ratio``)."""
         n_tags = count_image_tags(prompt)
         if n_tags != len(images):
             raise InvalidRequestError(f"the prompt has {n_tags} <image> tag(s) but {len(images)} image(s) were given")
@@ -67,19 +72,27 @@ class LlavaEngine:
         prefix_len = 0
         if images:
             prefix_len = len(ids) - ids[::-1].index(lm.image_token_id)
-        return Encoded(ids, tuple(images), prefix_len)
+        return Encoded(ids, tuple(images), prefix_len, aspect_ratio or lm.image_aspect_ratio)
 
-    def pixel_values(self, images: Sequence[Image.Image]):
-        """Preprocessed pixels ([n, 3, H, W] on the model's device), each image preprocessed once."""
+    def pixel_values(self, images: Sequence[Image.Image], aspect_ratios: Sequence[str] | None = None):
+        """Preprocessed pixels ([n, 3, H, W] on the model's device), each image preprocessed once per aspect-ratio
+        mode (``aspect_ratios``, one per image; default the model's)."""
         import torch
 
         lm = self.loaded
+        modes = aspect_ratios or [lm.image_aspect_ratio] * len(images)
 
-        def compute(img):
-            pv = process_images([img], lm.image_processor, lm.image_aspect_ratio)
+        def compute(img, mode):
+            pv = process_images([img], lm.image_processor, mode)
             return pv.to(device=lm.device, dtype=lm.dtype if lm.dtype.is_floating_point else None)
 
-        return torch.cat([self.pixel_memo.pixels(img, compute) for img in images], dim=0)
+        return torch.cat([self.pixel_memo.pixels(img, mode, compute) for img, mode in zip(images, modes, strict=True)],
+                         dim=0)
+
+    def _pixels_of(self, encoded: Sequence[Encoded]):
+        """The pixel values of the rows' images, each row's preprocessed its own way."""
+        return self.pixel_values([img for e in encoded for img in e.images],
+                                 [e.aspect_ratio or self.loaded.image_aspect_ratio for e in encoded for _ in e.images])
 
     def _batch(self, encoded: Sequence[Encoded]) -> dict:
         """Left-padded input ids, attention mask, position ids and concatenated pixel values."""
@@ -94,9 +107,8 @@ class LlavaEngine:
             ids[row, width - n:] = torch.tensor(e.input_ids, dtype=torch.long)
             mask[row, width - n:] = 1
         inputs = {"input_ids": ids.to(self.loaded.device), "attention_mask": mask.to(self.loaded.device)}
-        images = [img for e in encoded for img in e.images]
-        if images:
-            inputs["pixel_values"] = self.pixel_values(images)
+        if any(e.images for e in encoded):
+            inputs["pixel_values"] = self._pixels_of(encoded)
         return inputs
 
     # ---- prefix reuse ---------------------------------------------------------------------------------------
@@ -134,7 +146,7 @@ class LlavaEngine:
         """The cached prefix of every row, prefilling (in one batch) the ones not cached yet."""
         import torch
 
-        found = [self.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) for e in encoded]
+        found = [self.prefixes.lookup(_prefix_key(e), e.images) for e in encoded]
         groups: dict[tuple, list[int]] = {}  # rows sharing a prefix (e.g. two steps of one sample) prefill once
         for i in (i for i, f in enumerate(found) if f is None):
             groups.setdefault(_prefix_key(encoded[i]), []).append(i)
@@ -142,12 +154,12 @@ class LlavaEngine:
             plen = encoded[0].prefix_len
             firsts = [rows[0] for rows in groups.values()]
             ids = torch.tensor([encoded[i].input_ids[:plen] for i in firsts], device=self.loaded.device)
-            pixels = self.pixel_values([img for i in firsts for img in encoded[i].images])
+            pixels = self._pixels_of([encoded[i] for i in firsts])
             with torch.inference_mode():
                 out = self.model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
             layers = [(layer.keys, layer.values) for layer in getattr(out, self._cache_kw).layers]
             for row, rows in enumerate(groups.values()):
-                entry = PrefixEntry(tuple(encoded[rows[0]].input_ids[:plen]), encoded[rows[0]].images,
+                entry = PrefixEntry(_prefix_key(encoded[rows[0]]), encoded[rows[0]].images,
                                     [(k[row:row + 1], v[row:row + 1]) for k, v in layers])
                 self.prefixes.add(entry)
                 for i in rows:
@@ -171,7 +183,7 @@ class LlavaEngine:
             return False
         if len({_prefix_key(e) for e in encoded}) < len(encoded):  # rows sharing a prefix: prefilling it once is cheaper
             return False
-        return not any(self.prefixes.has(e.input_ids[:e.prefix_len], e.images) for e in encoded)
+        return not any(self.prefixes.has(_prefix_key(e), e.images) for e in encoded)
 
     def _harvest(self, encoded: Sequence[Encoded], width: int, cache: Any) -> None:
         """Store each row's prefix keys/values out of a finished generation's cache (rows are left-padded to
@@ -185,7 +197,7 @@ class LlavaEngine:
             span = slice(start, start + e.prefix_len)
             kv = [(layer.keys[row:row + 1, :, span].clone(), layer.values[row:row + 1, :, span].clone())
                   for layer in layers]
-            self.prefixes.add(PrefixEntry(tuple(e.input_ids[:e.prefix_len]), e.images, kv))
+            self.prefixes.add(PrefixEntry(_prefix_key(e), e.images, kv))
 
     def _generate_kwargs(self, params: GenerationParams, max_new_tokens: int) -> dict:
         tok = self.tokenizer
@@ -357,8 +369,9 @@ class LlavaEngine:
 
 
 def _prefix_key(e: Encoded) -> tuple:
-    """Rows with equal keys share a prefix (same tokens, same image objects)."""
-    return tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))
+    """Rows with equal keys share a prefix: same tokens, same image objects, same preprocessing (a cropped image's
+    prefix is not a padded one's)."""
+    return tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images)), e.aspect_ratio
 
 
 class _EarlyStop:
