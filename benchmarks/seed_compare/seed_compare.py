@@ -14,10 +14,11 @@ Units (MM-SafetyBench's scripts: ``model_mmsafe.py``, then ``model_mmsafe_tell_a
   here ``--force-verdict yes``), steps 3-4 included, batch 8 here (the seed runs batch 1 only).
 
 Each unit runs in a fresh process on each side (the seed's with its interpreter and checkout, shims in
-``seed_side.py``; the project's with this interpreter); model loading is left out of both times. Seed and project
-alternate within a unit, the order flipping every unit and repeat. Printed: seconds per side, seed/project time
-ratios (medians over ``--repeats``) and how many samples' outputs are token-identical (direct answers, and for
-``flagged8`` captions and safe answers).
+``seed_side.py``; the project's with this interpreter), on ``--threads`` torch threads (1 by default); model loading
+is left out of both times. Seed and project alternate within a unit, the order flipping every unit and repeat.
+Printed: CPU seconds per side (with one thread, the work done, whatever else the machine runs), the seed/project
+ratio of CPU time and of wall time (medians over ``--repeats``), and how many samples' outputs are identical
+(direct answers, verdicts, and for ``flagged8`` captions and safe answers).
 """
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the seed's harm check: tokens generated (its scripts allow 1024; default %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="timed pairs per unit (median reported)")
     p.add_argument("--units", default=",".join(UNITS), help=f"comma-separated, from {', '.join(UNITS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads on each side (default %(default)s: CPU time is then the work done, whatever "
+                        "else the machine runs)")
     p.add_argument("--json", default=None, help="write every number to this file")
     p.add_argument("--project-unit", default=None, help=argparse.SUPPRESS)  # internal: one project unit
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -132,7 +135,8 @@ def run_seed(args, unit: str, model: Path, qfile: Path, images: Path, out: Path)
         raise SystemExit(f"the seed's scripts failed ({unit}):\n{proc.stderr[-4000:]}")
     timing = json.loads((out / "timing.json").read_text())
     rows = [json.loads(line) for line in direct.read_text().splitlines() if line.strip()]
-    result = {"seconds": sum(r["seconds"] for r in timing["runs"]), "runs": timing["runs"],
+    result = {"seconds": sum(r["seconds"] for r in timing["runs"]),
+              "cpu_seconds": sum(r["cpu_seconds"] for r in timing["runs"]), "runs": timing["runs"],
               "direct": [r["text"] for r in rows]}
     if flagged is not None:
         ecso = [json.loads(line) for line in (out / "tell_ask.jsonl").read_text().splitlines() if line.strip()]
@@ -159,7 +163,7 @@ def run_project_unit(args) -> None:
     samples = [(str(images / MODE / f"{key}.jpg"), q["Rephrased Question"]) for key, q in questions.items()]
     config = ECSOConfig(max_new_tokens=args.tokens, temperature=0.0,
                         force_verdict=flagged if flagged is not None else None)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     if flagged is None:
         direct = backend.generate([StepRequest(q, [load_image(p)], config.params()) for p, q in samples])
         result = {"direct": direct}
@@ -167,7 +171,7 @@ def run_project_unit(args) -> None:
         runs = ECSO(backend, config).run_batch([ECSOInput(q, [p]) for p, q in samples])
         result = {"direct": [r.direct for r in runs], "flagged": [r.flagged for r in runs],
                   "caption": [r.caption for r in runs], "safe": [r.safe_answer for r in runs]}
-    result["seconds"] = time.perf_counter() - t
+    result["seconds"], result["cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -211,18 +215,20 @@ def main(argv: list[str] | None = None) -> int:
                 got[side] = run_seed(args, unit, model, qfile, images, out) if side == "seed" else \
                     run_project(args, unit, model, out)
             report["units"][unit]["pairs"].append(got)
-    print(f"{'unit':<10} {'seed s':>8} {'project s':>10} {'seed/project':>13}  identical outputs")
+    print(f"{'unit':<10} {'seed CPU s':>10} {'project CPU s':>13} {'seed/project':>12} {'(wall)':>7}  "
+          "identical outputs")
     for unit in units:
         pairs = report["units"][unit]["pairs"]
-        ratio = statistics.median(p["seed"]["seconds"] / p["project"]["seconds"] for p in pairs)
-        seed_s = statistics.median(p["seed"]["seconds"] for p in pairs)
-        project_s = statistics.median(p["project"]["seconds"] for p in pairs)
+        summary = {f"{side}_{kind}": statistics.median(p[side][kind] for p in pairs)
+                   for side in ("seed", "project") for kind in ("seconds", "cpu_seconds")}
+        ratio = statistics.median(p["seed"]["cpu_seconds"] / p["project"]["cpu_seconds"] for p in pairs)
+        wall_ratio = statistics.median(p["seed"]["seconds"] / p["project"]["seconds"] for p in pairs)
         last = pairs[-1]
         same = {key: identical(last["seed"], last["project"], key)
                 for key in ("direct", "flagged", "caption", "safe") if key in last["project"]}
-        report["units"][unit].update(ratio=ratio, seed_seconds=seed_s, project_seconds=project_s, identical=same)
-        print(f"{unit:<10} {seed_s:>8.2f} {project_s:>10.2f} {ratio:>13.2f}  "
-              + ", ".join(f"{k} {v}" for k, v in same.items()))
+        report["units"][unit].update(ratio=ratio, wall_ratio=wall_ratio, identical=same, **summary)
+        print(f"{unit:<10} {summary['seed_cpu_seconds']:>10.1f} {summary['project_cpu_seconds']:>13.1f} "
+              f"{ratio:>12.2f} {wall_ratio:>7.2f}  " + ", ".join(f"{k} {v}" for k, v in same.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
