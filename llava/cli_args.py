@@ -31,8 +31,11 @@ def setup_logging(verbose: int = 0) -> None:
 def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny") -> None:
     g = p.add_argument_group("model (local backend)")
     g.add_argument("--model-path", default=default_model,
-                   help="checkpoint folder or hub id (llava-hf/llava-1.5-7b-hf, liuhaotian/llava-v1.5-7b); 'tiny' "
-                        "(or 'tiny-original') builds a local random-weight test model whose outputs are random text")
+                   help="checkpoint folder or hub id: LLaVA-1.5 (llava-hf/llava-1.5-7b-hf, liuhaotian/llava-v1.5-7b) "
+                        "or any transformers vision-language model with a chat template (Qwen/Qwen2.5-VL-7B-Instruct, "
+                        "llava-hf/llava-v1.6-mistral-7b-hf, HuggingFaceTB/SmolVLM-Instruct, google/gemma-3-4b-it); "
+                        "'tiny' (or 'tiny-original', 'tiny-llava_next', 'tiny-qwen2_5_vl', 'tiny-idefics3', "
+                        "'tiny-gemma3') builds a local random-weight test model whose outputs are random text")
     g.add_argument("--model-base", default=None, help="base model for LoRA checkpoints (merge them first; see README)")
     g.add_argument("--model-name", default=None,
                    help="name to report (default: the folder name); with --backend worker/openai, the served model")
@@ -42,11 +45,14 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny
     g.add_argument("--load-8bit", action="store_true", help="8-bit weights (CUDA + bitsandbytes)")
     g.add_argument("--load-4bit", action="store_true", help="4-bit weights (CUDA + bitsandbytes)")
     g.add_argument("--conv-mode", default=None,
-                   help="chat template (vicuna_v1, llava_v1, llava_llama_2, mistral_instruct, chatml_direct, plain); "
-                        "default from the checkpoint's text model (vicuna_v1 for LLaVA-1.5)")
+                   help="LLaVA chat template (vicuna_v1, llava_v1, llava_llama_2, mistral_instruct, chatml_direct, "
+                        "plain); default from the checkpoint's text model (vicuna_v1 for LLaVA-1.5). Other families "
+                        "render with their processor's chat template; for them this is the template their LLaVA-"
+                        "protocol prompts arrive in (default vicuna_v1)")
     g.add_argument("--image-aspect-ratio", default=None, choices=ASPECT_RATIOS,
-                   help="pad: pad to square with the image mean (LLaVA-1.5, the default); crop: the CLIP processor's "
-                        "resize + center crop (llava-hf processors); resize: squash to a square")
+                   help="LLaVA-1.5 only (other families' processors preprocess images themselves): pad: pad to "
+                        "square with the image mean (the default); crop: the CLIP processor's resize + center crop "
+                        "(llava-hf processors); resize: squash to a square")
     g.add_argument("--batch-size", type=int, default=16, help="rows per model call in batched steps")
 
 

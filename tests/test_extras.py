@@ -15,9 +15,10 @@ from llava.errors import MissingExtraError, UnsupportedError
 from llava.extras import require_extra
 from tests.conftest import REPO_ROOT
 
+SERVE = ("fastapi", "uvicorn", "httpx", "gradio", "pydantic", "anyio", "starlette")
 HIDE = '''
 import importlib.machinery, sys
-HIDDEN = {"fastapi", "uvicorn", "httpx", "gradio", "pydantic", "anyio", "starlette"}
+HIDDEN = set({hidden!r})
 class _Hiding(importlib.machinery.PathFinder):
     @classmethod
     def find_spec(cls, name, path=None, target=None):
@@ -26,20 +27,28 @@ sys.meta_path[:] = [_Hiding if f is importlib.machinery.PathFinder else f for f 
 '''
 
 
-def _run_without_serve(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    (tmp_path / "sitecustomize.py").write_text(HIDE)
+def _run_without(tmp_path, *args: str, hidden: tuple[str, ...] = SERVE) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(HIDE.format(hidden=hidden))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
     return subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
 def test_entry_points_without_the_serve_extra_say_what_to_install(tmp_path):
-    server = _run_without_serve(tmp_path, "llava.serve.controller", "--help")
+    server = _run_without(tmp_path, "llava.serve.controller", "--help")
     assert server.returncode == 1 and "Traceback" not in server.stderr
     assert 'pip install -e ".[serve]"' in server.stderr and "fastapi" in server.stderr
-    remote = _run_without_serve(tmp_path, "llava.eval.run_llava", "--query", "q", "--backend", "worker")
+    remote = _run_without(tmp_path, "llava.eval.run_llava", "--query", "q", "--backend", "worker")
     assert remote.returncode == 2 and "Traceback" not in remote.stderr
     assert "the 'worker' backend needs the [serve] extra (httpx is not installed)" in remote.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["llava.eval.judge", "llava.eval.metrics"])
+def test_judge_and_metrics_without_the_eval_extra_say_what_to_install(tmp_path, module):
+    done = _run_without(tmp_path, module, "--help", hidden=("openai",))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert 'pip install -e ".[eval]"' in done.stderr and "openai" in done.stderr
 
 
 def test_a_backend_or_module_whose_dependency_is_missing_names_its_extra(monkeypatch):

@@ -1,9 +1,10 @@
 """Reuse of per-sample work across ECSO's steps.
 
 Steps 1-3 of ECSO share the prompt prefix ``system + "USER: " + <576 image tokens>``: :class:`PrefixStore` keeps
-the KV cache of that prefix per key (the engine's: prefix tokens, image objects, preprocessing mode) and image
-objects, so the image is encoded and the prefix prefilled once per sample and preprocessing. Entries hold the tensors themselves; each use builds a fresh ``DynamicCache`` around them, whose
-updates concatenate into new tensors, so one step's decoding never mutates another step's prefix.
+the KV cache of that prefix per key (the engine's: prefix tokens, image objects and, for LLaVA-1.5, how the images
+were preprocessed), so the image is encoded and the prefix prefilled once per sample and preprocessing. Entries hold
+the tensors themselves; each use builds a fresh ``DynamicCache`` around them, whose updates concatenate into new
+tensors, so one step's decoding never mutates another step's prefix.
 :class:`PixelMemo` keeps each image's preprocessed pixels so an image is preprocessed once per mode.
 """
 from __future__ import annotations

@@ -76,7 +76,9 @@ def test_sigkill_mid_run_then_resume(server, tmp_path):
     assert all(server.state.attempts[i] == 1 for i in first)  # judged answers were not asked again
     assert summary["resumed"] == len(first) and summary["resumed"] + summary["from_cache"] + summary["judged"] == n
     assert server.state.requests - requests_before == summary["judged"]
-    assert server.state.requests <= n + 2  # at most the requests in flight at the kill were repeated
+    # at most the requests in flight at the kill were repeated: per worker thread, one answered but not yet written
+    # by the main thread and the next one it started meanwhile
+    assert server.state.requests <= n + 2 * 2
     labels = {r["id"]: r["label"] for r in final}
     assert labels["r3"] == "safe" and labels["r2"] == "unsafe"
 
@@ -139,6 +141,7 @@ def test_wrapper_script_judges_mmsafetybench(server, tmp_path):
             for s in ("01-Illegal_Activitiy", "13-Gov_Decision") for i in range(2)]
     _write(tmp_path / "mmsb.jsonl", rows)
     env = _env(ANSWERS_DIR=str(tmp_path), JUDGE_MODEL="stub", JUDGE_BASE_URL=server.base_url, PARALLEL="2")
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # the script's `python`
     done = subprocess.run(["bash", str(REPO / "llava/eval/eval_mmsafe_loop.sh"), "--backoff-base", "0.001"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr

@@ -16,6 +16,7 @@ from llava.errors import AuthError, InvalidRequestError
 from llava.eval.benchmarks import benchmark_names, get_benchmark
 from llava.eval.jsonl import AnswerFileWriteError, read_jsonl
 from llava.eval.judge.config import JudgeConfig, RetryPolicy
+from llava.eval.judge.local import LOCAL_JUDGES
 from llava.eval.judge.runner import JudgeRunner
 
 __all__ = ["build_parser", "config_from_args", "main", "run_cli"]
@@ -28,7 +29,8 @@ def add_judge_flags(p: argparse.ArgumentParser, judge_model: str | None = None) 
     """Flags shared with the seed-compatible entry point (``gpt4_vlsafe.py``); ``judge_model``: a default judge
     model (None: the flag is required)."""
     p.add_argument("--judge-model", required=judge_model is None, default=judge_model,
-                   help="model name sent to the endpoint, e.g. gpt-4o or the served name"
+                   help="model name sent to the endpoint, e.g. gpt-4o or the served name; or a judge that needs no "
+                        "endpoint: " + ", ".join(f"{j.name} ({j.summary})" for j in LOCAL_JUDGES.values())
                         + (f" (default {judge_model})" if judge_model else ""))
     p.add_argument("--judge-base-url", default=None,
                    help="OpenAI-compatible base URL ending in /v1 (default: $OPENAI_BASE_URL, else api.openai.com). "

@@ -17,11 +17,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import openai
-
 from llava.errors import AuthError, BackendError, BackendTimeoutError
 from llava.eval.judge.config import JudgeConfig, RetryPolicy
+from llava.extras import require_extra
 from llava.http_client import openai_base_url
+
+openai = require_extra("openai", "eval", "the judge (and the metrics and reports, which read its files)")
 
 __all__ = ["JudgeClient", "Completion", "RequestStats", "BudgetExhaustedError", "MalformedResponseError", "make_openai"]
 

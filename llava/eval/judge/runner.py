@@ -24,6 +24,7 @@ from llava.eval.judge.grader import grade, load_grader_prompts, verdict_from_pay
 from llava.eval.judge.cache import JudgeCache
 from llava.eval.judge.client import BudgetExhaustedError, JudgeClient
 from llava.eval.judge.config import JudgeConfig
+from llava.eval.judge.local import LocalJudgeClient, local_judge
 from llava.eval.judge.parsers import Verdict, parse_verdict
 from llava.eval.judge.prompts import JudgePromptSet, default_prompt_set, load_prompt_set
 from llava.eval.judge.protocols import JudgeTask, build_tasks, grading_for, judge_protocol
@@ -64,8 +65,13 @@ class JudgeSummary:
 
 
 def load_prompts_for(config: JudgeConfig) -> JudgePromptSet:
-    """``--judge-file`` if given (a grader also takes a plain-text preamble), else the project's set (a grader's
-    own file for benchmarks graded against ground truth)."""
+    """A local judge's own prompt; else ``--judge-file`` if given (a grader also takes a plain-text preamble), else
+    the project's set (a grader's own file for benchmarks graded against ground truth)."""
+    local = local_judge(config.judge_model)
+    if local is not None:
+        if config.judge_file is not None:
+            raise InvalidRequestError(f"--judge-model {local.name} takes no --judge-file (it judges by its own rules)")
+        return local.prompt_set()
     grading = grading_for(config.benchmark)
     if grading is None:
         return load_prompt_set(config.judge_file) if config.judge_file else default_prompt_set()
@@ -87,15 +93,20 @@ class JudgeRunner:
         self.config = config
         self.prompts = prompts or load_prompts_for(config)
         self._client = client
+        self.local = local_judge(config.judge_model)
         self.summary = JudgeSummary()
 
     @property
-    def client(self) -> JudgeClient:
+    def client(self) -> JudgeClient | LocalJudgeClient:
         if self._client is None:
-            self._client = JudgeClient(self.config)
+            self._client = LocalJudgeClient(self.local) if self.local else JudgeClient(self.config)
         return self._client
 
     def tasks(self, rows: Iterable[dict[str, Any]]) -> list[JudgeTask]:
+        if self.local is not None:
+            return build_tasks(rows, benchmark=self.config.benchmark, mode=self.local.mode(self.config.mode),
+                               prompts=self.prompts, judge_model=self.config.judge_model, params={},
+                               answer_field=self.config.answer_field)
         grading, path = grading_for(self.config.benchmark), self.config.ground_truth
         if grading is not None and path is None:
             raise InvalidRequestError(f"{self.config.benchmark} grading needs --ground-truth "
@@ -154,7 +165,7 @@ class JudgeRunner:
         todo = [t for t in tasks if t.id not in results]
         path = self.config.judgments_path
         out = JsonlAppender(path) if path is not None else None
-        cache = JudgeCache(self.config.resolved_cache_path)
+        cache = JudgeCache(None if self.local else self.config.resolved_cache_path)  # a local judge: nothing to save
         try:
             misses = []
             for task in todo:
@@ -188,9 +199,10 @@ class JudgeRunner:
     def _run_requests(self, tasks: list[JudgeTask], cache: JudgeCache, out, results: dict[str, Judgment]) -> None:
         stop = threading.Event()
         _ = self.client  # made here, before the worker threads need it
-        logger.info("sending %d judge requests to %s (parallel %d)", len(tasks), self.config.judge_model,
-                    self.config.parallel)
-        pool = ThreadPoolExecutor(max_workers=self.config.parallel, thread_name_prefix="judge")
+        workers = 1 if self.local else self.config.parallel
+        logger.info("judging %d answers with %s (%s, parallel %d)", len(tasks), self.config.judge_model,
+                    "no endpoint" if self.local else "requests to its endpoint", workers)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge")
         futures: dict[Future, JudgeTask] = {pool.submit(self._ask, t, stop): t for t in tasks}
         bar = tqdm(total=len(tasks), desc=f"judge {self.config.judge_model}", unit="ans", disable=None)
         try:
