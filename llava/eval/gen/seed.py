@@ -85,7 +85,7 @@ def build_seed_parser(entry: SeedEntry) -> argparse.ArgumentParser:
     p.add_argument("--answers-file", default="answer.jsonl", help="output JSON lines (resumed when it exists)")
     p.add_argument("--conv-mode", default="llava_v1",
                    help="chat template (default %(default)s, the seed's default; its shell scripts pass vicuna_v1, "
-                        "LLaVA-1.5's, whose system line says 'curious human' where llava_v1's says 'curious user')")
+                        "LLaVA-1.5's, whose system line says 'curious user' where llava_v1's says 'curious human')")
     p.add_argument("--num-chunks", type=int, default=1, help="split the questions into N contiguous chunks ...")
     p.add_argument("--chunk-idx", type=int, default=0, help="... and answer chunk K")
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (the seed's scripts pass 0)")
