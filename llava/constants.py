@@ -15,6 +15,7 @@ __all__ = [
     "WORKER_HEART_BEAT_INTERVAL",
     "CONTROLLER_HEART_BEAT_EXPIRATION",
     "ECSO_ALIAS_SUFFIX",
+    "OPENAI_API_KEY_ENV",
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_IMAGE_SIZE",
@@ -40,6 +41,9 @@ WEB_PORT = 7860
 # themselves when they look for "the" model of an endpoint.
 ECSO_ALIAS_SUFFIX = "+ecso"
 
+# The environment variable an OpenAI-compatible endpoint's key is read from by default (never a command line).
+OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
+
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds
 
@@ -55,3 +59,5 @@ class ErrorCode(enum.IntEnum):
     INVALID_REQUEST = 4
     CONTEXT_OVERFLOW = 5
     UNAUTHORIZED = 6
+    UPSTREAM_UNAVAILABLE = 7  # the model's upstream server cannot take the request (down, overloaded, cooling down)
+    POLICY = 8  # the service's policy refuses the request (e.g. opting out of ECSO)
