@@ -16,6 +16,7 @@ __all__ = [
     "CONTROLLER_HEART_BEAT_EXPIRATION",
     "ECSO_ALIAS_SUFFIX",
     "OPENAI_API_KEY_ENV",
+    "DEMO_AUTH_ENV",
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_IMAGE_SIZE",
@@ -43,6 +44,8 @@ ECSO_ALIAS_SUFFIX = "+ecso"
 
 # The environment variable an OpenAI-compatible endpoint's key is read from by default (never a command line).
 OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
+# The demo's logins, one USER:PASSWORD per line (how the launcher passes them: never on a command line).
+DEMO_AUTH_ENV = "ECSO_DEMO_AUTH"
 
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds

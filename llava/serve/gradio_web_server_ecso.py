@@ -10,14 +10,15 @@ Every interaction is appended as one JSON line to ``<log-dir>/<date>-conv.json``
 # No ``from __future__ import annotations``: gradio reads the handlers' ``gr.Request`` annotations at runtime.
 import argparse
 import logging
+import os
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from llava.cli_args import add_ecso_args
-from llava.constants import WEB_PORT
+from llava.constants import DEMO_AUTH_ENV, WEB_PORT
 from llava.ecso.config import ECSOConfig, Option, add_option_args, ecso_config_from_args, ecso_options
 from llava.ecso.events import Step
 from llava.errors import ECSOError
@@ -277,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"key of a keyed controller/worker, sent as 'Authorization: Bearer KEY'. Default: the "
                         f"{API_KEY_ENV} environment variable (preferred: a command line is visible to others)")
     s.add_argument("--auth", type=_auth_pair, action="append", default=[], metavar="USER:PASSWORD",
-                   help="require a gradio login; repeat for more users (default: no login)")
+                   help=f"require a gradio login; repeat for more users (default: no login). Preferred: the "
+                        f"{DEMO_AUTH_ENV} environment variable, one USER:PASSWORD per line (a command line is "
+                        f"visible to other users); both are used")
     s.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds to wait for the controller, and for each piece of a worker's stream "
                         "(default %(default)s)")
@@ -298,19 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: Sequence[str] | None = None) -> DemoConfig:
+def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> DemoConfig:
     """Parse the command line into a :class:`DemoConfig`; a bad value exits with a usage error that names it."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for line in environ.get(DEMO_AUTH_ENV, "").splitlines():
+            if line.strip():
+                args.auth.append(_auth_pair(line.strip()))
         return DemoConfig(
             controller_url=args.controller_url, model_list_mode=args.model_list_mode, host=args.host,
             port=args.port, share=args.share, concurrency_count=args.concurrency_count,
-            api_key=resolve_api_key(args.api_key), auth=tuple(args.auth),
+            api_key=resolve_api_key(args.api_key, environ), auth=tuple(args.auth),
             ecso=ecso_config_from_args(args),
             conv_mode=args.conv_mode, request_timeout=args.request_timeout, log_dir=args.log_dir or None,
             log_ips=args.log_ips, log_level=args.log_level)
-    except (ValueError, ECSOError) as exc:
+    except (ValueError, ECSOError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))
 
 

@@ -9,8 +9,13 @@ own process group, and waits until each is ready (``/health``; the worker also l
 all three (exit status 0); a service that exits on its own stops the others, with a message naming it, and exit
 status 1. So does a service that is not ready within ``--startup-timeout``.
 
-Flags this command does not know are passed to the worker (``--device``, ``--dtype``, ``--conv-mode``, ...). The
-API key goes to the children in the ``ECSO_API_KEY`` environment variable, never on their command lines.
+Flags this command does not know are passed to the worker (``--device``, ``--dtype``, ``--conv-mode``, ...).
+
+Secure with zero configuration: unless ``--api-key`` or ``ECSO_API_KEY`` gives one (or ``--no-api-key`` is passed),
+a random key is generated for the run, so no other local process can register as a worker or use the API without
+it; it is written to a private file (mode 0600, named in the ready message, removed at exit) for API clients. The
+key goes to the children in ``ECSO_API_KEY`` and the demo's logins (``--auth`` in ``--demo-args``) in
+``ECSO_DEMO_AUTH``: secrets are never on a command line nor in this command's logs.
 """
 from __future__ import annotations
 
@@ -18,10 +23,13 @@ import argparse
 import ctypes
 import logging
 import os
+import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,11 +37,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WEB_PORT, WORKER_PORT
+from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, DEMO_AUTH_ENV, WEB_PORT, WORKER_PORT
 from llava.http_client import API_KEY_ENV, auth_headers, is_loopback, resolve_api_key
 from llava.serve.server import configure_logging
 
-__all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "build_parser", "config_from_args", "main"]
+__all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "build_parser", "config_from_args", "split_demo_auth",
+           "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +59,11 @@ class LaunchConfig:
     worker_port: int = WORKER_PORT
     web_port: int = WEB_PORT
     api_key: str | None = field(default=None, repr=False)
+    api_key_generated: bool = False
     demo: bool = True
     worker_args: tuple[str, ...] = ()
     demo_args: tuple[str, ...] = ()
+    demo_auth: tuple[str, ...] = field(default=(), repr=False)  # USER:PASSWORD logins, passed in ECSO_DEMO_AUTH
     startup_timeout: float = 600.0
     stop_timeout: float = 10.0
     log_level: str = "info"
@@ -136,6 +147,8 @@ class Launcher:
         self._out = out or (lambda line: print(line, flush=True))
         self._http = httpx.Client(timeout=2.0, trust_env=False, headers=auth_headers(config.api_key))
         self._preexec = _parent_death_signal()
+        self._key_dir: str | None = None
+        self.key_file: str | None = None
 
     def _child_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         env = dict(environ)
@@ -143,7 +156,24 @@ class Launcher:
         env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         if self.config.api_key:
             env[API_KEY_ENV] = self.config.api_key
+        if self.config.demo_auth:
+            env[DEMO_AUTH_ENV] = "\n".join(self.config.demo_auth)
         return env
+
+    def _write_key_file(self) -> None:
+        """A generated key goes to a file only this user can read (removed at exit), for API clients."""
+        if not (self.config.api_key and self.config.api_key_generated):
+            return
+        self._key_dir = tempfile.mkdtemp(prefix="ecso-launch-")  # mode 0700
+        self.key_file = os.path.join(self._key_dir, "api_key")
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config.api_key + "\n")
+
+    def _remove_key_file(self) -> None:
+        if self._key_dir:
+            shutil.rmtree(self._key_dir, ignore_errors=True)
+            self._key_dir = None
 
     # ---- the three services -----------------------------------------------------------------------------------
     def controller_argv(self) -> list[str]:
@@ -165,6 +195,7 @@ class Launcher:
         """Start everything, print the URLs, watch until stopped. Returns the exit status (0 on a requested stop)."""
         c = self.config
         try:
+            self._write_key_file()
             self._start("controller", "llava.serve.controller", self.controller_argv())
             self._wait("controller", lambda: self._get_ok(f"{c.controller_url}/health"))
             # The demo needs no worker to start (it asks the controller for models on each page load): start both.
@@ -185,6 +216,7 @@ class Launcher:
         finally:
             self.stop_all()
             self._http.close()
+            self._remove_key_file()
         logger.info("stopped (%s)", self.stop_reason or "requested")
         return 0
 
@@ -193,8 +225,13 @@ class Launcher:
         lines = ["ECSO serving stack is ready:"]
         if c.demo:
             lines.append(f"  demo        {c.web_url}")
-        lines += [f"  controller  {c.controller_url}", f"  worker      {c.worker_url} (model {', '.join(models)})",
-                  "Press Ctrl-C to stop all of them."]
+        lines += [f"  controller  {c.controller_url}", f"  worker      {c.worker_url} (model {', '.join(models)})"]
+        if self.key_file:
+            lines.append(f"  API key     generated for this run, in {self.key_file} (removed at exit): "
+                         f"export {API_KEY_ENV}=$(cat {self.key_file})")
+        elif not c.api_key:
+            lines.append("  API key     none (--no-api-key): any local process can use the API and register workers")
+        lines.append("Press Ctrl-C to stop all of them.")
         self._out("\n".join(lines))
 
     # ---- children ---------------------------------------------------------------------------------------------
@@ -320,11 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo page port (default %(default)s)")
     p.add_argument("--api-key", default=None,
                    help=f"shared key for all three services, passed to them in {API_KEY_ENV} (default: that "
-                        f"environment variable; unset = no authentication)")
+                        f"environment variable; unset = a random key for this run, see --no-api-key)")
+    p.add_argument("--no-api-key", action="store_true",
+                   help="no authentication at all. Default: without --api-key or ECSO_API_KEY a random key is "
+                        "generated for the run (written to a private file named in the ready message)")
     p.add_argument("--no-demo", dest="demo", action="store_false",
                    help="start only the controller and the worker (for API use)")
     p.add_argument("--demo-args", default="",
-                   help="extra flags for the demo, one shell-quoted string, e.g. \"--threshold 0.3 --auth me:pw\"")
+                   help="extra flags for the demo, one shell-quoted string, e.g. \"--threshold 0.3 --auth me:pw\" "
+                        f"(--auth logins go to the demo in {DEMO_AUTH_ENV}, not on its command line)")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="seconds each service may take to become ready, model loading included (default %(default)g)")
     p.add_argument("--stop-timeout", type=float, default=10.0,
@@ -340,13 +381,35 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     parser = build_parser()
     args, worker_args = parser.parse_known_args(argv)
     try:
+        api_key = None if args.no_api_key else resolve_api_key(args.api_key, environ)
+        generated = not api_key and not args.no_api_key
+        demo_args, demo_auth = split_demo_auth(shlex.split(args.demo_args))
         return LaunchConfig(
             model_path=args.model_path, host=args.host, controller_port=args.controller_port,
-            worker_port=args.worker_port, web_port=args.web_port, api_key=resolve_api_key(args.api_key, environ),
-            demo=args.demo, worker_args=tuple(worker_args), demo_args=tuple(shlex.split(args.demo_args)),
+            worker_port=args.worker_port, web_port=args.web_port,
+            api_key=secrets.token_urlsafe(32) if generated else api_key, api_key_generated=generated,
+            demo=args.demo, worker_args=tuple(worker_args), demo_args=demo_args, demo_auth=demo_auth,
             startup_timeout=args.startup_timeout, stop_timeout=args.stop_timeout, log_level=args.log_level)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def split_demo_auth(args: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The demo's flags without ``--auth USER:PASSWORD`` (or ``--auth=...``), and those logins."""
+    rest: list[str] = []
+    logins: list[str] = []
+    items = iter(args)
+    for arg in items:
+        if arg == "--auth":
+            value = next(items, None)
+            if value is None:
+                raise ValueError("--demo-args: --auth needs USER:PASSWORD")
+            logins.append(value)
+        elif arg.startswith("--auth="):
+            logins.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return tuple(rest), tuple(logins)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

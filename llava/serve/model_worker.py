@@ -45,9 +45,10 @@ from llava.model.engine_base import GenerationEngine
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH
 from llava.serve.protocol.llava import WorkerHealthResponse
 from llava.serve.server import (
-    BodyLimitMiddleware,
+    api_docs_urls,
     add_server_arguments,
     configure_logging,
+    install_edge_middleware,
     install_error_handlers,
     llava_error_frame,
     positive_int,
@@ -118,7 +119,7 @@ def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
                 if isinstance(model, AsyncServingBackend) and backend is None:
                     await model.aclose()
 
-    app = FastAPI(title="ECSO model worker", lifespan=lifespan)
+    app = FastAPI(title="ECSO model worker", lifespan=lifespan, **api_docs_urls(config.api_key))
     app.state.config = config
     app.state.api_key = config.api_key
     app.state.log_ips = config.log_ips
@@ -133,8 +134,8 @@ def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
         return WorkerHealthResponse(models=[state.model_name], queue_length=state.slots.queue_length,
                                     healthy=state.model.reachable)
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes,
-                       error_bodies={GENERATE_STREAM_PATH: llava_error_frame, ECSO_STREAM_PATH: ecso_error_frame})
+    install_edge_middleware(app, max_bytes=config.max_request_bytes, service="worker",
+                            error_bodies={GENERATE_STREAM_PATH: llava_error_frame, ECSO_STREAM_PATH: ecso_error_frame})
     return app
 
 

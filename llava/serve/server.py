@@ -7,6 +7,7 @@ endpoint except ``/health`` (compared in constant time, never logged). Clients l
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import hmac
 import logging
@@ -15,11 +16,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llava.constants import DEFAULT_HOST, ErrorCode
 from llava.errors import AuthError, ECSOError, InvalidRequestError, RequestTooLargeError
@@ -39,7 +42,14 @@ __all__ = [
     "llava_error_frame",
     "chunk_error_response",
     "install_error_handlers",
+    "api_docs_urls",
+    "ApiKeyMiddleware",
     "BodyLimitMiddleware",
+    "install_edge_middleware",
+    "RedactQueryFilter",
+    "HEADER_TIMEOUT",
+    "KEEP_ALIVE_TIMEOUT",
+    "MAX_CONNECTIONS",
     "positive_int",
     "positive_seconds",
     "add_server_arguments",
@@ -56,20 +66,69 @@ SSE_MEDIA_TYPE = "text/event-stream"
 # --------------------------------------------------------------------------------------------------------- auth
 
 
+_AUTH_ERROR = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+OPEN_PATHS = frozenset({"/health"})  # the only endpoint a keyed service answers without the key
+
+
+def _key_matches(authorization: bytes, expected: str) -> bool:
+    """``Authorization: Bearer <key>`` (raw header bytes) against the key, in constant time. Keys are ASCII
+    (:func:`llava.http_client.resolve_api_key`), so client and server compare the same bytes."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected.encode("ascii"))
+
+
+def _log_rejected(app: Any, method: str, path: str, client: Any) -> None:
+    where = ""
+    if getattr(app.state, "log_ips", False):  # client addresses only when asked (--log-ips)
+        where = f" from {client[0] if client else '?'}"
+    logger.warning("rejected %s %s%s: missing or wrong bearer key", method, path, where)
+
+
 async def require_api_key(request: Request) -> None:
     """FastAPI dependency: when ``app.state.api_key`` is set, the request must carry ``Authorization: Bearer <key>``
-    (compared in constant time). Raises :class:`AuthError`, which :func:`install_error_handlers` turns into 401."""
+    (compared in constant time). Raises :class:`AuthError`, which :func:`install_error_handlers` turns into 401.
+    :class:`ApiKeyMiddleware` checks the same before any body is read; this stays as a second line."""
     expected: str | None = getattr(request.app.state, "api_key", None)
     if not expected:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode()):
+    if _key_matches(request.headers.get("authorization", "").encode("latin-1"), expected):
         return
-    where = ""
-    if getattr(request.app.state, "log_ips", False):  # client addresses only when asked (--log-ips)
-        where = f" from {request.client.host if request.client else '?'}"
-    logger.warning("rejected %s %s%s: missing or wrong bearer key", request.method, request.url.path, where)
-    raise AuthError("missing or invalid API key: send 'Authorization: Bearer <key>'")
+    client = (request.client.host,) if request.client else None
+    _log_rejected(request.app, request.method, request.url.path, client)
+    raise AuthError(_AUTH_ERROR)
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI middleware, outermost: on a keyed service (``app.state.api_key``) a request without the right
+    bearer key is answered 401 from its headers alone, before a byte of its body is read (an unauthenticated 60 MiB
+    body costs nothing), on every path except ``/health`` (``/docs`` and ``/openapi.json`` included)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        owner = scope.get("app")
+        expected = getattr(getattr(owner, "state", None), "api_key", None)
+        if scope["type"] != "http" or not expected or scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if _key_matches(dict(scope.get("headers") or []).get(b"authorization", b""), expected):
+            await self.app(scope, receive, send)
+            return
+        _log_rejected(owner, scope.get("method", "?"), scope.get("path", "?"), scope.get("client"))
+        payload = openai_error(AuthError(_AUTH_ERROR)).model_dump_json().encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"www-authenticate", b"Bearer"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def api_docs_urls(api_key: str | None) -> dict[str, str | None]:
+    """FastAPI's ``docs_url``/``redoc_url``/``openapi_url``: served (behind the key) only by a keyed service; a
+    keyless one has none, so it does not describe itself to whoever can reach it."""
+    if api_key:
+        return {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"}
+    return {"docs_url": None, "redoc_url": None, "openapi_url": None}
 
 
 # -------------------------------------------------------------------------------------------------- error edges
@@ -242,7 +301,68 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": payload})
 
 
+def install_edge_middleware(app: FastAPI, *, max_bytes: int, service: str,
+                            error_bodies: Mapping[str, Callable[[Exception], bytes]] | None = None) -> None:
+    """The service edge in order: the key checked from the headers (outermost, :class:`ApiKeyMiddleware`), then the
+    body read under its limit (:class:`BodyLimitMiddleware`)."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, service=service, error_bodies=error_bodies)
+    app.add_middleware(ApiKeyMiddleware)  # added last = runs first
+
+
 # ------------------------------------------------------------------------------------------------------- runner
+
+HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's headers (slowloris)
+KEEP_ALIVE_TIMEOUT = 5  # seconds an idle keep-alive connection is kept
+MAX_CONNECTIONS = 1024  # concurrent connections (and requests) per service; beyond it uvicorn answers 503
+
+
+class RedactQueryFilter(logging.Filter):
+    """uvicorn access lines without query strings (a key sent by mistake as ``?api_key=...`` stays out of the
+    log): the path keeps ``?<redacted>`` in their place."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<redacted>", *args[3:])
+        return True
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that has not sent a whole
+    request head ``header_timeout`` seconds after it opened (or after its previous answer) is closed. uvicorn's
+    keep-alive timeout only covers a silent connection; a client sending one header byte at a time held it
+    forever."""
+
+    header_timeout = HEADER_TIMEOUT
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            logger.info("closed a connection that sent no complete request head within %g s", self.header_timeout)
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            self._arm_head_timer()
+        elif self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
 
 def positive_int(text: str) -> int:
@@ -301,15 +421,20 @@ def uvicorn_log_config(log_ips: bool = False) -> dict[str, Any]:
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     if not log_ips:
         config["formatters"]["access"]["fmt"] = '%(levelprefix)s "%(request_line)s" %(status_code)s'
+    config.setdefault("filters", {})["redact_query"] = {"()": RedactQueryFilter}
+    config["handlers"]["access"]["filters"] = ["redact_query"]
     return config
 
 
 def run_app(app: FastAPI, *, host: str, port: int, api_key: str | None, log_level: str = "info",
             log_ips: bool = False) -> None:
     """Serve ``app`` with uvicorn until SIGINT/SIGTERM; warns when it is reachable beyond loopback without a key.
-    Client addresses are logged only with ``log_ips``."""
+    Client addresses are logged only with ``log_ips``, query strings never. Request heads must arrive within
+    :data:`HEADER_TIMEOUT`, idle keep-alive connections close after :data:`KEEP_ALIVE_TIMEOUT`, and at most
+    :data:`MAX_CONNECTIONS` connections are served at once."""
     if not api_key and not is_loopback(host):
         logger.warning("serving on %s:%d without an API key: anyone who can reach this port can use the service "
                        "(and register workers); set --api-key or %s", host, port, API_KEY_ENV)
     app.state.log_ips = log_ips
-    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips),
+                http=HeaderTimeoutProtocol, timeout_keep_alive=KEEP_ALIVE_TIMEOUT, limit_concurrency=MAX_CONNECTIONS)

@@ -128,14 +128,15 @@ def test_launch_forwards_unknown_flags_to_the_worker_and_keeps_the_key_off_comma
     config = launch_config(["--model-path", "tiny", "--device", "cpu", "--conv-mode", "vicuna_v1",
                             "--demo-args", "--threshold 0 --auth 'me:p w'", "--api-key", "secret"], environ={})
     assert config.worker_args == ("--device", "cpu", "--conv-mode", "vicuna_v1")
-    assert config.demo_args == ("--threshold", "0", "--auth", "me:p w")
-    assert config.api_key == "secret" and "secret" not in repr(config)
+    assert config.demo_args == ("--threshold", "0") and config.demo_auth == ("me:p w",)
+    assert config.api_key == "secret" and "secret" not in repr(config) and "p w" not in repr(config)
     assert launch_config(["--model-path", "m"], environ={"ECSO_API_KEY": "env"}).api_key == "env"
     from llava.serve.launch import Launcher
 
     launcher = Launcher(config, environ={})
     argv = launcher.controller_argv() + launcher.worker_argv() + launcher.demo_argv()
     assert "secret" not in argv and launcher._env["ECSO_API_KEY"] == "secret"
+    assert not any("p w" in a for a in argv) and launcher._env["ECSO_DEMO_AUTH"] == "me:p w"
     assert launcher.worker_argv()[-4:] == ["--device", "cpu", "--conv-mode", "vicuna_v1"]
 
 
