@@ -100,11 +100,26 @@ async def require_api_key(request: Request) -> None:
 
 class ApiKeyMiddleware:
     """Pure ASGI middleware, outermost: on a keyed service (``app.state.api_key``) a request without the right
-    bearer key is answered 401 from its headers alone, before a byte of its body is read (an unauthenticated 60 MiB
-    body costs nothing), on every path except ``/health`` (``/docs`` and ``/openapi.json`` included)."""
+    bearer key is answered 401 from its headers alone, before its body is read (an unauthenticated 60 MiB body costs
+    no memory: it is dropped as it comes), on every path except ``/health`` (``/docs`` and ``/openapi.json``
+    included)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], drain_bytes: int = 64 * 1024 * 1024) -> None:
         self.app = app
+        self.drain_bytes = drain_bytes
+
+    async def _discard(self, scope: dict, receive: Callable) -> None:
+        """Read and drop a refused body (piece by piece, nothing kept) up to ``drain_bytes``, so a client still
+        sending reads the 401 rather than a connection reset; a larger declared body is not read at all."""
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if scope.get("method") in ("GET", "HEAD") or not declared.isdigit() or int(declared) > self.drain_bytes:
+            return
+        seen = 0
+        while seen <= self.drain_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+            seen += len(message.get("body", b""))
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         owner = scope.get("app")
@@ -116,6 +131,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         _log_rejected(owner, scope.get("method", "?"), scope.get("path", "?"), scope.get("client"))
+        await self._discard(scope, receive)
         payload = openai_error(AuthError(_AUTH_ERROR)).model_dump_json().encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
@@ -306,7 +322,7 @@ def install_edge_middleware(app: FastAPI, *, max_bytes: int, service: str,
     """The service edge in order: the key checked from the headers (outermost, :class:`ApiKeyMiddleware`), then the
     body read under its limit (:class:`BodyLimitMiddleware`)."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, service=service, error_bodies=error_bodies)
-    app.add_middleware(ApiKeyMiddleware)  # added last = runs first
+    app.add_middleware(ApiKeyMiddleware, drain_bytes=max_bytes)  # added last = runs first
 
 
 # ------------------------------------------------------------------------------------------------------- runner
