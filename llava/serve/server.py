@@ -7,8 +7,6 @@ endpoint except ``/health`` (compared in constant time, never logged). Clients l
 from __future__ import annotations
 
 import argparse
-import asyncio
-import copy
 import hmac
 import logging
 import math
@@ -16,13 +14,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llava.constants import DEFAULT_HOST, ErrorCode
 from llava.errors import AuthError, ECSOError, InvalidRequestError, RequestTooLargeError
@@ -30,6 +26,12 @@ from llava.http_client import API_KEY_ENV, encode_chunk, is_loopback
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.protocol.llava import StreamChunk
 from llava.serve.protocol.openai import OpenAIError, OpenAIErrorResponse
+from llava.serve.server_http import (
+    KEEP_ALIVE_TIMEOUT,
+    MAX_CONNECTIONS,
+    HeaderTimeoutProtocol,
+    uvicorn_log_config,
+)
 
 __all__ = [
     "STREAM_MEDIA_TYPE",
@@ -46,15 +48,10 @@ __all__ = [
     "ApiKeyMiddleware",
     "BodyLimitMiddleware",
     "install_edge_middleware",
-    "RedactQueryFilter",
-    "HEADER_TIMEOUT",
-    "KEEP_ALIVE_TIMEOUT",
-    "MAX_CONNECTIONS",
     "positive_int",
     "positive_seconds",
     "add_server_arguments",
     "configure_logging",
-    "uvicorn_log_config",
     "run_app",
 ]
 
@@ -327,59 +324,6 @@ def install_edge_middleware(app: FastAPI, *, max_bytes: int, service: str,
 
 # ------------------------------------------------------------------------------------------------------- runner
 
-HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's headers (slowloris)
-KEEP_ALIVE_TIMEOUT = 5  # seconds an idle keep-alive connection is kept
-MAX_CONNECTIONS = 1024  # concurrent connections (and requests) per service; beyond it uvicorn answers 503
-
-
-class RedactQueryFilter(logging.Filter):
-    """uvicorn access lines without query strings (a key sent by mistake as ``?api_key=...`` stays out of the
-    log): the path keeps ``?<redacted>`` in their place."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<redacted>", *args[3:])
-        return True
-
-
-class HeaderTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that has not sent a whole
-    request head ``header_timeout`` seconds after it opened (or after its previous answer) is closed. uvicorn's
-    keep-alive timeout only covers a silent connection; a client sending one header byte at a time held it
-    forever."""
-
-    header_timeout = HEADER_TIMEOUT
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._arm_head_timer()
-
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            logger.info("closed a connection that sent no complete request head within %g s", self.header_timeout)
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE:
-            self._arm_head_timer()
-        elif self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        super().connection_lost(exc)
-
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
@@ -432,22 +376,12 @@ def configure_logging(level: str = "info") -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def uvicorn_log_config(log_ips: bool = False) -> dict[str, Any]:
-    """uvicorn's logging configuration; without ``log_ips`` its access lines leave out the client address."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    if not log_ips:
-        config["formatters"]["access"]["fmt"] = '%(levelprefix)s "%(request_line)s" %(status_code)s'
-    config.setdefault("filters", {})["redact_query"] = {"()": RedactQueryFilter}
-    config["handlers"]["access"]["filters"] = ["redact_query"]
-    return config
-
-
 def run_app(app: FastAPI, *, host: str, port: int, api_key: str | None, log_level: str = "info",
             log_ips: bool = False) -> None:
     """Serve ``app`` with uvicorn until SIGINT/SIGTERM; warns when it is reachable beyond loopback without a key.
     Client addresses are logged only with ``log_ips``, query strings never. Request heads must arrive within
-    :data:`HEADER_TIMEOUT`, idle keep-alive connections close after :data:`KEEP_ALIVE_TIMEOUT`, and at most
-    :data:`MAX_CONNECTIONS` connections are served at once."""
+    :mod:`llava.serve.server_http`'s deadline, idle keep-alive connections close after its ``KEEP_ALIVE_TIMEOUT``,
+    and at most ``MAX_CONNECTIONS`` connections are served at once."""
     if not api_key and not is_loopback(host):
         logger.warning("serving on %s:%d without an API key: anyone who can reach this port can use the service "
                        "(and register workers); set --api-key or %s", host, port, API_KEY_ENV)

@@ -400,7 +400,7 @@ def test_a_slow_request_head_is_cut_off() -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from llava.serve.server import HeaderTimeoutProtocol
+    from llava.serve.server_http import HeaderTimeoutProtocol
 
     protocol = type("OneSecondHeads", (HeaderTimeoutProtocol,), {"header_timeout": 1.0})
     app = FastAPI()
@@ -445,13 +445,14 @@ def test_a_slow_request_head_is_cut_off() -> None:
 
 
 def test_services_run_with_a_header_deadline_and_a_connection_limit(monkeypatch) -> None:
-    from llava.serve import controller, server
+    from llava.serve import controller, server, server_http
 
     calls: list[dict] = []
     monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: calls.append(kw))
     controller.main(["--port", "18011"])
     (kw,) = calls
-    assert kw["http"] is server.HeaderTimeoutProtocol and server.HeaderTimeoutProtocol.header_timeout == 10.0
-    assert kw["limit_concurrency"] == server.MAX_CONNECTIONS and kw["timeout_keep_alive"] == server.KEEP_ALIVE_TIMEOUT
+    assert kw["http"] is server_http.HeaderTimeoutProtocol and server_http.HEADER_TIMEOUT == 10.0
+    assert kw["limit_concurrency"] == server_http.MAX_CONNECTIONS == 1024
+    assert kw["timeout_keep_alive"] == server_http.KEEP_ALIVE_TIMEOUT == 5
     assert "redact_query" in kw["log_config"]["handlers"]["access"]["filters"]
 
