@@ -95,6 +95,15 @@ async def require_api_key(request: Request) -> None:
     raise AuthError(_AUTH_ERROR)
 
 
+async def drain_body(receive: Callable, seen: int, limit: int) -> None:
+    """Read and drop the rest of a request body (``seen`` bytes already read), piece by piece, up to ``limit``."""
+    while seen <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
 class ApiKeyMiddleware:
     """Pure ASGI middleware, outermost: on a keyed service (``app.state.api_key``) a request without the right
     bearer key is answered 401 from its headers alone, before its body is read (an unauthenticated 60 MiB body costs
@@ -111,12 +120,7 @@ class ApiKeyMiddleware:
         declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
         if scope.get("method") in ("GET", "HEAD") or not declared.isdigit() or int(declared) > self.drain_bytes:
             return
-        seen = 0
-        while seen <= self.drain_bytes:
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                return
-            seen += len(message.get("body", b""))
+        await drain_body(receive, 0, self.drain_bytes)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         owner = scope.get("app")
@@ -260,11 +264,7 @@ class BodyLimitMiddleware:
         self.drain_bytes = drain_bytes
 
     async def _drain(self, receive: Callable, seen: int) -> None:
-        while seen <= self.drain_bytes:
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                return
-            seen += len(message.get("body", b""))
+        await drain_body(receive, seen, self.drain_bytes)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
