@@ -140,6 +140,16 @@ async def _relay(app: FastAPI, address: str, resp: httpx.Response) -> AsyncItera
             await resp.aclose()
 
 
+def _all_frames_json(body: bytes) -> bool:
+    try:
+        for frame in body.split(STREAM_DELIMITER):
+            if frame:
+                decode_chunk(frame)
+    except BackendError:
+        return False
+    return True
+
+
 def _chunk_response(exc: ECSOError) -> Response:
     return Response(encode_chunk(error_chunk(exc)), status_code=exc.status, media_type=STREAM_MEDIA_TYPE)
 
@@ -160,7 +170,7 @@ async def generate_stream(app: FastAPI, request: Request) -> Response:
     if resp.status_code >= 400:
         body = await resp.aread()
         await resp.aclose()
-        if STREAM_DELIMITER in body:  # the worker already answered with error chunks
+        if STREAM_DELIMITER in body and _all_frames_json(body):  # the worker already answered with error chunks
             return Response(body, status_code=resp.status_code, media_type=STREAM_MEDIA_TYPE)
         err = error_from_response(resp.status_code, body, f"{address}/worker_generate_stream")
         if isinstance(err, AuthError):  # the worker refused *our* key: not the client's fault

@@ -56,7 +56,7 @@ def post(url: str, body: object = None, *, key: str | None = None, **kw) -> http
 class RogueWorker:
     """A worker that breaks the protocol, served by the standard library in a thread: ``status`` = "html" answers
     its status with an HTML page holding :data:`SECRET`; ``stream`` = "garbage" sends one good frame then a frame
-    that is not JSON, "hung" holds the connection without a byte until the test ends."""
+    that is not JSON ("garbage_error": the same with status 400), "hung" holds the connection without a byte until the test ends."""
 
     def __init__(self, *, status: str = "json", stream: str = "garbage", models: tuple[str, ...] = ("rogue",)):
         self.hits = 0
@@ -80,10 +80,11 @@ class RogueWorker:
                 if stream == "hung":
                     release.wait(30)
                     return
-                self._answer(b'{"text": "hello", "error_code": 0}\0<html>not a frame</html>\0', "text/plain")
+                self._answer(b'{"text": "hello", "error_code": 0}\0<html>not a frame</html>\0', "text/plain",
+                             400 if stream == "garbage_error" else 200)
 
-            def _answer(self, body: bytes, kind: str) -> None:
-                self.send_response(200)
+            def _answer(self, body: bytes, kind: str, code: int = 200) -> None:
+                self.send_response(code)
                 self.send_header("content-type", kind)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
@@ -306,17 +307,24 @@ def test_the_controller_refuses_itself_as_a_worker(services) -> None:
 def test_a_rogue_workers_non_json_frame_is_a_protocol_error(services) -> None:
     url = services["open"].url
     rogue = RogueWorker(models=("garbage-model",))
+    failing = RogueWorker(stream="garbage_error", models=("garbage-error-model",))
     try:
         assert _register(url, rogue.url, ["garbage-model"]).status_code == 200
+        assert _register(url, failing.url, ["garbage-error-model"]).status_code == 200
         with ServiceClient(url, timeout=10) as client:
             chunks = list(client.stream("/worker_generate_stream", {"model": "garbage-model", "prompt": "hi"}))
+            error_chunks = list(client.stream("/worker_generate_stream", {"model": "garbage-error-model",
+                                                                          "prompt": "hi"}))
         with ServiceClient(rogue.url, timeout=10) as direct, pytest.raises(BackendError, match="protocol error"):
             list(direct.stream("/worker_generate_stream", {"model": "garbage-model", "prompt": "hi"}))
     finally:
         rogue.close()
-    figure("low rogue frame through the controller: chunks' error codes", [c["error_code"] for c in chunks])
+        failing.close()
+    figure("low rogue frame through the controller: chunks' error codes (200, 400 answer)",
+           ([c["error_code"] for c in chunks], [c["error_code"] for c in error_chunks]))
     assert [c["error_code"] for c in chunks] == [0, 1]
     assert "broke the stream protocol" in chunks[-1]["detail"] and "not JSON" in chunks[-1]["detail"]
+    assert len(error_chunks) == 1 and error_chunks[0]["error_code"] == 4  # a 400, relayed as one typed chunk
 
 
 def test_a_hung_worker_stops_getting_traffic(services) -> None:
