@@ -4,8 +4,9 @@
 caption of the image; 4. if flagged, a safe answer from caption + query without the image.
 
 The pipeline never touches tensors. ``run_batch`` batches each step across samples (only flagged samples go on
-to steps 3-4); ``stream`` reports one sample's steps as they happen, with token deltas, for UIs; ``astream`` and
-``arun`` do the same over an async backend (a model reached over the network), on the caller's event loop.
+to steps 3-4, unless ``force_all_steps``); ``stream`` reports one sample's steps as they happen, with token
+deltas, for UIs; ``astream`` and ``arun`` do the same over an async backend (a model reached over the network), on
+the caller's event loop.
 
 A streamed run is written once, as a plan (a generator of step events and of operations: stream a step, score or
 generate verdicts); ``stream`` carries the operations out with the blocking backend, ``astream`` with the async one.
@@ -27,7 +28,7 @@ from PIL import Image
 from llava.ecso.backends import AsyncBackend, Backend, StepRequest, StopFlag
 from llava.ecso.config import ECSOConfig
 from llava.ecso.events import SKIPPED, ECSOResult, Step, StepEvent, Verdict
-from llava.ecso.prompts import get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
+from llava.ecso.prompts import parse_verdict_exact, parse_verdict_tolerant
 from llava.errors import UnsupportedError
 from llava.generation import EarlyCheck
 from llava.mm_utils import ImageInput, ImageLimits, load_image
@@ -95,7 +96,7 @@ class ECSO:
     def __init__(self, backend: Backend, config: ECSOConfig = ECSOConfig(), image_limits: ImageLimits = ImageLimits()):
         self.backend = backend
         self.config = config
-        self.prompts = get_prompt_set(config.prompt_set)
+        self.prompts = config.prompts()
         self.image_limits = image_limits
         self.verdict_mode = config.verdict
         self.verdict_fallback: str | None = None  # why verdict_mode is not the configured one
@@ -160,15 +161,16 @@ class ECSO:
         for i in range(n):
             emit(verdicts[i].event(i))
 
-        flagged = [i for i in range(n) if verdicts[i].flagged]
-        need = [i for i in flagged if i not in captions]
+        forced = self.config.force_all_steps  # steps 3-4 for every sample; the verdict still picks the final answer
+        rows34 = [i for i in range(n) if verdicts[i].flagged or forced]
+        need = [i for i in rows34 if i not in captions]
         captions.update(zip(need, self._timed(timings, need, Step.CAPTION, lambda: self.backend.generate(
             [self._caption_request(items[i].query, images[i]) for i in need]))))
-        for i in flagged:
+        for i in rows34:
             emit(StepEvent(Step.CAPTION, i, text=captions[i]))
-        safes = dict(zip(flagged, self._timed(timings, flagged, Step.SAFE, lambda: self.backend.generate(
-            [self._safe_request(captions[i], items[i].query, images[i]) for i in flagged]))))
-        for i in flagged:
+        safes = dict(zip(rows34, self._timed(timings, rows34, Step.SAFE, lambda: self.backend.generate(
+            [self._safe_request(captions[i], items[i].query, images[i]) for i in rows34]))))
+        for i in rows34:
             emit(StepEvent(Step.SAFE, i, text=safes[i]))
 
         options = self.options()
@@ -178,7 +180,7 @@ class ECSO:
             final = safes[i] if v.flagged else direct[i]
             results.append(ECSOResult(
                 query=items[i].query, direct=direct[i], flagged=v.flagged, harm_score=v.score, verdict_text=v.text,
-                caption=captions.get(i) if v.flagged else None, safe_answer=safes.get(i), final=final,
+                caption=captions.get(i) if v.flagged or forced else None, safe_answer=safes.get(i), final=final,
                 verdict_mode=v.mode, timings=timings[i], options=options, early_stopped=i in early,
                 verdict_fallback=v.fallback))
             emit(StepEvent(Step.FINAL, i, text=final, flagged=v.flagged, harm_score=v.score))
@@ -293,11 +295,13 @@ class ECSO:
         return text
 
     def _caption_request(self, query: str, images: list[Image.Image]) -> StepRequest:
-        return StepRequest(self.prompts.fill_caption(query), images, self.config.params())
+        return StepRequest(self.prompts.fill_caption(query), images, self.config.params(),
+                           image_aspect_ratio=self.config.image_aspect_ratio_caption)
 
     def _safe_request(self, caption: str, query: str, images: list[Image.Image]) -> StepRequest:
-        return StepRequest(self.prompts.fill_safe(caption, query),
-                           images if self.config.image_in_safe_step else [], self.config.params())
+        """Step 4; with the image (``image_in_safe_step``) preprocessed as for the caption, as the seed did."""
+        return StepRequest(self.prompts.fill_safe(caption, query), images if self.config.image_in_safe_step else [],
+                           self.config.params(), image_aspect_ratio=self.config.image_aspect_ratio_caption)
 
     def _verdicts(self, queries: Sequence[str], answers: Sequence[str],
                   images: Sequence[list[Image.Image]]) -> list[Verdict]:
@@ -311,7 +315,8 @@ class ECSO:
         out = [Verdict(False, None, "(check skipped)", SKIPPED)] * len(queries)
         todo = [j for j, a in enumerate(answers) if self.skip_check is None or not self.skip_check.fullmatch(a.strip())]
         params = self.config.params(self.config.verdict_max_new_tokens)
-        reqs = {j: StepRequest(self.prompts.fill_harm_check(queries[j], answers[j]), images[j], params) for j in todo}
+        reqs = {j: StepRequest(self.prompts.fill_harm_check(queries[j], answers[j]), images[j], params,
+                               image_aspect_ratio=self.config.image_aspect_ratio_check) for j in todo}
         parse_rows, fallback = (todo, self.verdict_fallback) if self.verdict_mode != "score" else ([], None)
         if todo and self.verdict_mode == "score":
             scores = yield _Score([reqs[j] for j in todo])

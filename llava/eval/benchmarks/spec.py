@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 from llava.eval.benchmarks.base import BenchmarkConfig, Sample
 
 __all__ = ["BenchmarkSpec", "DataLayout", "SeedScript", "ScriptFlags", "JudgeProtocol", "Grading",
-           "SubmissionFormat"]
+           "SubmissionFormat", "BenignCounterpart"]
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,26 @@ class SeedScript:
     defaults and run by ``llava.eval.generate`` (``llava.eval.gen.seed`` does the mapping).
 
     method: ``direct`` or ``ecso``. image_in_safe_step: the script kept the image in ECSO's step 4 (the seed's
-    utility scripts did). flags: script-specific flags (LLaVA's MMBench script), or None."""
+    utility scripts did). check_crop: the script center-cropped the image for the harm check and the caption
+    (``image_processor.preprocess`` on the raw image) where the direct answer had it padded. truncate_chars: the
+    characters of the direct answer its harm check saw (0: all of it; None: the prompt set's 1927). flags:
+    script-specific flags (LLaVA's MMBench script), or None."""
 
     name: str
     summary: str
     method: str
     max_new_tokens: int
     image_in_safe_step: bool = False
+    check_crop: bool = False
+    truncate_chars: int | None = None
     flags: ScriptFlags | None = None
+
+    def ecso_args(self) -> list[str]:
+        """The ``llava.eval.generate`` flags that make ECSO's steps run as this script ran them."""
+        out = ["--image-in-safe-step"] if self.image_in_safe_step else []
+        if self.check_crop:
+            out += ["--image-aspect-ratio-check", "crop", "--image-aspect-ratio-caption", "crop"]
+        return out + (["--truncate-chars", str(self.truncate_chars)] if self.truncate_chars is not None else [])
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,20 @@ class SubmissionFormat:
 
 
 @dataclass(frozen=True)
+class BenignCounterpart:
+    """Where a benchmark of harmful prompts only gets its over-refusal column: the prompts labelled ``safe`` of
+    ``benchmark``, asked in the mode that ``modes`` maps this benchmark's mode to (key None: rows without a mode).
+    ``summary`` says why they are comparable (reports print it)."""
+
+    benchmark: str
+    modes: Mapping[str | None, str]
+    summary: str = ""
+
+    def mode_for(self, mode: str | None) -> str | None:
+        return self.modes.get(mode)
+
+
+@dataclass(frozen=True)
 class BenchmarkSpec:
     """A benchmark = data plus small hooks; the generic tools need nothing else.
 
@@ -115,8 +141,9 @@ class BenchmarkSpec:
     VQA scripts serve several); ``seed_image_folder`` turns a seed script's ``--image-folder`` into the reader's.
 
     Scoring: ``judge`` (None: not judged), ``metric`` (the hook's name in ``llava.eval.metrics.registry``),
-    ``report_keys`` (the metrics the report puts side by side; empty for a metric with its own report section)
-    and ``submission`` (None: no official submission format).
+    ``report_keys`` (the metrics the report puts side by side; empty for a metric with its own report section),
+    ``submission`` (None: no official submission format) and ``benign`` (the benign prompts whose over-refusal the
+    report shows next to this benchmark's attack success; None: none, or the benchmark has its own).
     """
 
     name: str
@@ -137,3 +164,4 @@ class BenchmarkSpec:
     judge: JudgeProtocol | None = None
     report_keys: tuple[str, ...] = ()
     submission: SubmissionFormat | None = None
+    benign: BenignCounterpart | None = None
