@@ -14,10 +14,11 @@ from PIL import Image
 
 from llava.errors import ContextLengthError, InvalidRequestError
 from llava.generation import EarlyCheck, GenerationParams
-from llava.mm_utils import count_image_tags, process_images, tokenizer_image_token
+from llava.mm_utils import (count_image_tags, fit_image, pad_color, process_images, tokenizer_image_token,
+                             working_side)
 from llava.model.engine_base import GenerationEngine
 from llava.model.loaded import LoadedModel
-from llava.model.prefix_cache import PixelMemo
+from llava.model.prefix_cache import DEFAULT_CACHE_BYTES, PixelMemo
 
 __all__ = ["LlavaEngine", "Encoded"]
 
@@ -44,9 +45,20 @@ class LlavaEngine(GenerationEngine):
 
     loaded: LoadedModel
 
-    def __init__(self, loaded: LoadedModel, prefix_reuse: bool = True, cache_capacity: int = 32):
-        super().__init__(loaded, prefix_reuse, cache_capacity)
-        self.pixel_memo = PixelMemo(max(cache_capacity, 1))
+    def __init__(self, loaded: LoadedModel, prefix_reuse: bool = True, cache_capacity: int = 32,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        super().__init__(loaded, prefix_reuse, cache_capacity, cache_bytes)
+        self.pixel_memo = PixelMemo(max(cache_capacity, 1), cache_bytes)
+
+    @property
+    def min_image_tokens(self) -> int:  # type: ignore[override]
+        return self.loaded.tokens_per_image
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """``image`` reduced to the working side of LLaVA's preprocessing (:func:`~llava.mm_utils.fit_image`)."""
+        lm = self.loaded
+        return fit_image(image, lm.image_aspect_ratio, working_side(lm.image_processor),
+                         pad_color(lm.image_processor.image_mean))
 
     # ---- encoding -------------------------------------------------------------------------------------------
     def encode(self, prompt: str, images: Sequence[Image.Image] = (), max_new_tokens: int = 0) -> Encoded:

@@ -152,7 +152,7 @@ def test_prefix_cache_not_mutated_by_decoding(tiny_loaded, sample_image):
     eng = _engine(tiny_loaded, True)
     prompt = build_prompt("vicuna_v1", "What is this?", 1)
     eng.generate([prompt], [[sample_image]], P)
-    (entry,) = [item[1] for item in eng.prefixes._items.values()]
+    (entry,) = [item[0] for item in eng.prefixes._items.values()]
     before = [(k.clone(), v.clone()) for k, v in entry.layers]
     shape = entry.layers[0][0].shape
     eng.generate([build_prompt("vicuna_v1", "Something else entirely", 1)], [[sample_image]], P)
@@ -201,7 +201,7 @@ def test_single_row_prefix_cache_wraps_stored_tensors_without_copy(tiny_loaded, 
 
     eng = _engine(tiny_loaded, True)
     eng.generate([build_prompt("vicuna_v1", "What is this?", 1)], [[sample_image]], P)
-    (entry,) = [item[1] for item in eng.prefixes._items.values()]
+    (entry,) = [item[0] for item in eng.prefixes._items.values()]
     cache = cache_around(entry.layers)
     assert cache.get_seq_length() == entry.layers[0][0].shape[-2]
     assert cache.layers[0].keys is entry.layers[0][0] and cache.layers[-1].values is entry.layers[-1][1]
