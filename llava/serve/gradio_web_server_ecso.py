@@ -10,11 +10,17 @@ Every interaction is appended as one JSON line to ``<log-dir>/<date>-conv.json``
 # No ``from __future__ import annotations``: gradio reads the handlers' ``gr.Request`` annotations at runtime.
 import argparse
 import logging
+import os
+import shutil
+import signal
+import tempfile
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from PIL import Image
 
 from llava.cli_args import add_ecso_args
 from llava.constants import WEB_PORT
@@ -23,6 +29,7 @@ from llava.ecso.events import Step
 from llava.errors import ECSOError
 from llava.extras import require_extra
 from llava.http_client import API_KEY_ENV, is_loopback, resolve_api_key
+from llava.mm_utils import ImageLimits, load_image
 from llava.serve.demo_client import ConversationLog, DemoClient, RunState, StepResult
 from llava.serve.protocol.ecso import ECSOOptions
 from llava.serve.server import configure_logging
@@ -68,12 +75,23 @@ class DemoConfig:
     log_dir: str | None = "logs"
     log_ips: bool = False
     log_level: str = "info"
+    max_upload_bytes: int = 64 * 1024 * 1024  # the worker's --max-request-bytes default
+    max_image_pixels: int = ImageLimits().max_pixels  # the worker's --max-image-pixels default
+
+    def load_upload(self, path: str | None) -> Image.Image | None:
+        """An uploaded image, checked against the limits from its header before it is decoded."""
+        if path is None:
+            return None
+        return load_image(path, ImageLimits(max_pixels=self.max_image_pixels, max_bytes=self.max_upload_bytes))
 
     def __post_init__(self) -> None:
         if self.model_list_mode not in ("once", "reload"):
             raise ValueError(f"model_list_mode must be 'once' or 'reload', got {self.model_list_mode!r}")
         if self.concurrency_count < 1:
             raise ValueError(f"concurrency_count must be >= 1, got {self.concurrency_count}")
+        if self.max_upload_bytes < 1 or self.max_image_pixels < 1:
+            raise ValueError(f"max_upload_bytes and max_image_pixels must be >= 1, got {self.max_upload_bytes}, "
+                             f"{self.max_image_pixels}")
         self.options()  # the defaults must also pass the wire protocol's range checks
 
     def options(self, **panel: Any) -> ECSOOptions:
@@ -148,12 +166,13 @@ def build_demo(config: DemoConfig, client: DemoClient) -> "gr.Blocks":
         return config.options(**{o.name: v for o, v in zip(PANEL_OPTIONS, values, strict=True)})
 
     # gradio passes the request first (it is the first parameter), then the inputs, the panel's values last
-    def run_ecso(request: gr.Request, model, image, query, *panel: Any) -> Iterator[list[Any]]:
+    def run_ecso(request: gr.Request, model, path, query, *panel: Any) -> Iterator[list[Any]]:
         run = RunState()
-        options = None
+        options = image = None
         try:
             if not (query or "").strip():
                 raise ValueError("type a query first")
+            image = config.load_upload(path)
             options = panel_options(panel)
             run.result.threshold = options.threshold if options.verdict == "score" else None
             yield render(run, busy=True)
@@ -171,12 +190,13 @@ def build_demo(config: DemoConfig, client: DemoClient) -> "gr.Blocks":
         yield render(run, busy=False)
 
     def make_step_handler(step: Step):
-        def run_step(request: gr.Request, model, image, query, result: StepResult, *panel: Any) -> Iterator[list[Any]]:
+        def run_step(request: gr.Request, model, path, query, result: StepResult, *panel: Any) -> Iterator[list[Any]]:
             run = RunState(result=result, whole_run=False)
-            options = None
+            options = image = None
             try:
                 if not (query or "").strip():
                     raise ValueError("type a query first")
+                image = config.load_upload(path)
                 options = panel_options(panel)
                 if step is Step.DIRECT:  # a new run: the later steps' outputs no longer belong to it
                     result = StepResult()
@@ -209,8 +229,10 @@ def build_demo(config: DemoConfig, client: DemoClient) -> "gr.Blocks":
                 model = gr.Dropdown(choices=models, value=models[0] if models else None, label="Model",
                                     elem_id="model", interactive=True)
                 refresh_btn = gr.Button("Refresh models", size="sm", elem_id="refresh")
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image",
-                                 height=300)
+                # A file path, not a decoded image: gradio decodes nothing, the handlers check the image's header
+                # against the worker's limits before decoding it (image_mode None: no conversion either).
+                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                                 elem_id="image", height=300)
                 with gr.Accordion("ECSO options", open=False):
                     panel = [_control(gr, opt, getattr(config.ecso, opt.name)) for opt in PANEL_OPTIONS]
             with gr.Column(scale=3):
@@ -278,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{API_KEY_ENV} environment variable (preferred: a command line is visible to others)")
     s.add_argument("--auth", type=_auth_pair, action="append", default=[], metavar="USER:PASSWORD",
                    help="require a gradio login; repeat for more users (default: no login)")
+    s.add_argument("--max-upload-bytes", type=int, default=64 * 1024 * 1024,
+                   help="largest file the page accepts (gradio answers 413 beyond it); the worker's "
+                        "--max-request-bytes default (default %(default)s)")
+    s.add_argument("--max-image-pixels", type=int, default=ImageLimits().max_pixels,
+                   help="largest image (width x height), checked from its header before it is decoded; the "
+                        "worker's default (default %(default)s)")
     s.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds to wait for the controller, and for each piece of a worker's stream "
                         "(default %(default)s)")
@@ -309,7 +337,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> DemoConfig:
             api_key=resolve_api_key(args.api_key), auth=tuple(args.auth),
             ecso=ecso_config_from_args(args),
             conv_mode=args.conv_mode, request_timeout=args.request_timeout, log_dir=args.log_dir or None,
-            log_ips=args.log_ips, log_level=args.log_level)
+            log_ips=args.log_ips, log_level=args.log_level, max_upload_bytes=args.max_upload_bytes,
+            max_image_pixels=args.max_image_pixels)
     except (ValueError, ECSOError) as exc:
         parser.error(str(exc))
 
@@ -325,12 +354,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("demo config: %s", config)
     client = DemoClient(config.controller_url, api_key=config.api_key, timeout=config.request_timeout,
                         conv_mode=config.conv_mode, defaults=config.ecso)
+    uploads = _own_upload_folder()
+    signal.signal(signal.SIGTERM, _interrupt)  # a stop (SIGTERM) ends launch() as Ctrl-C does: cleanup runs
     try:
         demo = build_demo(config, client)
         demo.launch(server_name=config.host, server_port=config.port, share=config.share,
-                    auth=list(config.auth) or None, ssr_mode=False, show_error=True, footer_links=[])
+                    auth=list(config.auth) or None, ssr_mode=False, show_error=True, footer_links=[],
+                    max_file_size=config.max_upload_bytes)
     finally:
         client.close()
+        if uploads is not None:
+            shutil.rmtree(uploads, ignore_errors=True)
+            logger.info("removed the upload folder %s", uploads)
+
+
+def _own_upload_folder() -> Path | None:
+    """A fresh folder for gradio's uploads (``GRADIO_TEMP_DIR``), removed on exit; ``None`` when the environment
+    names one already (it is the user's: left alone)."""
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="ecso-demo-uploads-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read by gradio when the page is built
+    return folder
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

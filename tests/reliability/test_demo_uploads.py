@@ -1,0 +1,107 @@
+"""The demo's uploads (issue 18, item 10), on a real demo process on 127.0.0.1: gradio's upload limit is the
+worker's body limit (413 beyond it), an image over the pixel limit is refused from its header before anything
+decodes it (the demo's peak RSS stays flat), and the upload folder is gone once the demo stops."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
+from service_procs import REPO_ROOT, Service, free_port, stop_service  # noqa: E402
+from rss import MiB, Meter  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 1_000_000
+
+
+def _start_demo(tmp: Path) -> Service:
+    env = {k: v for k, v in os.environ.items() if k not in ("ECSO_API_KEY", "GRADIO_TEMP_DIR")}
+    env.update(PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(tmp),
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p))
+    port = free_port()
+    log = tmp.parent / f"{tmp.name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llava.serve.gradio_web_server_ecso", "--host", "127.0.0.1",
+                                 "--port", str(port), "--controller-url", "http://127.0.0.1:9", "--log-dir", "",
+                                 "--max-upload-bytes", str(LIMIT)],
+                                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    svc = Service("llava.serve.gradio_web_server_ecso", port, proc, log)
+    for _ in range(600):
+        if proc.poll() is not None:
+            break
+        try:
+            if httpx.get(svc.url, timeout=1.0, trust_env=False).status_code == 200:
+                return svc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    stop_service(svc)
+    raise RuntimeError(f"the demo did not come up; output:\n{svc.output[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Iterator[tuple[Service, Path]]:
+    tmp = tmp_path_factory.mktemp("demo-tmp")
+    svc = _start_demo(tmp)
+    try:
+        yield svc, tmp
+    finally:
+        stop_service(svc)
+
+
+def _grey_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 200).save(buf, format="PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def test_uploads_over_the_limit_are_413(demo) -> None:
+    """Before the fix a 300 MB upload was accepted (no limit); now the page's limit is the worker's."""
+    svc, _ = demo
+    r = httpx.post(f"{svc.url}/gradio_api/upload", files={"files": ("big.png", b"\0" * (LIMIT + 1))},
+                   timeout=30, trust_env=False)
+    assert r.status_code == 413, r.text
+    ok = httpx.post(f"{svc.url}/gradio_api/upload", files={"files": ("small.png", _grey_png(8))}, timeout=30,
+                    trust_env=False)
+    assert ok.status_code == 200, ok.text
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(demo, tmp_path) -> None:
+    """A 144 MP greyscale PNG cost the demo +1.9 GB (gradio decoded it, then converted it to RGB); now the
+    demo reads its header, refuses it with the reason, and decodes nothing."""
+    from gradio_client import Client, handle_file
+
+    svc, _ = demo
+    path = tmp_path / "grey.png"
+    path.write_bytes(_grey_png(12000))
+    meter = Meter(svc.pid)
+    client = Client(svc.url, verbose=False, download_files=False)
+    result = client.predict(None, handle_file(str(path)), "What is this?", api_name="/run_ecso")
+    status = next(v for v in result if isinstance(v, str) and "pixels" in v)
+    assert "over the limit of 40000000" in status, result
+    print(f"demo peak +{meter.peak / MiB:.0f} MiB for a 144 MP greyscale PNG")
+    assert meter.peak < 150 * MiB, f"peak +{meter.peak / MiB:.0f} MiB"
+
+
+def test_the_upload_folder_is_removed_on_exit(demo) -> None:
+    """Before the fix the demo left every upload in gradio's temporary folder after it exited (6/6 files).
+    Last in the module: it stops the module's demo."""
+    svc, tmp = demo
+    for i in range(3):
+        r = httpx.post(f"{svc.url}/gradio_api/upload", files={"files": (f"f{i}.png", _grey_png(8 + i))},
+                       timeout=30, trust_env=False)
+        assert r.status_code == 200, r.text
+    assert any(p.is_file() for p in tmp.rglob("*"))  # the uploads are there while the demo runs
+    stop_service(svc)  # SIGTERM, as the launcher and service managers stop it
+    assert [str(p) for p in tmp.rglob("*") if p.is_file()] == []
