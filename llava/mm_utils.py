@@ -222,23 +222,27 @@ def _scaled(img: Image.Image, scale: float) -> Image.Image:
     return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
 
 
-def _reduced_square(img: Image.Image, background: tuple[int, ...], side: int) -> Image.Image:
+def _reduced_square(img: Image.Image, background: tuple[int, ...], side: int, band_rows: int = 128) -> Image.Image:
     """``expand2square(img).reduce(k)`` for the integer ``k = long side // side``, without allocating the square:
-    the image is put on a canvas aligned to k x k blocks of the square's grid (so every block averages what it
-    averages in the square), reduced, then pasted into the reduced square. At most 2 x ``side`` a side."""
+    bands of the square's rows aligned to k x k blocks (so every block averages what it averages in the square) are
+    assembled from the image and the background, ``band_rows`` output rows at a time, and reduced. At most
+    2 x ``side`` a side."""
     w, h = img.size
     n = max(w, h)
     k = n // side
     if k < 2:
         return expand2square(img, background)
     ox, oy = (n - w) // 2, (n - h) // 2  # where expand2square pastes the image
-    x0, y0 = ox - ox % k, oy - oy % k  # the canvas starts on a block boundary of the square
-    x1, y1 = min(-(-(ox + w) // k) * k, n), min(-(-(oy + h) // k) * k, n)  # ... and ends on one (or the edge)
-    canvas = Image.new(img.mode, (x1 - x0, y1 - y0), background)
-    canvas.paste(img, (ox - x0, oy - y0))
-    reduced = canvas.reduce(k)
+    x0, y0 = ox - ox % k, oy - oy % k  # the image's blocks start on a block boundary of the square ...
+    x1, y1 = min(-(-(ox + w) // k) * k, n), min(-(-(oy + h) // k) * k, n)  # ... and end on one (or its edge)
     out = Image.new(img.mode, (-(-n // k), -(-n // k)), background)
-    out.paste(reduced, (x0 // k, y0 // k))
+    for top in range(y0, y1, k * band_rows):
+        bottom = min(top + k * band_rows, y1)
+        strip = Image.new(img.mode, (x1 - x0, bottom - top), background)
+        first, last = max(top, oy) - oy, min(bottom, oy + h) - oy  # the image's rows in this band
+        if last > first:
+            strip.paste(img.crop((0, first, w, last)), (ox - x0, first + oy - top))
+        out.paste(strip.reduce(k), (x0 // k, top // k))
     return out
 
 

@@ -84,6 +84,10 @@ def test_fit_image_bounds_any_accepted_shape():
     for size in ((16000, 100), (100, 16000), (8000, 300), (2688, 1)):
         out = fit_image(Image.new("RGB", size, (0, 0, 0)), "pad", 1344, bg)
         assert out.size[0] == out.size[1] and out.size[0] < 2 * 1344, (size, out.size)
+    for size in ((5000, 600), (601, 3001), (2689, 2688)):  # the square LLaVA pads to, reduced by an integer factor
+        img = _photo(*size)
+        exact = expand2square(img, bg).reduce(max(size) // 1344)
+        assert np.array_equal(np.asarray(fit_image(img, "pad", 1344, bg)), np.asarray(exact)), size
     band = fit_image(Image.new("RGB", (16000, 100), (0, 0, 0)), "pad", 1344, bg)
     assert band.getpixel((0, 0)) == bg and band.getpixel((0, band.size[1] // 2)) == (0, 0, 0)
     assert fit_image(Image.new("RGB", (20000, 400)), "crop", 1344).size == (5376, 400)

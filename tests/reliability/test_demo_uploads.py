@@ -4,10 +4,7 @@ decodes it (the demo's peak RSS stays flat), and the upload folder is gone once 
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,44 +13,19 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
-from service_procs import REPO_ROOT, Service, free_port, stop_service  # noqa: E402
 from rss import MiB, Meter  # noqa: E402
+from service_procs import Service, start_demo, stop_service  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 LIMIT = 1_000_000
 
 
-def _start_demo(tmp: Path) -> Service:
-    env = {k: v for k, v in os.environ.items() if k not in ("ECSO_API_KEY", "GRADIO_TEMP_DIR")}
-    env.update(PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(tmp),
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p))
-    port = free_port()
-    log = tmp.parent / f"{tmp.name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llava.serve.gradio_web_server_ecso", "--host", "127.0.0.1",
-                                 "--port", str(port), "--controller-url", "http://127.0.0.1:9", "--log-dir", "",
-                                 "--max-upload-bytes", str(LIMIT)],
-                                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    svc = Service("llava.serve.gradio_web_server_ecso", port, proc, log)
-    for _ in range(600):
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(svc.url, timeout=1.0, trust_env=False).status_code == 200:
-                return svc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    stop_service(svc)
-    raise RuntimeError(f"the demo did not come up; output:\n{svc.output[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Iterator[tuple[Service, Path]]:
     tmp = tmp_path_factory.mktemp("demo-tmp")
-    svc = _start_demo(tmp)
+    svc = start_demo("http://127.0.0.1:9", "--log-dir", "", "--max-upload-bytes", str(LIMIT),
+                     env={"TMPDIR": str(tmp)})
     try:
         yield svc, tmp
     finally:

@@ -58,6 +58,12 @@ def _llava(svc: Service, images: list[str], text: str = "What is this?") -> tupl
     return r.status_code, frames[-1]
 
 
+def _at_once(svc: Service, n: int, images: list[str]) -> list[tuple[int, dict]]:
+    """``n`` concurrent LLaVA stream requests with ``images``."""
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: _llava(svc, images), range(n)))
+
+
 def _openai(svc: Service, data_url: str) -> httpx.Response:
     body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "What is this?"}]}]}
@@ -65,17 +71,14 @@ def _openai(svc: Service, data_url: str) -> httpx.Response:
 
 
 def test_concurrent_decoding_is_bounded(worker) -> None:
-    """Item 4: 3 concurrent requests of 3 images of 4000x4000 (which fit the context) decoded 9 images at once and
+    """Item 4: 5 concurrent requests of 3 images of 4000x4000 (which fit the context) decoded 15 images at once and
     held them at full size; now at most --decode-concurrency (2) are decoded at once, each reduced at once. First
     in the module: freed heap that other attacks leave resident would hide this peak."""
-    big = _b64(_png((4000, 4000)))
     meter = Meter(worker.pid)
-    with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: _llava(worker, [big] * 3), range(3)))
-    for status, frame in results:
+    for status, frame in _at_once(worker, 5, [_b64(_png((4000, 4000)))] * 3):
         assert status == 200 and frame["error_code"] == 0, frame
-    print(f"peak +{meter.peak / MiB:.0f} MiB for 3 x 3 images of 4000x4000")
-    assert meter.peak < 300 * MiB, f"peak +{meter.peak / MiB:.0f} MiB"
+    print(f"peak +{meter.peak / MiB:.0f} MiB for 5 x 3 images of 4000x4000")
+    assert meter.peak < 600 * MiB, f"peak +{meter.peak / MiB:.0f} MiB"
 
 
 def test_a_long_thin_image_is_padded_at_the_working_size(worker) -> None:
@@ -97,7 +100,7 @@ def test_cached_images_are_not_kept_decoded(worker) -> None:
         status, frame = _llava(worker, [_b64(data)])
         assert status == 200 and frame["error_code"] == 0, frame
     print(f"resident +{meter.now / MiB:.0f} MiB after 6 images of 4000x3000")
-    assert meter.now < 100 * MiB, f"resident +{meter.now / MiB:.0f} MiB after 6 large images"
+    assert meter.now < 150 * MiB, f"resident +{meter.now / MiB:.0f} MiB after 6 large images"
 
 
 def test_degenerate_aspect_ratio_is_a_400_with_the_reason(worker) -> None:
@@ -113,11 +116,8 @@ def test_degenerate_aspect_ratio_is_a_400_with_the_reason(worker) -> None:
 def test_token_budget_is_checked_before_decoding(worker) -> None:
     """Item 4: 3 concurrent requests of 8 images of 6000x6000 (116 KB PNGs) reached +3.3 GB before their
     context-length 400; now the image count is checked against the context first (nothing decoded)."""
-    big = _b64(_png((6000, 6000)))
     meter = Meter(worker.pid)
-    with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: _llava(worker, [big] * 8), range(3)))
-    for status, frame in results:
+    for status, frame in _at_once(worker, 3, [_b64(_png((6000, 6000)))] * 8):
         assert status == 400 and frame["error_code"] == 5, frame
     print(f"peak +{meter.peak / MiB:.0f} MiB for 3 x 8 images of 6000x6000")
     assert meter.peak < 100 * MiB, f"peak +{meter.peak / MiB:.0f} MiB"

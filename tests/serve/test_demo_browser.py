@@ -9,17 +9,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import httpx
 import pytest
-from service_procs import REPO_ROOT, Service, free_port, running_service, start_service, stop_service
+from service_procs import REPO_ROOT, running_service, start_demo, start_service, stop_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -27,33 +21,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 EXAMPLES = REPO_ROOT / "assets" / "examples"
-DEMO = "llava.serve.gradio_web_server_ecso"
 TIMEOUT_MS = 60_000
-
-
-def start_demo(controller_url: str, *args: str, startup_timeout: float = 60.0) -> Service:
-    """The demo as a subprocess in its own process group on a free port; ready when its page answers 200."""
-    env = {k: v for k, v in os.environ.items() if k != "ECSO_API_KEY"}
-    env.update(PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p))
-    port = free_port()
-    fd, log_name = tempfile.mkstemp(prefix="demo-", suffix=".log")
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", DEMO, "--host", "127.0.0.1", "--port", str(port),
-                                 "--controller-url", controller_url, *args],
-                                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    svc = Service(DEMO, port, proc, Path(log_name))
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(svc.url, timeout=1.0, trust_env=False).status_code == 200:
-                return svc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_service(svc)
-    raise RuntimeError(f"the demo did not come up (exit code {proc.returncode}); output:\n{svc.output[-4000:]}")
 
 
 @pytest.fixture(scope="module")
