@@ -18,7 +18,8 @@ import httpx
 from fastapi import Request
 from PIL import Image
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, CONTROLLER_PORT, DEFAULT_HOST, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
+from llava.constants import (CONTROLLER_PORT, DEFAULT_HOST, DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL,
+                             WORKER_PORT)
 from llava.conversation import Chat
 from llava.ecso.backends import Prepared, ServingBackend
 from llava.ecso.config import ECSOConfig
