@@ -36,6 +36,7 @@ __all__ = [
     "aspect_ratio_image",
     "working_side",
     "fit_image",
+    "reduce_image",
     "prepare_image",
     "process_images",
     "image_digest",
@@ -271,6 +272,15 @@ def fit_image(img: Image.Image, aspect_ratio: str, side: int, background: tuple[
             left, top = (w - min(w, keep)) // 2, (h - min(h, keep)) // 2
             img = img.crop((left, top, left + min(w, keep), top + min(h, keep)))
     return img
+
+
+def reduce_image(img: Image.Image, side: int, min_short: int) -> Image.Image:
+    """``img`` reduced (box averages) by the largest integer factor that keeps its long side at least ``side`` and
+    its short side at least ``min_short``: what every aspect-ratio mode can still use (a worker reduces each image
+    so as soon as it is decoded, before any mode is chosen). Images under twice those sides are returned as they are."""
+    w, h = img.size
+    k = min(max(w, h) // side, min(w, h) // min_short)
+    return img.reduce(k) if k >= 2 else img
 
 
 def aspect_ratio_image(img: Image.Image, aspect_ratio: str, mean: Sequence[float], side: int) -> Image.Image:

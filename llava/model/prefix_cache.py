@@ -1,10 +1,11 @@
 """Reuse of per-sample work across ECSO's steps.
 
 Steps 1-3 of ECSO share the prompt prefix ``system + "USER: " + <576 image tokens>``: :class:`PrefixStore` keeps
-the KV cache of that prefix per (prefix tokens, image content hashes), so the image is encoded and the prefix
-prefilled once per sample. Entries hold the tensors themselves; each use builds a fresh ``DynamicCache`` around
-them, whose updates concatenate into new tensors, so one step's decoding never mutates another step's prefix.
-:class:`PixelMemo` keeps each image's preprocessed pixels so an image is preprocessed once.
+the KV cache of that prefix per key (the engine's: prefix tokens, content hashes of the images and, for LLaVA-1.5,
+how the images were preprocessed), so the image is encoded and the prefix prefilled once per sample and
+preprocessing. Entries hold the tensors themselves; each use builds a fresh ``DynamicCache`` around them, whose
+updates concatenate into new tensors, so one step's decoding never mutates another step's prefix.
+:class:`PixelMemo` keeps each image's preprocessed pixels so an image is preprocessed once per mode.
 
 Both are bounded by the bytes of the tensors they hold (and a number of entries); they are keyed by content
 hashes (:func:`~llava.mm_utils.image_digest`) and never keep a decoded image.
@@ -40,8 +41,7 @@ def image_keys(images: Sequence[Any]) -> tuple[bytes, ...]:
 
 @dataclass
 class PrefixEntry:
-    ids: tuple[int, ...]
-    image_keys: tuple[bytes, ...]  # content hashes of its images (never the images)
+    key: tuple  # what the prefix is made of (hashable; the engine's: tokens, image content hashes, preprocessing)
     layers: list[tuple[Any, Any]]  # per layer (keys, values), each [1, heads, prefix_len, head_dim]
 
 
@@ -96,22 +96,23 @@ class _BytesLRU:
 
 
 class PrefixStore(_BytesLRU):
-    def lookup(self, ids: Sequence[int], images: Sequence[Any]) -> PrefixEntry | None:
-        return self.get((tuple(ids), image_keys(images)))
+    def lookup(self, key: tuple) -> PrefixEntry | None:
+        return self.get(key)
 
-    def has(self, ids: Sequence[int], images: Sequence[Any]) -> bool:
-        return self.peek((tuple(ids), image_keys(images)))
+    def has(self, key: tuple) -> bool:
+        return self.peek(key)
 
     def add(self, entry: PrefixEntry) -> None:
-        self.put((entry.ids, entry.image_keys), entry)
+        self.put(entry.key, entry)
 
 
 class PixelMemo(_BytesLRU):
-    def pixels(self, image: Any, compute: Callable[[Any], Any]) -> Any:
-        key = image_digest(image)
+    def pixels(self, image: Any, mode: str, compute: Callable[[Any, str], Any]) -> Any:
+        """``image``'s pixels preprocessed in ``mode`` (``compute(image, mode)`` the first time)."""
+        key = (image_digest(image), mode)
         found = self.get(key)
         if found is None:
-            found = compute(image)
+            found = compute(image, mode)
             self.put(key, found)
         return found
 
