@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+from typing import Any
 
+from llava.constants import TINY_MARKER, TINY_MAX_NEW_TOKENS, TINY_MODELS
 from llava.ecso.backends import Backend
-from llava.ecso.config import DECODING_GROUP, ECSO_GROUP, add_option_args, ecso_options
+from llava.ecso.config import (DECODING_GROUP, ECSO_GROUP, ECSOConfig, add_option_args, ecso_config_from_args,
+                               ecso_options)
 from llava.ecso.registry import backend_names, create_backend
 from llava.mm_utils import ASPECT_RATIOS
 
 __all__ = ["add_model_args", "add_backend_args", "add_ecso_args", "add_decoding_args", "backend_from_args",
-           "setup_logging"]
+           "ecso_config", "is_tiny_model", "setup_logging"]
+
+_ENTRY_MAX_NEW_TOKENS = "entry_max_new_tokens"  # the entry point's own default, used when the flag is not given
 
 
 def setup_logging(verbose: int = 0) -> None:
@@ -63,9 +69,30 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 
 def add_decoding_args(p: argparse.ArgumentParser, temperature: float = 0.0, max_new_tokens: int = 1024) -> None:
     """The decoding options of :class:`~llava.ecso.config.ECSOConfig` (also a direct answer's), with this entry
-    point's defaults."""
+    point's defaults; ``--max_new_tokens`` left out is ``max_new_tokens``, or ``TINY_MAX_NEW_TOKENS`` for a tiny
+    random-weight model (see :func:`ecso_config`)."""
     add_option_args(p, ecso_options(lambda o: o.group == DECODING_GROUP), "decoding",
-                    defaults={"temperature": temperature, "max_new_tokens": max_new_tokens})
+                    defaults={"temperature": temperature, "max_new_tokens": None},
+                    default_text={"max_new_tokens": f"{max_new_tokens}; {TINY_MAX_NEW_TOKENS} for a tiny "
+                                                    "random-weight --model-path, whose text is random"})
+    p.set_defaults(**{_ENTRY_MAX_NEW_TOKENS: max_new_tokens})
+
+
+def is_tiny_model(model_path: str | None) -> bool:
+    """``model_path`` names a tiny random-weight model (``tiny``, ...) or a folder ``llava.model.tiny`` built."""
+    if not model_path:
+        return False
+    return model_path in TINY_MODELS or (Path(model_path).expanduser() / TINY_MARKER).is_file()
+
+
+def ecso_config(args: argparse.Namespace, **overrides: Any) -> ECSOConfig:
+    """:class:`ECSOConfig` from the parsed flags (``ecso_config_from_args``), with the answer length resolved: the
+    flag when given, else the entry point's default, or ``TINY_MAX_NEW_TOKENS`` for a tiny random-weight model."""
+    if getattr(args, "max_new_tokens", 0) is None:
+        tiny = getattr(args, "backend", "local") == "local" and is_tiny_model(getattr(args, "model_path", None))
+        args = argparse.Namespace(**{**vars(args), "max_new_tokens": TINY_MAX_NEW_TOKENS if tiny
+                                     else getattr(args, _ENTRY_MAX_NEW_TOKENS)})
+    return ecso_config_from_args(args, **overrides)
 
 
 def add_ecso_args(p: argparse.ArgumentParser, batch_levers: bool = True) -> None:

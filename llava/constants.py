@@ -15,6 +15,9 @@ __all__ = [
     "WORKER_HEART_BEAT_INTERVAL",
     "CONTROLLER_HEART_BEAT_EXPIRATION",
     "ECSO_ALIAS_SUFFIX",
+    "TINY_MODELS",
+    "TINY_MARKER",
+    "TINY_MAX_NEW_TOKENS",
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_IMAGE_SIZE",
@@ -39,6 +42,13 @@ WEB_PORT = 7860
 # "<model>+ecso": the name under which a model worker's OpenAI API answers with ECSO; clients never pick it by
 # themselves when they look for "the" model of an endpoint.
 ECSO_ALIAS_SUFFIX = "+ecso"
+
+# ``--model-path`` names of the tiny random-weight models ``llava.model.tiny`` builds: name -> (layout, preset); the
+# file that marks a folder it built; the answer length entry points default to for them (their text is random).
+TINY_MODELS = {"tiny": ("hf", "tiny"), "tiny-hf": ("hf", "tiny"), "tiny-original": ("original", "tiny"),
+               "tiny-bench": ("hf", "bench"), "tiny-bench-original": ("original", "bench")}
+TINY_MARKER = "ecso_tiny.json"
+TINY_MAX_NEW_TOKENS = 32
 
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
-from llava.constants import CLIP_MEAN, CLIP_STD
+from llava.constants import CLIP_MEAN, CLIP_STD, TINY_MARKER, TINY_MODELS
 from llava.model.convert import fill_new_vocab_rows, padded_vocab_size, to_original_state_dict
 from llava.model.loaded import LoadedModel
 
@@ -288,15 +288,13 @@ def build_tiny(out: str | os.PathLike, layout: str = "hf", seed: int = 0, preset
         sd = _random_state_dict(spec, base_vocab, seed)
         out.mkdir(parents=True, exist_ok=True)
         (_write_hf if layout == "hf" else _write_original)(out, spec, tok_model, sd, base_vocab)
-    _write_json(out / "ecso_tiny.json", {"builder_version": BUILDER_VERSION, "layout": layout, "seed": seed,
+    _write_json(out / TINY_MARKER, {"builder_version": BUILDER_VERSION, "layout": layout, "seed": seed,
                                          "preset": preset, "spec": asdict(spec), "notice": TINY_NOTICE})
-    logger.info("built %s tiny model (%s layout, seed %d) at %s in %.1fs", preset, layout, seed, out,
+    logger.info("built a random-weight model, preset %s (%s layout, seed %d), at %s in %.1fs", preset, layout, seed, out,
                 time.perf_counter() - t0)
     return out
 
 
-_TINY_NAMES = {"tiny": ("hf", "tiny"), "tiny-hf": ("hf", "tiny"), "tiny-original": ("original", "tiny"),
-               "tiny-bench": ("hf", "bench"), "tiny-bench-original": ("original", "bench")}
 
 
 def build_loaded(preset: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None, conv_mode: str = "vicuna_v1"):
@@ -330,7 +328,7 @@ def build_loaded(preset: str = "tiny", seed: int = 0, device: str = "cpu", dtype
 
 
 def is_tiny_name(name: str) -> bool:
-    return name in _TINY_NAMES
+    return name in TINY_MODELS
 
 
 def cache_dir() -> Path:
@@ -340,11 +338,11 @@ def cache_dir() -> Path:
 def tiny_model_path(name: str = "tiny", seed: int = 0) -> Path:
     """The cached folder for ``tiny``/``tiny-original``/``tiny-bench``, built on first use (safe across processes:
     built in a temporary folder, then renamed into place)."""
-    if name not in _TINY_NAMES:
-        raise ValueError(f"unknown tiny model {name!r}; valid: {', '.join(_TINY_NAMES)}")
-    layout, preset = _TINY_NAMES[name]
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; valid: {', '.join(TINY_MODELS)}")
+    layout, preset = TINY_MODELS[name]
     target = cache_dir() / "models" / f"{preset}-{layout}-seed{seed}-v{BUILDER_VERSION}"
-    if (target / "ecso_tiny.json").exists():
+    if (target / TINY_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.warning("building the %s model into %s (%s)", name, target, TINY_NOTICE)
@@ -354,7 +352,7 @@ def tiny_model_path(name: str = "tiny", seed: int = 0) -> Path:
         try:
             os.rename(tmp / "m", target)
         except OSError:
-            if not (target / "ecso_tiny.json").exists():  # lost a race to another process: fine if it finished
+            if not (target / TINY_MARKER).exists():  # lost a race to another process: fine if it finished
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -374,6 +372,10 @@ def main(argv: list[str] | None = None) -> None:
                              "(the llava-1.5-7b preset is built in memory by the GPU benchmarks, not saved)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # e.g. "CLIPImageProcessor requires torchvision": PIL's is what LLaVA uses
+    hf_logging.disable_progress_bar()
     path = build_tiny(args.out, layout=args.layout, seed=args.seed, preset=args.preset)
     print(path)
 
