@@ -31,7 +31,7 @@ from llava.eval.metrics.registry import compute
 from llava.eval.metrics.safety import safety_metrics
 from llava.eval.report_plots import roc_plot, safety_plots
 
-__all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "build_report", "main"]
+__all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "build_report", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 SAFETY_METRIC = "safety"  # its runs get the per-scenario safety section; others a table of their spec's report_keys
@@ -307,7 +307,7 @@ def _gt_arg(text: str) -> tuple[str, Path]:
     return bench, Path(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (searched recursively for answer files)")
@@ -317,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmark whose rows lack it; BENCHMARK one of "
                         f"{', '.join(benchmark_names(has='report_keys'))} (repeatable)")
     p.add_argument("--strict", action="store_true", help="refuse (exit 3) when compared runs were judged differently")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = build_report(args.runs, args.out, dict(args.ground_truth), args.strict)

@@ -26,7 +26,7 @@ from llava.model.convert import fill_new_vocab_rows, padded_vocab_size, to_origi
 from llava.model.loaded import LoadedModel
 
 __all__ = ["TinySpec", "PRESETS", "build_tiny", "build_loaded", "tiny_model_path", "is_tiny_name", "TINY_NOTICE",
-           "main"]
+           "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def tiny_model_path(name: str = "tiny", seed: int = 0) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava.model.tiny", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -370,7 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=["tiny", "bench"], default="tiny",
                         help="tiny: ~0.4 M parameters for tests; bench: ~90 M parameters for CPU benchmarks "
                              "(the llava-1.5-7b preset is built in memory by the GPU benchmarks, not saved)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
