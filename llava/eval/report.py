@@ -60,6 +60,11 @@ class Run:
     def label(self) -> str:
         return f"{self.method}:{self.path.name}"
 
+    @property
+    def random_weights(self) -> bool:
+        """The answers come from a tiny random-weight test model (its manifest says so)."""
+        return bool(((self.manifest or {}).get("settings") or {}).get("model", {}).get("tiny_random_weights"))
+
 
 def _sibling(answers: Path, suffix: str) -> Path:
     return answers.with_name(answers.name.removesuffix(".jsonl") + suffix)
@@ -251,7 +256,8 @@ def _runs_section(runs: list[Run], pairs) -> Section:
     sec.lines.append("Full manifests and judge summaries: `manifests.json`.\n")
     for r in runs:
         judge = (r.judge_summary or {}).get("prompt_set", {})
-        sec.lines.append(f"- `{r.path}`: {r.benchmark}, {r.method}, model `{r.model_id}`, {len(r.rows)} answers; "
+        model = f"model `{r.model_id}`" + (" (random weights)" if r.random_weights else "")
+        sec.lines.append(f"- `{r.path}`: {r.benchmark}, {r.method}, {model}, {len(r.rows)} answers; "
                          f"manifest {'yes' if r.manifest else 'MISSING'}; judge prompt set "
                          f"{judge.get('source', '-')} ({str(judge.get('sha256', '-'))[:12]})")
     for d, e in pairs:
@@ -281,7 +287,10 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
     if warnings and strict:
         raise JudgeMismatchError("refusing to compare differently judged runs: " + " | ".join(warnings))
     sections.append(_runs_section(runs, pairs))
-    _write_markdown(out / "report.md", sections, warnings)
+    random = sorted({r.model_id for r in runs if r.random_weights})
+    notes = [f"**Random-weight test model** ({', '.join(f'`{m}`' for m in random)}): its answers are random text, so "
+             "its numbers test the tooling, not a model."] if random else []
+    _write_markdown(out / "report.md", sections, warnings, notes)
     manifests = {str(r.path): {"manifest": r.manifest, "judge": r.judge_summary} for r in runs}
     (out / "manifests.json").write_text(json.dumps(manifests, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     for w in warnings:
@@ -290,10 +299,12 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
             "files": sorted(p.name for p in out.iterdir())}
 
 
-def _write_markdown(path: Path, sections: list[Section], warnings: list[str]) -> None:
+def _write_markdown(path: Path, sections: list[Section], warnings: list[str], notes: list[str] = ()) -> None:
     lines = ["# ECSO evaluation report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
     for w in warnings:
         lines += [f"> **WARNING — JUDGE MISMATCH.** {w}", ""]
+    for note in notes:
+        lines += [f"> {note}", ""]
     for s in sections:
         lines += [f"## {s.title}", "", *s.lines, ""]
     path.write_text("\n".join(lines), encoding="utf-8")
