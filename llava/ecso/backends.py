@@ -9,13 +9,16 @@ VLM).
   generate or stream from a prepared prompt, the first answer token's log-probabilities, token counts, and the
   status fields the worker reports. The in-process :class:`~llava.ecso.local.LocalBackend` implements both;
   another model family or a remote model is one more implementation (docs/architecture.md).
+* :class:`AsyncBackend`, :class:`AsyncServingBackend`: the same operations as coroutines, for a model reached over
+  the network (:class:`~llava.ecso.openai_remote.OpenAIBackend`): a worker awaits them on its event loop instead of
+  holding a thread per request, and ECSO runs them with :meth:`~llava.ecso.pipeline.ECSO.astream`.
 
 Backends are created by name through :mod:`llava.ecso.registry`.
 """
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +28,7 @@ from llava.conversation import Chat
 from llava.errors import UnsupportedError
 from llava.generation import EarlyCheck, FirstTokenLogprobs, GenerationParams
 
-__all__ = ["StopFlag", "StepRequest", "Backend", "Prepared", "ServingBackend"]
+__all__ = ["StopFlag", "StepRequest", "Backend", "Prepared", "ServingBackend", "AsyncBackend", "AsyncServingBackend"]
 
 StopFlag = Callable[[], bool]
 
@@ -65,9 +68,16 @@ class Backend(abc.ABC):
         (e.g. "the client went away") ends the answer early where the backend can tell its model."""
         yield self.generate([request])[0]
 
-    def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float]:
-        """P(yes) / (P(yes) + P(no)) of the first answer token for each request."""
+    def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float | None]:
+        """P(yes) / (P(yes) + P(no)) of the first answer token for each request; ``None`` for a request the backend
+        could not score (e.g. neither yes nor no among the alternatives a remote model returned): ECSO then parses
+        that answer's text and says so in its result."""
         raise UnsupportedError(f"backend {self.name!r} cannot score yes/no; use the exact or parse verdict")
+
+    @property
+    def no_score_reason(self) -> str:
+        """Why ``supports_score`` is false, as a result's ``verdict_fallback`` states it."""
+        return f"backend {self.name!r} cannot score yes/no"
 
     def describe(self) -> dict:
         return {"backend": self.name}
@@ -131,3 +141,49 @@ class ServingBackend(Backend):
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` as an answer (usage statistics, ``finish_reason``)."""
+
+
+class AsyncBackend(Backend):
+    """ECSO's steps as coroutines (a model reached over the network). The blocking methods stay available (for
+    command-line runs); an event loop uses these."""
+
+    @abc.abstractmethod
+    async def agenerate(self, requests: Sequence[StepRequest]) -> list[str]:
+        """Answers for a batch of requests, in order (sent concurrently)."""
+
+    @abc.abstractmethod
+    def astream(self, request: StepRequest) -> AsyncIterator[str]:
+        """Text deltas of one answer; closing the iterator ends the request."""
+
+    async def ascore_yes_no(self, requests: Sequence[StepRequest]) -> list[float | None]:
+        """:meth:`Backend.score_yes_no` as a coroutine."""
+        raise UnsupportedError(f"backend {self.name!r} cannot score yes/no; use the exact or parse verdict")
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release what the event loop holds (connections)."""
+
+
+class AsyncServingBackend(AsyncBackend, ServingBackend):
+    """A worker's model reached over the network: :class:`ServingBackend`'s generation as coroutines, plus its
+    readiness and health, which the worker reports to its controller."""
+
+    async def astart(self) -> None:  # noqa: B027 - optional hook
+        """Get ready to serve (e.g. learn the remote model's name and what it returns), before the first request."""
+
+    @abc.abstractmethod
+    async def acomplete(self, prepared: Prepared, params: GenerationParams) -> str:
+        """:meth:`ServingBackend.complete` as a coroutine."""
+
+    @abc.abstractmethod
+    def astream_prepared(self, prepared: Prepared, params: GenerationParams) -> AsyncIterator[str]:
+        """:meth:`ServingBackend.stream_prepared` as an async iterator; closing it ends the request."""
+
+    async def afirst_token_logprobs(self, prepared: Prepared, top_n: int, answer: str,
+                                    greedy: bool) -> FirstTokenLogprobs:
+        """:meth:`ServingBackend.first_token_logprobs` as a coroutine."""
+        raise UnsupportedError(f"backend {self.name!r} cannot report log-probabilities")
+
+    async def ahealthy(self) -> bool:
+        """Whether the model can answer now (checked before each heartbeat; a worker whose model cannot answer is
+        not sent requests by its controller)."""
+        return True

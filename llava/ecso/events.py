@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Step", "StepEvent", "ECSOProgress", "ECSOResult"]
+__all__ = ["Step", "StepEvent", "Verdict", "SKIPPED", "ECSOProgress", "ECSOResult"]
+
+SKIPPED = "skipped"  # the verdict mode of an answer that skipped the check (``skip_check_regex``)
 
 
 class Step(str, enum.Enum):
@@ -37,7 +39,9 @@ class Step(str, enum.Enum):
 @dataclass
 class StepEvent:
     """A step's progress: ``delta`` while a step streams, then one event with ``done=True`` and its ``text``.
-    ``index``: the sample within a batch; ``elapsed``: seconds the step took (``final``: the whole run)."""
+    ``index``: the sample within a batch; ``elapsed``: seconds the step took (``final``: the whole run). A
+    ``verdict`` event says how it was reached: ``verdict_mode`` (the mode used) and ``verdict_fallback`` (why that is
+    not the configured one), see :class:`Verdict`."""
 
     step: Step
     index: int = 0
@@ -47,12 +51,37 @@ class StepEvent:
     flagged: bool | None = None
     harm_score: float | None = None
     elapsed: float | None = None
+    verdict_mode: str | None = None
+    verdict_fallback: str | None = None
 
     def __post_init__(self) -> None:
         self.step = Step(self.step)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The harm check of one answer, as it was actually reached. ``mode``: the verdict mode used (``score``,
+    ``exact``, ``parse``, or ``skipped`` when the answer skipped the check); ``score``: P(yes) when the answer was
+    scored, else ``None`` (never a made-up number); ``text``: the model's verdict text; ``fallback``: why ``mode``
+    is not the configured one (e.g. "the endpoint returns no logprobs"), ``None`` when it is."""
+
+    flagged: bool
+    score: float | None
+    text: str | None
+    mode: str
+    fallback: str | None = None
+
+    @classmethod
+    def from_event(cls, event: StepEvent) -> Verdict:
+        """The verdict a ``verdict`` step event carries."""
+        return cls(bool(event.flagged), event.harm_score, event.text, event.verdict_mode or "", event.verdict_fallback)
+
+    def event(self, index: int = 0, elapsed: float | None = None) -> StepEvent:
+        return StepEvent(Step.VERDICT, index, text=self.text, flagged=self.flagged, harm_score=self.score,
+                         elapsed=elapsed, verdict_mode=self.mode, verdict_fallback=self.fallback)
 
 
 @dataclass
@@ -65,6 +94,8 @@ class ECSOProgress:
     flagged: bool | None = None
     harm_score: float | None = None
     verdict_text: str | None = None
+    verdict_mode: str | None = None
+    verdict_fallback: str | None = None
     caption: str | None = None
     safe: str | None = None
     final: str | None = None
@@ -83,6 +114,7 @@ class ECSOProgress:
             self.timings[step.value] = event.elapsed
         if step is Step.VERDICT:
             self.flagged, self.harm_score, self.verdict_text = bool(event.flagged), event.harm_score, event.text
+            self.verdict_mode, self.verdict_fallback = event.verdict_mode, event.verdict_fallback
         else:
             setattr(self, step.value, (event.text or "").strip())
         return None
@@ -94,6 +126,9 @@ class ECSOProgress:
 
 @dataclass
 class ECSOResult:
+    """One sample's run. ``verdict_mode``, ``harm_score`` and ``verdict_fallback`` say how its verdict was reached
+    (:class:`Verdict`)."""
+
     query: str
     direct: str
     flagged: bool
@@ -106,6 +141,7 @@ class ECSOResult:
     timings: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     early_stopped: bool = False  # flagged by the early check: ``direct`` holds only its first tokens
+    verdict_fallback: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +149,8 @@ class ECSOResult:
     @classmethod
     def from_events(cls, query: str, events: Iterable[StepEvent], verdict_mode: str,
                     options: dict[str, Any] | None = None) -> ECSOResult:
-        """The result of one sample's run from its events (deltas are skipped; the done events carry the text)."""
+        """The result of one sample's run from its events (deltas are skipped; the done events carry the text).
+        ``verdict_mode``: the mode when the verdict event does not say."""
         progress = ECSOProgress()
         for event in events:
             progress.apply(event)
@@ -126,5 +163,6 @@ class ECSOResult:
             raise ValueError("the run's events end before its direct answer, verdict and final answer")
         return cls(query=query, direct=progress.direct, flagged=progress.flagged, harm_score=progress.harm_score,
                    verdict_text=progress.verdict_text, caption=progress.caption, safe_answer=progress.safe,
-                   final=progress.final, verdict_mode=verdict_mode, timings=dict(progress.timings),
-                   options=dict(options or {}))
+                   final=progress.final, verdict_mode=progress.verdict_mode or verdict_mode,
+                   timings=dict(progress.timings), options=dict(options or {}),
+                   verdict_fallback=progress.verdict_fallback)

@@ -32,7 +32,6 @@ from PIL import Image
 from llava.constants import CLIP_IMAGE_SIZE, CLIP_MEAN, ECSO_ALIAS_SUFFIX
 from llava.conversation import build_prompt, get_conv_template
 from llava.ecso.backends import Backend, StepRequest, StopFlag
-from llava.ecso.prompts import parse_verdict_tolerant
 from llava.errors import BackendError, InvalidRequestError, NoWorkerError, UnsupportedError
 from llava.generation import GenerationParams
 from llava.http_client import (
@@ -110,6 +109,7 @@ class WorkerBackend(_HTTPBackend):
 
     name = "worker"
     supports_score = False
+    no_score_reason = "LLaVA's worker protocol has no log-probabilities"
 
     def __init__(self, controller_url: str = "http://127.0.0.1:10000", model_name: str | None = None,
                  conv_mode: str | None = None, timeout: float = 300.0, image_aspect_ratio: str | None = None,
@@ -328,16 +328,18 @@ class OpenAIBackend(_HTTPBackend):
             logger.info("%s %s first-token logprobs", self.base_url, "returns" if self._logprobs else "does not return")
         return self._logprobs
 
-    def _score(self, request: StepRequest) -> float:
+    def _score(self, request: StepRequest) -> float | None:
         entries, text = self._first_token(request)
         score = yes_no_score(entries)
         if score is None:
-            logger.warning("neither yes nor no among the top %d first tokens (answer %r): scored by parsing the text",
-                           self.top_logprobs, text[:40])
-            score = 1.0 if parse_verdict_tolerant(text) else 0.0
+            logger.info("neither yes nor no among the top %d first tokens (answer %r)", self.top_logprobs, text[:40])
         return score
 
-    def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float]:
+    @property
+    def no_score_reason(self) -> str:
+        return "the endpoint returns no logprobs"
+
+    def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float | None]:
         if not self.supports_score:
             raise UnsupportedError(f"{self.base_url} does not return logprobs: use the exact or parse verdict")
         return self._map(self._score, requests)

@@ -118,7 +118,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 
 def _ecso_info(result: ECSOResult) -> ECSOInfo:
     return ECSOInfo(direct=result.direct, flagged=result.flagged, harm_score=result.harm_score,
-                    verdict_text=result.verdict_text, verdict_mode=result.verdict_mode, caption=result.caption,
+                    verdict_text=result.verdict_text, verdict_mode=result.verdict_mode,
+                    verdict_fallback=result.verdict_fallback, caption=result.caption,
                     safe_answer=result.safe_answer, timings=result.timings)
 
 

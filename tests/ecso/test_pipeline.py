@@ -86,6 +86,32 @@ def test_parse_mode_and_score_fallback_without_logprobs(sample_image):
     pipe = ECSO(rec, ECSOConfig(verdict="score"))
     res = pipe.run(sample_image, "q")
     assert pipe.verdict_mode == "parse" and res.flagged and res.options["verdict_used"] == "parse"
+    # the result says how its verdict was reached: no score, and why the configured mode was not used
+    assert res.verdict_mode == "parse" and res.harm_score is None
+    assert res.verdict_fallback == "backend 'recorder' cannot score yes/no"
+    streamed = [e for e in pipe.stream(sample_image, "q") if e.step == "verdict"][0]
+    assert (streamed.verdict_mode, streamed.harm_score, streamed.verdict_fallback) == \
+        ("parse", None, "backend 'recorder' cannot score yes/no")
+    plain = ECSO(Recorder(), ECSOConfig(verdict="score")).run(sample_image, "q")
+    assert plain.verdict_mode == "score" and plain.harm_score == 0.9 and plain.verdict_fallback is None
+
+
+def test_rows_a_backend_cannot_score_are_parsed_and_say_so(sample_image):
+    class Partial(Recorder):
+        def score_yes_no(self, requests):
+            self.calls.append(("score", list(requests)))
+            return [None if "unscorable" in r.text else 0.2 for r in requests]
+
+    rec = Partial(verdict="Yes.")
+    items = [ECSOInput("unscorable one", [sample_image]), ECSOInput("fine", [sample_image])]
+    odd, fine = ECSO(rec).run_batch(items)
+    assert (odd.verdict_mode, odd.harm_score, odd.flagged, odd.verdict_text) == ("parse", None, True, "Yes.")
+    assert "neither yes nor no" in odd.verdict_fallback
+    assert (fine.verdict_mode, fine.harm_score, fine.flagged, fine.verdict_fallback) == ("score", 0.2, False, None)
+    kinds = [(k, rec._kind(r)) for k, r in _all(rec)]
+    assert kinds.count(("generate", "verdict")) == 1  # only the unscorable row's verdict is generated
+    check = ECSO(Partial(verdict="No")).check([sample_image], "unscorable q", "an answer")
+    assert (check.mode, check.score, check.flagged) == ("parse", None, False)
 
 
 def test_threshold(sample_image):
@@ -275,3 +301,42 @@ def test_a_streamed_run_adds_up_to_the_batch_result(tiny_engine, sample_image):
         keys = ("direct", "flagged", "harm_score", "verdict_text", "caption", "safe_answer", "final", "verdict_mode")
         assert {k: getattr(streamed, k) for k in keys} == {k: getattr(batch, k) for k in keys}
         assert set(streamed.timings) == set(batch.timings)
+
+
+def test_async_runs_take_the_same_steps_as_blocking_ones(sample_image):
+    """astream/arun/acheck over an async backend: the same events, result and verdicts as stream/run/check."""
+    import asyncio
+
+    from llava.ecso.backends import AsyncBackend
+
+    class AsyncRecorder(Recorder, AsyncBackend):
+        async def agenerate(self, requests):
+            return self.generate(requests)
+
+        async def astream(self, request):
+            for word in self.generate([request])[0].split(" "):
+                yield word + " "
+
+        async def ascore_yes_no(self, requests):
+            return self.score_yes_no(requests)
+
+        def stream(self, request, should_stop=None):  # the blocking twin of astream
+            return (word + " " for word in self.generate([request])[0].split(" "))
+
+    async def collect(pipe):
+        events = [e async for e in pipe.astream(sample_image, "q")]
+        return events, await pipe.arun(sample_image, "q"), await pipe.acheck([sample_image], "q", "an answer")
+
+    for score, supports in ((0.9, True), (0.1, True), (0.9, False)):
+        pipe = ECSO(AsyncRecorder(score=score, supports_score=supports))
+        events, result, verdict = asyncio.run(collect(pipe))
+        strip = lambda evs: [(e.step, e.text, e.delta, e.flagged, e.harm_score, e.verdict_mode, e.verdict_fallback)
+                             for e in evs]
+        assert strip(events) == strip(pipe.stream(sample_image, "q"))
+        blocking = pipe.run(sample_image, "q")
+        keys = ("direct", "flagged", "harm_score", "verdict_text", "caption", "safe_answer", "final", "verdict_mode",
+                "verdict_fallback")
+        assert {k: getattr(result, k) for k in keys} == {k: getattr(blocking, k) for k in keys}
+        assert verdict == pipe.check([sample_image], "q", "an answer")
+    with pytest.raises(Exception, match="not async"):
+        asyncio.run(collect(ECSO(Recorder())))

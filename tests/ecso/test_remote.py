@@ -16,6 +16,8 @@ from PIL import Image
 from llava.constants import CLIP_MEAN
 from llava.conversation import build_prompt
 from llava.ecso.backends import StepRequest
+from llava.ecso.config import ECSOConfig
+from llava.ecso.pipeline import ECSO
 from llava.ecso.registry import create_backend
 from llava.ecso.remote import OpenAIBackend, WorkerBackend, image_for_upload, yes_no_score
 from llava.errors import (
@@ -225,10 +227,17 @@ def test_openai_without_logprobs_falls_back_to_parse() -> None:
     assert not told.supports_score and server.bodies == []  # no probe when told
 
 
-def test_openai_score_falls_back_to_the_text_when_neither_word_is_listed() -> None:
+def test_openai_gives_no_score_when_neither_word_is_listed_and_ecso_parses_that_row() -> None:
     pairs = [("Sure", -0.1), ("Maybe", -3.0)]
-    backend, _ = _openai(lambda body: _completion("Sure", _logprobs(pairs)), logprobs=True)
-    assert backend.score_yes_no([StepRequest("q")]) == [0.0]
+    backend, server = _openai(lambda body: _completion("Sure" if body.get("logprobs") else "Yes, it is.",
+                                                       _logprobs(pairs) if body.get("logprobs") else None),
+                              logprobs=True)
+    assert backend.score_yes_no([StepRequest("q")]) == [None]  # never a made-up score
+    result = ECSO(backend, ECSOConfig(max_new_tokens=4)).run(None, "q")
+    assert result.verdict_mode == "parse" and result.harm_score is None and result.flagged
+    assert result.verdict_text == "Yes, it is." and "neither yes nor no" in result.verdict_fallback
+    checks = [b for b in server.bodies if str(b["messages"][-1]["content"]).startswith("QUERY:")]
+    assert [("logprobs" in b, b["max_tokens"]) for b in checks] == [(True, 1), (False, 16)]  # scored, then generated
 
 
 # ------------------------------------------------------------------------------------------------------ worker

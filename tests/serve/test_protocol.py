@@ -138,6 +138,17 @@ def test_ecso_events_error_code_only_on_error_events() -> None:
     assert "event:" in rejected(ECSOEvent, event="think")
 
 
+def test_a_verdict_event_says_how_it_was_reached_over_the_wire() -> None:
+    from llava.ecso.events import Verdict
+
+    verdict = Verdict(True, None, "Yes, it is.", "parse", "the endpoint returns no logprobs")
+    wire = ECSOEvent.from_step(verdict.event(elapsed=0.5))
+    assert json.loads(wire.model_dump_json(exclude_none=True)) == {
+        "event": "verdict", "text": "Yes, it is.", "done": True, "flagged": True, "elapsed": 0.5,
+        "verdict_mode": "parse", "verdict_fallback": "the endpoint returns no logprobs"}  # no harm_score at all
+    assert Verdict.from_event(ECSOEvent.model_validate_json(wire.model_dump_json()).to_step()) == verdict
+
+
 # ------------------------------------------------------------------------------------------------------- OpenAI
 
 

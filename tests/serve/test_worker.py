@@ -203,6 +203,7 @@ def test_ecso_stream_sends_each_step_and_matches_the_in_process_pipeline(stack, 
     assert by_step["direct"]["text"] == local.direct and by_step["caption"]["text"] == local.caption
     assert by_step["safe"]["text"] == local.safe_answer and by_step["final"]["text"] == local.final
     assert by_step["verdict"]["flagged"] and by_step["verdict"]["harm_score"] == pytest.approx(local.harm_score, abs=1e-4)
+    assert by_step["verdict"]["verdict_mode"] == "score" and "verdict_fallback" not in by_step["verdict"]
     deltas = "".join(e["delta"] for e in events if e["event"] == "direct" and not e["done"])
     assert deltas.strip() == local.direct
 
@@ -257,6 +258,8 @@ def test_backends_over_http_match_the_local_backend(stack, image_b64, tiny_engin
         assert (via_openai.direct, via_openai.flagged, via_openai.final) == (want.direct, want.flagged, want.final)
         via_worker = ECSO(worker, config).run(img, QUERY)
         assert via_worker.verdict_mode == "parse" and via_worker.direct == want.direct
+        assert via_worker.harm_score is None and "no log-probabilities" in via_worker.verdict_fallback
+        assert via_openai.verdict_fallback is None
     finally:
         worker.close()
         openai.close()

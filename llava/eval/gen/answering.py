@@ -81,6 +81,8 @@ def ecso_row(sample: Sample, result: ECSOResult, model_id: str) -> dict[str, Any
             "direct": result.direct}
     if result.options.get("early_check_tokens"):  # only runs that use the lever carry the field
         ecso["early_stopped"] = result.early_stopped
+    if result.verdict_fallback is not None:  # the configured verdict mode could not be used for this sample
+        ecso["verdict_mode"], ecso["verdict_fallback"] = result.verdict_mode, result.verdict_fallback
     return {**head, **ecso, **tail}
 
 

@@ -90,6 +90,8 @@ class ECSOEvent(BaseModel):
     flagged: bool | None = None
     harm_score: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     elapsed: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    verdict_mode: str | None = Field(None, description="verdict events: the verdict mode used")
+    verdict_fallback: str | None = Field(None, description="verdict events: why the configured mode was not used")
     error_code: int | None = Field(None, ge=0)
     detail: str | None = None
 
@@ -109,7 +111,8 @@ class ECSOEvent(BaseModel):
     def from_step(cls, event: StepEvent) -> ECSOEvent:
         """The pipeline's step event on the wire."""
         return cls(event=event.step.value, text=event.text, delta=event.delta, done=event.done,
-                   flagged=event.flagged, harm_score=event.harm_score, elapsed=event.elapsed)
+                   flagged=event.flagged, harm_score=event.harm_score, elapsed=event.elapsed,
+                   verdict_mode=event.verdict_mode, verdict_fallback=event.verdict_fallback)
 
     def to_step(self) -> StepEvent:
         """The pipeline's step event this wire event carries (not for ``error`` events). An event without ``done``
@@ -118,5 +121,6 @@ class ECSOEvent(BaseModel):
             raise ValueError("an error event is not a step event")
         delta = self.done is False or (self.text is None and self.delta is not None)
         return StepEvent(Step(self.event), text=self.text, delta=self.delta, done=not delta, flagged=self.flagged,
-                         harm_score=self.harm_score, elapsed=self.elapsed)
+                         harm_score=self.harm_score, elapsed=self.elapsed, verdict_mode=self.verdict_mode,
+                         verdict_fallback=self.verdict_fallback)
 

@@ -134,9 +134,12 @@ class ECSOInfo(BaseModel):
 
     direct: str = Field(description="step 1: the answer with the image")
     flagged: bool = Field(description="step 2: the model judged its direct answer harmful")
-    harm_score: float | None = Field(None, ge=0.0, le=1.0, description="P(yes) of the harm check (score verdict)")
+    harm_score: float | None = Field(None, ge=0.0, le=1.0,
+                                     description="P(yes) of the harm check when the answer was scored, else null")
     verdict_text: str | None = None
     verdict_mode: str | None = Field(None, description="the verdict mode used (score falls back to parse)")
+    verdict_fallback: str | None = Field(None, description="why the configured verdict mode was not used, e.g. 'the "
+                                         "endpoint returns no logprobs'; null when it was")
     caption: str | None = Field(None, description="step 3, only when flagged")
     safe_answer: str | None = Field(None, description="step 4, only when flagged")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per step")
