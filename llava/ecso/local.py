@@ -83,7 +83,7 @@ class LocalBackend(ServingBackend):
         return self.engine.loaded.multimodal
 
     def status(self) -> dict[str, Any]:
-        return {"conv_mode": self.conv_mode}
+        return {"conv_mode": self.conv_mode, "random_weights": self.engine.loaded.is_tiny}
 
     def prepare(self, chat: Chat) -> Prepared:
         return self.prepare_templated(render_prompt(self.conv_mode, chat), chat.images)

@@ -43,6 +43,8 @@ class WorkerStatus(BaseModel):
     speed: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="relative throughput; dispatch weight")
     queue_length: int = Field(0, ge=0)
     conv_mode: str | None = Field(None, description="the worker's chat template (LLaVA clients ignore it)")
+    random_weights: bool | None = Field(None, description="the model is a random-weight test model (its text is "
+                                                          "random); clients show it")
 
 
 class RegisterWorkerRequest(BaseModel):
