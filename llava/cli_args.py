@@ -38,11 +38,12 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny
     g = p.add_argument_group("model (local backend)")
     g.add_argument("--model-path", default=default_model,
                    help="checkpoint folder or hub id (llava-hf/llava-1.5-7b-hf, liuhaotian/llava-v1.5-7b); 'tiny' "
-                        "(or 'tiny-original') builds a local random-weight test model whose outputs are random text")
+                        "(or 'tiny-original') builds a local random-weight test model whose outputs are random text"
+                        + (f" (default {default_model})" if default_model else ""))
     g.add_argument("--model-base", default=None, help="base model for LoRA checkpoints (merge them first; see README)")
     g.add_argument("--model-name", default=None,
                    help="name to report (default: the folder name); with --backend worker/openai, the served model")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weights dtype; auto: float16 on CUDA, float32 on CPU")
     g.add_argument("--load-8bit", action="store_true", help="8-bit weights (CUDA + bitsandbytes)")
@@ -53,7 +54,7 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny
     g.add_argument("--image-aspect-ratio", default=None, choices=ASPECT_RATIOS,
                    help="pad: pad to square with the image mean (LLaVA-1.5, the default); crop: the CLIP processor's "
                         "resize + center crop (llava-hf processors); resize: squash to a square")
-    g.add_argument("--batch-size", type=int, default=16, help="rows per model call in batched steps")
+    g.add_argument("--batch-size", type=int, default=16, help="rows per model call in batched steps (default %(default)s)")
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -61,10 +62,12 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="local", choices=backend_names(),
                    help="local: load the model in this process; worker: a LLaVA worker behind --controller-url; "
                         "openai: an OpenAI-compatible chat endpoint at --openai-base-url")
-    g.add_argument("--controller-url", default="http://127.0.0.1:10000", help="controller for --backend worker")
+    g.add_argument("--controller-url", default="http://127.0.0.1:10000",
+                   help="controller for --backend worker (default %(default)s)")
     g.add_argument("--openai-base-url", default=None,
                    help="base URL (…/v1) for --backend openai (default: $OPENAI_BASE_URL); key from OPENAI_API_KEY")
-    g.add_argument("--request-timeout", type=float, default=300.0, help="seconds per remote request")
+    g.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds per remote request (default %(default)g)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser, temperature: float = 0.0, max_new_tokens: int = 1024) -> None:

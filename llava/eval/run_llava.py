@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_args(p)
     p.add_argument("--image-file", default=None, help="image path(s), separated by --sep; omit for a text-only query")
     p.add_argument("--query", required=True, help="the user's question")
-    p.add_argument("--sep", default=",", help="separator of several --image-file paths")
+    p.add_argument("--sep", default=",", help="separator of several --image-file paths (default %(default)r)")
     add_decoding_args(p, temperature=0.2, max_new_tokens=512)  # LLaVA's run_llava defaults
     p.add_argument("--ecso", action="store_true", help="run ECSO (direct answer, harm check, caption, safe answer)")
     add_ecso_args(p)

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WEB_PORT, WORKER_PORT
+from llava.cli_args import is_tiny_model
+from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, TINY_MAX_NEW_TOKENS, WEB_PORT, WORKER_PORT
 from llava.http_client import API_KEY_ENV, auth_headers, is_loopback, resolve_api_key
 from llava.serve.server import configure_logging
 
@@ -161,8 +162,9 @@ class Launcher:
 
     def demo_argv(self) -> list[str]:
         c = self.config
+        short = ["--max-new-tokens", str(TINY_MAX_NEW_TOKENS)] if is_tiny_model(c.model_path) else []  # random text
         return ["--host", c.host, "--port", str(c.web_port), "--controller-url", c.controller_url,
-                "--model-list-mode", "reload", "--log-level", c.log_level, *c.demo_args]
+                "--model-list-mode", "reload", "--log-level", c.log_level, *short, *c.demo_args]
 
     def busy_ports(self) -> list[str]:
         """One line per service whose port is taken on ``host``, naming the port, the flag that changes it and a

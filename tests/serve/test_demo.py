@@ -252,3 +252,21 @@ def test_default_log_dir_is_documented_and_not_the_working_folder(tmp_path):
     assert default_log_dir({"ECSO_DEMO_LOG_DIR": str(tmp_path / "mine")}) == tmp_path / "mine"
     assert default_log_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "ecso" / "demo-logs"
     assert config_from_args(["--log-dir", str(tmp_path)]).log_dir == str(tmp_path)
+
+
+def test_tiny_models_get_short_answers_from_the_worker_and_the_launched_demo():
+    from llava.serve.launch import Launcher
+    from llava.serve.model_worker import config_from_args as worker_config
+
+    tiny = worker_config(["--model-path", "tiny", "--no-register"])
+    assert tiny.max_new_tokens == tiny.ecso.max_new_tokens == 32
+    real = worker_config(["--model-path", "llava-hf/llava-1.5-7b-hf", "--no-register"])
+    assert real.max_new_tokens == real.ecso.max_new_tokens == 512
+    assert worker_config(["--model-path", "tiny", "--max-new-tokens", "64"]).max_new_tokens == 64
+    argv = {}
+    for path in ("tiny", "/models/x"):
+        launcher = Launcher(launch_config(["--model-path", path, "--demo-args", "--threshold 0.6"]))
+        argv[path] = launcher.demo_argv()
+        launcher._http.close()
+    assert argv["tiny"][-4:] == ["--max-new-tokens", "32", "--threshold", "0.6"]  # the user's flags come last
+    assert "--max-new-tokens" not in argv["/models/x"]
