@@ -63,7 +63,8 @@ class Run:
     @property
     def random_weights(self) -> bool:
         """The answers come from a tiny random-weight test model (its manifest says so)."""
-        return bool(((self.manifest or {}).get("settings") or {}).get("model", {}).get("tiny_random_weights"))
+        model = ((self.manifest or {}).get("settings") or {}).get("model")
+        return isinstance(model, dict) and bool(model.get("tiny_random_weights"))
 
 
 def _sibling(answers: Path, suffix: str) -> Path:

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except ECSOError as exc:
-        logger.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)  # once, without a log prefix: the one line a user reads
         return 2
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
