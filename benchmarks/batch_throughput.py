@@ -34,7 +34,7 @@ def measure(args) -> dict:
     import torch
 
     from llava.ecso.backends import StepRequest
-    from llava.ecso.local import LocalBackend
+    from llava.ecso.local_vlm import backend_for_engine
     from llava.ecso.config import ECSOConfig
     from llava.ecso.pipeline import ECSO, ECSOInput
 
@@ -42,9 +42,9 @@ def measure(args) -> dict:
     samples = synthetic_samples(args.samples)
     cfg = ECSOConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, force_verdict=False)
     out: dict = {"settings": vars(args), "machine": machine(), "params_m": n_params / 1e6, "batch": {}}
-    LocalBackend(engine).generate([StepRequest(samples[0][1], [samples[0][0]], cfg.params())])  # warm-up
+    backend_for_engine(engine).generate([StepRequest(samples[0][1], [samples[0][0]], cfg.params())])  # warm-up
     for bs in args.batch_sizes:
-        backend = LocalBackend(engine, max_batch_size=bs)
+        backend = backend_for_engine(engine, max_batch_size=bs)
         if args.method == "direct":
             reqs = [StepRequest(q, [img], cfg.params()) for img, q in samples]
             run = lambda: backend.generate(reqs)  # noqa: E731

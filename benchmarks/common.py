@@ -18,7 +18,10 @@ logger = logging.getLogger("benchmarks")
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="bench", choices=["tiny", "bench", "llava-1.5-7b"],
                    help="random-weight model built in memory: tiny (0.4 M), bench (~94 M, CPU), llava-1.5-7b (GPU)")
-    p.add_argument("--model-path", default=None, help="a real checkpoint instead of --preset")
+    p.add_argument("--model-path", default=None, help="a real checkpoint (any family) instead of --preset")
+    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "qwen2_5_vl", "idefics3", "gemma3"],
+                   help="llava: LLaVA-1.5 at --preset's size; another family: its tiny random-weight model "
+                        "(tiny-FAMILY, the only size its builder has; --preset does not apply)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="auto: float16 on CUDA, float32 on CPU")
@@ -29,22 +32,30 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_engine(args, prefix_reuse: bool = True):
+    """The engine of ``--model-path`` (any family), of ``--family``'s tiny model, or of a LLaVA ``--preset``."""
     import torch
 
     from llava.model.builder import load_model
     from llava.model.engine import LlavaEngine
     from llava.model.loaded import resolve_device
     from llava.model.tiny import build_loaded
+    from llava.model.vlm import checkpoint_family, load_vlm
+    from llava.model.vlm_engine import VLMEngine
 
     device = resolve_device(args.device)
     dtype = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    if args.model_path:
-        loaded = load_model(args.model_path, device=device, dtype=dtype)
+    path = args.model_path or (None if getattr(args, "family", "llava") == "llava" else f"tiny-{args.family}")
+    capacity = max(64, 2 * args.samples)
+    if path and checkpoint_family(path)[1].engine == "processor":
+        loaded = load_vlm(path, device=device, dtype=dtype)
+        engine = VLMEngine(loaded, prefix_reuse=prefix_reuse, cache_capacity=capacity)
     else:
-        loaded = build_loaded(args.preset, seed=args.seed, device=device, dtype=dtype)
+        loaded = load_model(path, device=device, dtype=dtype) if path else \
+            build_loaded(args.preset, seed=args.seed, device=device, dtype=dtype)
+        engine = LlavaEngine(loaded, prefix_reuse=prefix_reuse, cache_capacity=capacity)
     n_params = sum(p.numel() for p in loaded.model.parameters())
     logger.info("model %s: %.1f M parameters on %s/%s", loaded.model_name, n_params / 1e6, device, loaded.dtype)
-    return LlavaEngine(loaded, prefix_reuse=prefix_reuse, cache_capacity=max(64, 2 * args.samples)), n_params
+    return engine, n_params
 
 
 def synthetic_samples(n: int, seed: int = 0):
@@ -68,8 +79,7 @@ def synthetic_samples(n: int, seed: int = 0):
 
 
 def reset_caches(engine) -> None:
-    engine.prefixes.clear()
-    engine.pixel_memo.clear()
+    engine.clear_caches()
 
 
 def timed(fn: Callable[[], object], repeats: int = 1, before: Callable[[], None] | None = None) -> tuple[float, object]:

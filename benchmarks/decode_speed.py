@@ -42,20 +42,21 @@ def measured_bandwidth_gbs(device: str, mb: int = 2048) -> float:
 def measure(args) -> dict:
     import torch
 
-    from llava.conversation import build_prompt
+    from llava.ecso.backends import StepRequest
+    from llava.ecso.local_vlm import backend_for_engine
     from llava.generation import GenerationParams
 
     engine, n_params = load_engine(args, prefix_reuse=False)
+    backend = backend_for_engine(engine)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     img, q = synthetic_samples(1)[0]
-    prompt = build_prompt(engine.loaded.conv_mode, q, 1)
 
     def run(n: int) -> float:
         params = GenerationParams(max_new_tokens=n, min_new_tokens=n)
         if engine.loaded.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        engine.generate([prompt], [[img]], params)
+        backend.generate([StepRequest(q, [img], params)])
         if engine.loaded.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t

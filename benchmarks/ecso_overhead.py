@@ -1,6 +1,7 @@
 """ECSO's cost relative to a direct answer, measured in one run on the same samples.
 
     python benchmarks/ecso_overhead.py --preset bench --samples 4 --lengths 1,64 --json out/ecso_overhead.json
+    python benchmarks/ecso_overhead.py --family gemma3 --samples 4 --lengths 1,64   # another family's tiny model
 
 For each fixed answer length (every generated step produces exactly that many tokens), it times the direct answer
 alone, then ECSO on the same samples for benign traffic (verdict forced to "not harmful" after it is computed) and
@@ -44,7 +45,7 @@ def measure(args) -> dict:
     import time
 
     from llava.ecso.backends import StepRequest
-    from llava.ecso.local import LocalBackend
+    from llava.ecso.local_vlm import backend_for_engine
     from llava.ecso.config import ECSOConfig
     from llava.ecso.pipeline import ECSO, ECSOInput
 
@@ -65,7 +66,7 @@ def measure(args) -> dict:
             if overrides.get("early_check_tokens", 0) >= length or (name == "skip" and length > 1):
                 continue  # the early check never fires before the end; skipping models one-token answers only
             eng = engines[reuse]
-            backend = LocalBackend(eng, max_batch_size=args.batch_size)
+            backend = backend_for_engine(eng, max_batch_size=args.batch_size)
             if reuse not in warm:
                 backend.generate(direct_reqs[:1])
                 warm.add(reuse)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llava.constants import TINY_MARKER, TINY_MAX_NEW_TOKENS, TINY_MODELS
+from llava.constants import TINY_MARKER, TINY_MAX_NEW_TOKENS
 from llava.ecso.backends import Backend
 from llava.ecso.config import (DECODING_GROUP, ECSO_GROUP, ECSOConfig, add_option_args, ecso_config_from_args,
                                ecso_options)
@@ -37,8 +37,11 @@ def setup_logging(verbose: int = 0) -> None:
 def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny") -> None:
     g = p.add_argument_group("model (local backend)")
     g.add_argument("--model-path", default=default_model,
-                   help="checkpoint folder or hub id (llava-hf/llava-1.5-7b-hf, liuhaotian/llava-v1.5-7b); 'tiny' "
-                        "(or 'tiny-original') builds a local random-weight test model whose outputs are random text"
+                   help="checkpoint folder or hub id: LLaVA-1.5 (llava-hf/llava-1.5-7b-hf, liuhaotian/llava-v1.5-7b) "
+                        "or any transformers vision-language model with a chat template (Qwen/Qwen2.5-VL-7B-Instruct, "
+                        "llava-hf/llava-v1.6-mistral-7b-hf, HuggingFaceTB/SmolVLM-Instruct, google/gemma-3-4b-it); "
+                        "'tiny' (or 'tiny-original', 'tiny-llava_next', 'tiny-qwen2_5_vl', 'tiny-idefics3', "
+                        "'tiny-gemma3') builds a local random-weight test model whose outputs are random text"
                         + (f" (default {default_model})" if default_model else ""))
     g.add_argument("--model-base", default=None, help="base model for LoRA checkpoints (merge them first; see README)")
     g.add_argument("--model-name", default=None,
@@ -49,11 +52,14 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny
     g.add_argument("--load-8bit", action="store_true", help="8-bit weights (CUDA + bitsandbytes)")
     g.add_argument("--load-4bit", action="store_true", help="4-bit weights (CUDA + bitsandbytes)")
     g.add_argument("--conv-mode", default=None,
-                   help="chat template (vicuna_v1, llava_v1, llava_llama_2, mistral_instruct, chatml_direct, plain); "
-                        "default from the checkpoint's text model (vicuna_v1 for LLaVA-1.5)")
+                   help="LLaVA chat template (vicuna_v1, llava_v1, llava_llama_2, mistral_instruct, chatml_direct, "
+                        "plain); default from the checkpoint's text model (vicuna_v1 for LLaVA-1.5). Other families "
+                        "render with their processor's chat template; for them this is the template their LLaVA-"
+                        "protocol prompts arrive in (default vicuna_v1)")
     g.add_argument("--image-aspect-ratio", default=None, choices=ASPECT_RATIOS,
-                   help="pad: pad to square with the image mean (LLaVA-1.5, the default); crop: the CLIP processor's "
-                        "resize + center crop (llava-hf processors); resize: squash to a square")
+                   help="LLaVA-1.5 only (other families' processors preprocess images themselves): pad: pad to "
+                        "square with the image mean (the default); crop: the CLIP processor's resize + center crop "
+                        "(llava-hf processors); resize: squash to a square")
     g.add_argument("--batch-size", type=int, default=16, help="rows per model call in batched steps (default %(default)s)")
 
 
@@ -85,7 +91,9 @@ def is_tiny_model(model_path: str | None) -> bool:
     """``model_path`` names a tiny random-weight model (``tiny``, ...) or a folder ``llava.model.tiny`` built."""
     if not model_path:
         return False
-    return model_path in TINY_MODELS or (Path(model_path).expanduser() / TINY_MARKER).is_file()
+    from llava.model.tiny import is_tiny_name  # the model layer: loaded only when a model path is checked
+
+    return is_tiny_name(model_path) or (Path(model_path).expanduser() / TINY_MARKER).is_file()
 
 
 def ecso_config(args: argparse.Namespace, **overrides: Any) -> ECSOConfig:

@@ -15,7 +15,6 @@ __all__ = [
     "WORKER_HEART_BEAT_INTERVAL",
     "CONTROLLER_HEART_BEAT_EXPIRATION",
     "ECSO_ALIAS_SUFFIX",
-    "TINY_MODELS",
     "TINY_MARKER",
     "TINY_MAX_NEW_TOKENS",
     "CLIP_MEAN",
@@ -43,10 +42,8 @@ WEB_PORT = 7860
 # themselves when they look for "the" model of an endpoint.
 ECSO_ALIAS_SUFFIX = "+ecso"
 
-# ``--model-path`` names of the tiny random-weight models ``llava.model.tiny`` builds: name -> (layout, preset); the
-# file that marks a folder it built; the answer length entry points default to for them (their text is random).
-TINY_MODELS = {"tiny": ("hf", "tiny"), "tiny-hf": ("hf", "tiny"), "tiny-original": ("original", "tiny"),
-               "tiny-bench": ("hf", "bench"), "tiny-bench-original": ("original", "bench")}
+# The file that marks a folder ``llava.model.tiny`` built (a random-weight test model), and the answer length entry
+# points default to for such models (their text is random).
 TINY_MARKER = "ecso_tiny.json"
 TINY_MAX_NEW_TOKENS = 32
 

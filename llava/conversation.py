@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from typing import Any, Sequence
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
@@ -22,6 +23,8 @@ __all__ = [
     "Chat",
     "render_prompt",
     "build_prompt",
+    "parse_prompt",
+    "chat_messages",
     "default_conv_mode",
 ]
 
@@ -247,6 +250,67 @@ def build_prompt(conv_mode: str, text: str, num_images: int = 0,
     """The prompt LLaVA builds for ``text``: ``<image>\\n`` per image in front of the first user message, the
     assistant turn left open. ``history`` holds earlier (user, assistant) turns of a chat."""
     return render_prompt(conv_mode, Chat.single(text, [None] * num_images, history))
+
+
+def _placeholder(kind: str, i: int = 0) -> str:
+    return f"\x00{kind}{i}\x00"
+
+
+def _prompt_pattern(conv_mode: str, n_turns: int, custom_system: bool) -> re.Pattern:
+    """A regex matching every prompt ``render_prompt`` gives for ``n_turns`` turns (the last one open): the chat
+    is rendered with placeholders, which become the groups."""
+    turns = [(_placeholder("U", i), _placeholder("A", i) if i < n_turns - 1 else None) for i in range(n_turns)]
+    rendered = render_prompt(conv_mode, Chat(_placeholder("S") if custom_system else None, turns))
+    pattern = re.sub("\x00([SUA])(\\d+)\x00", r"(?P<\1\2>.*?)", re.escape(rendered))  # re.escape keeps NUL
+    return re.compile(pattern, re.DOTALL)
+
+
+def _max_turns(conv_mode: str, prompt: str, limit: int = 64) -> int:
+    """At most one turn per occurrence of what the template puts between a user message and its answer."""
+    try:
+        two = render_prompt(conv_mode, Chat(None, [(_placeholder("U"), _placeholder("A")), ("", None)]))
+    except (TypeError, InvalidRequestError):  # a template without multi-turn chats (LLaVA's plain)
+        return 1
+    marker = two.split(_placeholder("U"), 1)[1].split(_placeholder("A"), 1)[0].strip()
+    return min(limit, prompt.count(marker) + 1) if marker else 1
+
+
+def parse_prompt(conv_mode: str, prompt: str) -> Chat | None:
+    """The :class:`Chat` that ``render_prompt(conv_mode, chat)`` turns into ``prompt`` (the assistant turn left
+    open), each user turn's ``<image>`` tags counted into its images (``None`` placeholders); ``None`` when the
+    prompt is not in that template. For serving a LLaVA-protocol prompt to a model with another chat format."""
+    # a template without a system text of its own cannot tell "none" from a custom one: try the custom one first
+    systems = (True, False) if not get_conv_template(conv_mode).system else (False, True)
+    for n_turns in range(_max_turns(conv_mode, prompt), 0, -1):
+        for custom_system in systems:
+            found = _prompt_pattern(conv_mode, n_turns, custom_system).fullmatch(prompt)
+            if found is None:
+                continue
+            groups = found.groupdict()
+            turns: list[tuple[str, str | None]] = []
+            images: list[list[Any]] = []
+            for i in range(n_turns):
+                text = groups[f"U{i}"]
+                tags = text.count(DEFAULT_IMAGE_TOKEN)
+                turns.append((text.replace(DEFAULT_IMAGE_TOKEN + "\n", "").replace(DEFAULT_IMAGE_TOKEN, ""),
+                              groups.get(f"A{i}")))
+                images.append([None] * tags)
+            return Chat(groups["S0"] if custom_system and groups["S0"] else None, turns, images)
+    return None
+
+
+def chat_messages(chat: Chat) -> list[dict[str, Any]]:
+    """``chat`` as transformers chat-template messages: each user turn's images as ``{"type": "image"}`` parts
+    before its text (as LLaVA puts ``<image>`` first), the system text as a system message when set."""
+    messages: list[dict[str, Any]] = []
+    if chat.system is not None:
+        messages.append({"role": "system", "content": [{"type": "text", "text": chat.system}]})
+    for (user, assistant), images in zip(chat.turns, chat.turn_images):
+        messages.append({"role": "user", "content": [{"type": "image"} for _ in images]
+                         + [{"type": "text", "text": user}]})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+    return messages
 
 
 _CONV_MODE_BY_TEXT_MODEL = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2": "chatml_direct"}

@@ -84,3 +84,30 @@ def run_module(module: str, *args: str, timeout: float = 120, input: str | None 
 
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
                           input=input, cwd=REPO_ROOT, env=os.environ.copy())
+
+
+def _vlm_families() -> list[str]:
+    """The tiny non-LLaVA families this machine can build: transformers' Qwen2.5-VL processor needs torchvision
+    (tests/model/test_tiny_families.py checks the clear error where it is missing)."""
+    from transformers.utils import is_torchvision_available
+
+    return ["llava_next", "idefics3", "gemma3"] + (["qwen2_5_vl"] if is_torchvision_available() else [])
+
+
+VLM_FAMILIES = _vlm_families()
+
+
+@pytest.fixture(scope="session")
+def vlm_backend():
+    """``vlm_backend(family)``: the family's tiny model (built once per session) behind its in-process backend,
+    loaded once per session."""
+    from llava.ecso.local_vlm import load_local
+
+    loaded: dict = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = load_local(f"tiny-{family}", device="cpu")
+        return loaded[family]
+
+    return get

@@ -54,3 +54,21 @@ def test_unknown_template_lists_valid_names():
 def test_default_conv_mode_from_text_model_type():
     assert default_conv_mode("llama") == "vicuna_v1"
     assert default_conv_mode("mistral") == "mistral_instruct"
+
+
+@pytest.mark.parametrize("conv_mode", sorted(conv_templates))
+def test_parse_prompt_inverts_render_prompt(conv_mode):
+    """A LLaVA-protocol prompt is parsed back into the chat it was rendered from (a worker whose model has another
+    chat format re-renders it)."""
+    from llava.conversation import Chat, parse_prompt, render_prompt
+
+    chats = [Chat.single("What is it?", [None]), Chat.single("Hi", [])]
+    if conv_mode != "plain":  # plain has no roles: neither a system text nor turns can be told apart
+        chats += [Chat("Be brief.", [("x <y>", None)], [[None]]), Chat.single("Second?", [], [("First one", "An answer.")]),
+                  Chat("Sys.", [("a", "b"), ("c", "d"), ("e", None)], [[None, None], [], [None]])]
+    for chat in chats:
+        parsed = parse_prompt(conv_mode, render_prompt(conv_mode, chat))
+        assert parsed is not None and render_prompt(conv_mode, parsed) == render_prompt(conv_mode, chat)
+        assert (parsed.system, parsed.turns) == (chat.system, chat.turns)
+        assert [len(i) for i in parsed.turn_images] == [len(i) for i in chat.turn_images]
+    assert parse_prompt("vicuna_v1", "[INST] a prompt in another template [/INST]") is None

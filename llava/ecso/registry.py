@@ -47,7 +47,8 @@ class BackendEntry:
 
 
 _BACKENDS: dict[str, BackendEntry] = {
-    "local": BackendEntry("llava.ecso.local:LocalBackend.load", help="load the model in this process"),
+    "local": BackendEntry("llava.ecso.local_vlm:load_local",
+                          help="load the model in this process (LLaVA-1.5 or any transformers vision-language model)"),
     "worker": BackendEntry("llava.ecso.remote:WorkerBackend", "serve",
                            help="a LLaVA worker behind a controller (LLaVA's worker protocol)"),
     "openai": BackendEntry("llava.ecso.remote:OpenAIBackend", "serve",

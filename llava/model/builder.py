@@ -21,7 +21,7 @@ from llava.model.loaded import LoadedModel, hub_snapshot, resolve_device, resolv
 from llava.model.loader_original import load_original
 from llava.model.tiny import is_tiny_name, tiny_model_path
 
-__all__ = ["load_model", "load_pretrained_model", "resolve_model_path"]
+__all__ = ["load_model", "load_pretrained_model", "resolve_model_path", "quantization_config"]
 
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -76,7 +76,7 @@ def load_model(
     config = _read_config(folder)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dev, dtype)
-    quant = _quantization(load_8bit, load_4bit, dev)
+    quant = quantization_config(load_8bit, load_4bit, dev)
     base = None
     if model_base is not None:
         if not (folder / "adapter_config.json").exists() or not is_original_layout(config):
@@ -93,7 +93,8 @@ def load_model(
         raise ModelNotFoundError(
             f"{folder} is not a LLaVA checkpoint (model_type={config.get('model_type')!r}, "
             f"architectures={config.get('architectures')}); supported: llava-hf Llava folders and the original "
-            "LLaVA-1.5 layout (LlavaLlamaForCausalLM)")
+            "LLaVA-1.5 layout (LlavaLlamaForCausalLM); other vision-language families load with "
+            "llava.model.vlm.load_vlm (the local backend picks the loader by family)")
     tokenizer, model, image_processor, context_len = parts
     if not getattr(model, "hf_device_map", None):
         model.to(dev)
@@ -102,7 +103,8 @@ def load_model(
                    torch_dtype, image_aspect_ratio, conv_mode, config)
 
 
-def _quantization(load_8bit: bool, load_4bit: bool, device: str):
+def quantization_config(load_8bit: bool, load_4bit: bool, device: str):
+    """bitsandbytes settings for --load-8bit/--load-4bit (CUDA only), or None."""
     if not (load_8bit or load_4bit):
         return None
     if not device.startswith("cuda"):

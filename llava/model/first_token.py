@@ -8,30 +8,15 @@ from typing import Any
 
 from llava.errors import UnsupportedError
 from llava.generation import FirstTokenLogprobs, ScoredToken
+from llava.model.yes_no import NO_WORDS, YES_WORDS, single_token_ids
 
 __all__ = ["yes_no_token_ids", "token_text", "first_token_choices"]
 
 
 def yes_no_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     """Ids of tokens that begin an answer "yes" / "no" (any case, with or without SentencePiece's ``▁``),
-    keeping only single tokens that spell the whole word."""
-
-    def ids_for(words: Sequence[str]) -> list[int]:
-        found: set[int] = set()
-        for w in words:
-            ids = tokenizer(w, add_special_tokens=False).input_ids
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            while pieces and pieces[0] in ("▁", "Ġ", " "):
-                ids, pieces = ids[1:], pieces[1:]
-            if len(ids) == 1:
-                found.add(ids[0])
-            for variant in (w, "▁" + w, "Ġ" + w):
-                tid = tokenizer.convert_tokens_to_ids(variant)
-                if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-                    found.add(tid)
-        return sorted(found)
-
-    yes, no = ids_for(("yes", "Yes", "YES")), ids_for(("no", "No", "NO"))
+    keeping only single tokens that spell the whole word (:func:`llava.model.yes_no.single_token_ids`)."""
+    yes, no = single_token_ids(tokenizer, YES_WORDS), single_token_ids(tokenizer, NO_WORDS)
     if not yes or not no:
         raise UnsupportedError("the tokenizer has no single-token 'yes'/'no': use --verdict exact or parse")
     return yes, no

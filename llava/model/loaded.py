@@ -44,7 +44,8 @@ class LoadedModel:
         return getattr(self.model.config, "vision_config", None) is not None
 
     def describe(self) -> dict:
-        return {"model_name": self.model_name, "model_path": self.model_path, "layout": self.layout,
+        return {"model_name": self.model_name, "model_path": self.model_path, "model_family": "llava",
+                "layout": self.layout,
                 "image_aspect_ratio": self.image_aspect_ratio, "conv_mode": self.conv_mode, "device": self.device,
                 "dtype": str(self.dtype).replace("torch.", ""), "context_len": self.context_len,
                 "tiny_random_weights": self.is_tiny}

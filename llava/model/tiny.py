@@ -1,36 +1,41 @@
-"""Deterministic tiny random-weight LLaVA checkpoints, for tests and offline demos.
+"""Deterministic tiny random-weight checkpoints, for tests and offline demos.
 
-``python -m llava.model.tiny --out DIR [--layout hf|original] [--seed 0] [--preset tiny|bench]`` writes either
-the llava-hf layout (a ``LlavaForConditionalGeneration`` folder) or the original LLaVA-1.5 layout
-(``LlavaLlamaForCausalLM`` config, original key names, a separate CLIP vision folder, ``tokenizer.model`` only).
-Both layouts from one seed hold the same weights. The models are random: their outputs are random text.
+``python -m llava.model.tiny --out DIR [--layout hf|original] [--seed 0] [--preset tiny|bench]`` writes a LLaVA-1.5
+checkpoint in either the llava-hf layout (a ``LlavaForConditionalGeneration`` folder) or the original LLaVA-1.5
+layout (``LlavaLlamaForCausalLM`` config, original key names, a separate CLIP vision folder, ``tokenizer.model``
+only). Both layouts from one seed hold the same weights. ``--family llava_next|qwen2_5_vl|idefics3|gemma3`` writes
+that family's transformers checkpoint instead (:mod:`llava.model.tiny_families`). The models are random: their
+outputs are random text.
 
-``--model-path tiny`` (or ``tiny-original``, ``tiny-bench``) anywhere in the project builds once into the user
-cache dir (``$ECSO_CACHE_DIR`` or ``~/.cache/ecso``) and uses that folder.
+``--model-path tiny`` (or ``tiny-original``, ``tiny-bench``, ``tiny-<family>`` such as ``tiny-gemma3``) anywhere in
+the project builds once into the user cache dir (``$ECSO_CACHE_DIR`` or ``~/.cache/ecso``) and uses that folder.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
-from llava.constants import CLIP_MEAN, CLIP_STD, TINY_MARKER, TINY_MODELS
+from llava.constants import CLIP_MEAN, CLIP_STD, TINY_MARKER
 from llava.model.convert import fill_new_vocab_rows, padded_vocab_size, to_original_state_dict
+from llava.errors import MissingExtraError
 from llava.model.loaded import LoadedModel
+from llava.model.tiny_families import FAMILY_BUILDERS, SHAPES, build_family_model
+from llava.model.tiny_text import corpus as _corpus  # noqa: F401 - the tests read the training text here
+from llava.model.tiny_text import llama_tokenizer, patch_json, train_tokenizer, write_json, write_original_tokenizer
 
-__all__ = ["TinySpec", "PRESETS", "build_tiny", "build_loaded", "tiny_model_path", "is_tiny_name", "TINY_NOTICE",
-           "build_parser", "main"]
+__all__ = ["TinySpec", "PRESETS", "build_tiny", "build_loaded", "tiny_model_path", "is_tiny_name", "TINY_NOTICE", "build_parser",
+           "main"]
 
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = 1
+FAMILY_BUILDER_VERSION = 1  # the other families' builders (llava.model.tiny_families)
 TINY_NOTICE = "tiny random-weight model: its outputs are random text, for wiring and tests only"
 
 
@@ -65,44 +70,6 @@ PRESETS = {
                              vision_hidden_size=1024, vision_intermediate_size=4096, vision_layers=24,
                              vision_heads=16, max_position_embeddings=4096, model_vocab_size=32064),
 }
-
-_CORPUS_FILE = Path(__file__).with_name("tiny_corpus.json")
-
-
-def _corpus(seed: int) -> list[str]:
-    """Deterministic training text: the frozen lines of ``tiny_corpus.json`` (chat template system prompts, the
-    ECSO prompt templates), plus seeded sentences over its small lexicon."""
-    data = json.loads(_CORPUS_FILE.read_text(encoding="utf-8"))
-    words = data["words"].split()
-    rng = random.Random(seed)
-    lines = list(data["lines"]) + [data["repeated_line"]] * data["repeats"]
-    for _ in range(6000):
-        n = rng.randint(3, 14)
-        chosen = [rng.choice(words) for _ in range(n)]
-        lines.append(" ".join(chosen).capitalize() + rng.choice([".", "?", "!", ",", ":", "\n"]))
-    return lines
-
-
-def train_tokenizer(out_dir: Path, vocab_size: int, seed: int = 0) -> Path:
-    """A Llama-style SentencePiece BPE model (byte fallback, <unk>=0, <s>=1, </s>=2) trained on the spot."""
-    import sentencepiece as spm
-
-    import io
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spm.set_random_generator_seed(seed)
-    model = io.BytesIO()  # no model_prefix: a path would be stored in the model and break byte-identity
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(seed)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
-        normalization_rule_name="identity", split_digits=True, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, character_coverage=1.0, hard_vocab_limit=False, num_threads=1,
-        shuffle_input_sentence=False, minloglevel=2,
-    )
-    path = out_dir / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
-
 
 def _padded_vocab(base: int) -> int:
     """Base vocab + <image> + <pad>, rounded as llava-hf does."""
@@ -144,31 +111,6 @@ def _random_state_dict(spec: TinySpec, base_vocab: int, seed: int) -> dict:
     return sd
 
 
-def _write_original_tokenizer(out: Path, tok_model: Path, spec: TinySpec) -> None:
-    """``tokenizer.model`` + ``tokenizer_config.json`` as the released LLaVA-1.5 checkpoints ship them."""
-    shutil.copyfile(tok_model, out / "tokenizer.model")
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-        "model_max_length": spec.max_position_embeddings, "padding_side": "right",
-        "clean_up_tokenization_spaces": False,
-    })
-    _write_json(out / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-
-
-def _hf_tokenizer(tok_model: Path, spec: TinySpec):
-    """The llava-hf tokenizer: the Llama tokenizer plus ``<image>`` (id = base vocab) and ``<pad>`` (next id)."""
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_original_tokenizer(Path(tmp), tok_model, spec)
-        tok = AutoTokenizer.from_pretrained(tmp)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tok.add_special_tokens({"pad_token": "<pad>"})
-    tok.padding_side = "left"
-    return tok
-
-
 def _write_hf(out: Path, spec: TinySpec, tok_model: Path, sd: dict, base_vocab: int) -> None:
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -177,12 +119,12 @@ def _write_hf(out: Path, spec: TinySpec, tok_model: Path, sd: dict, base_vocab: 
     model.load_state_dict(sd, strict=True)
     model.save_pretrained(out)
     proc = LlavaProcessor(
-        image_processor=_image_processor(spec), tokenizer=_hf_tokenizer(tok_model, spec), patch_size=spec.patch_size,
+        image_processor=_image_processor(spec), tokenizer=llama_tokenizer(tok_model, spec.max_position_embeddings), patch_size=spec.patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
         chat_template=_CHAT_TEMPLATE,
     )
     proc.save_pretrained(out)
-    _patch_json(out / "tokenizer_config.json", {"legacy": True, "padding_side": "left",
+    patch_json(out / "tokenizer_config.json", {"legacy": True, "padding_side": "left",
                                                  "model_max_length": spec.max_position_embeddings})
 
 
@@ -214,7 +156,7 @@ def _write_original(out: Path, spec: TinySpec, tok_model: Path, sd: dict, base_v
     vision_dir = out / "clip-vit-tiny-patch14-336"
     vision_dir.mkdir(parents=True)
     save_file(clip_sd, str(vision_dir / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(vision_dir / "config.json", _clip_config(spec))
+    write_json(vision_dir / "config.json", _clip_config(spec))
     _image_processor(spec).save_pretrained(vision_dir)
     # Two .bin shards with an index, as the released llava-v1.5-7b.
     keys = sorted(llm_sd)
@@ -224,9 +166,9 @@ def _write_original(out: Path, spec: TinySpec, tok_model: Path, sd: dict, base_v
     for name, shard_keys in shards.items():
         torch.save({k: llm_sd[k] for k in shard_keys}, out / name)
         weight_map.update({k: name for k in shard_keys})
-    _write_json(out / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
-    _write_json(out / "config.json", _original_config(spec, base_vocab, vision_dir.name))
-    _write_original_tokenizer(out, tok_model, spec)
+    write_json(out / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
+    write_json(out / "config.json", _original_config(spec, base_vocab, vision_dir.name))
+    write_original_tokenizer(out, tok_model, spec.max_position_embeddings)
 
 
 def _clip_config(spec: TinySpec) -> dict:
@@ -259,18 +201,12 @@ def _original_config(spec: TinySpec, base_vocab: int, vision_dir: str) -> dict:
     }
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _patch_json(path: Path, updates: dict) -> None:
-    obj = json.loads(path.read_text())
-    obj.update(updates)
-    _write_json(path, obj)
-
-
-def build_tiny(out: str | os.PathLike, layout: str = "hf", seed: int = 0, preset: str = "tiny") -> Path:
-    """Build a checkpoint folder at ``out`` (must not exist). Deterministic for a given (layout, seed, preset)."""
+def build_tiny(out: str | os.PathLike, layout: str = "hf", seed: int = 0, preset: str = "tiny",
+               family: str = "llava") -> Path:
+    """Build a checkpoint folder at ``out`` (must not exist). Deterministic for a given (family, layout, seed,
+    preset); families other than ``llava`` have one layout (transformers') and one preset (``tiny``)."""
+    if family != "llava":
+        return _build_family(Path(out), family, layout, seed, preset)
     if layout not in ("hf", "original"):
         raise ValueError(f"unknown layout {layout!r}; valid: hf, original")
     if preset not in PRESETS:
@@ -288,13 +224,40 @@ def build_tiny(out: str | os.PathLike, layout: str = "hf", seed: int = 0, preset
         sd = _random_state_dict(spec, base_vocab, seed)
         out.mkdir(parents=True, exist_ok=True)
         (_write_hf if layout == "hf" else _write_original)(out, spec, tok_model, sd, base_vocab)
-    _write_json(out / TINY_MARKER, {"builder_version": BUILDER_VERSION, "layout": layout, "seed": seed,
+    write_json(out / TINY_MARKER, {"builder_version": BUILDER_VERSION, "layout": layout, "seed": seed,
                                          "preset": preset, "spec": asdict(spec), "notice": TINY_NOTICE})
     logger.info("built a random-weight model, preset %s (%s layout, seed %d), at %s in %.1fs", preset, layout, seed, out,
                 time.perf_counter() - t0)
     return out
 
 
+def _build_family(out: Path, family: str, layout: str, seed: int, preset: str) -> Path:
+    if family not in FAMILY_BUILDERS:
+        raise ValueError(f"unknown family {family!r}; valid: llava, {', '.join(FAMILY_BUILDERS)}")
+    if layout != "hf" or preset != "tiny":
+        raise ValueError(f"the {family} family has one layout (hf) and one preset (tiny); got {layout}, {preset}")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    t0 = time.perf_counter()
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        build_family_model(family, out, seed)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    write_json(out / TINY_MARKER, {"builder_version": FAMILY_BUILDER_VERSION, "family": family, "seed": seed,
+                                         "preset": preset, "shapes": asdict(SHAPES), "notice": TINY_NOTICE})
+    logger.info("built a random-weight %s model (seed %d) at %s in %.1fs", family, seed, out, time.perf_counter() - t0)
+    return out
+
+
+# name -> (layout, preset, family)
+_TINY_NAMES = {"tiny": ("hf", "tiny", "llava"), "tiny-hf": ("hf", "tiny", "llava"),
+               "tiny-original": ("original", "tiny", "llava"), "tiny-bench": ("hf", "bench", "llava"),
+               "tiny-bench-original": ("original", "bench", "llava"),
+               **{f"tiny-{family}": ("hf", "tiny", family) for family in FAMILY_BUILDERS}}
 
 
 def build_loaded(preset: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None, conv_mode: str = "vicuna_v1"):
@@ -307,7 +270,7 @@ def build_loaded(preset: str = "tiny", seed: int = 0, device: str = "cpu", dtype
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         tok_model = train_tokenizer(Path(tmp), spec.vocab_size, seed)
-        tokenizer = _hf_tokenizer(tok_model, spec)
+        tokenizer = llama_tokenizer(tok_model, spec.max_position_embeddings)
     base_vocab = len(tokenizer) - 2
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
@@ -328,7 +291,7 @@ def build_loaded(preset: str = "tiny", seed: int = 0, device: str = "cpu", dtype
 
 
 def is_tiny_name(name: str) -> bool:
-    return name in TINY_MODELS
+    return name in _TINY_NAMES
 
 
 def cache_dir() -> Path:
@@ -336,19 +299,20 @@ def cache_dir() -> Path:
 
 
 def tiny_model_path(name: str = "tiny", seed: int = 0) -> Path:
-    """The cached folder for ``tiny``/``tiny-original``/``tiny-bench``, built on first use (safe across processes:
-    built in a temporary folder, then renamed into place)."""
-    if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {name!r}; valid: {', '.join(TINY_MODELS)}")
-    layout, preset = TINY_MODELS[name]
-    target = cache_dir() / "models" / f"{preset}-{layout}-seed{seed}-v{BUILDER_VERSION}"
+    """The cached folder for ``tiny``/``tiny-original``/``tiny-bench``/``tiny-<family>``, built on first use (safe
+    across processes: built in a temporary folder, then renamed into place)."""
+    if name not in _TINY_NAMES:
+        raise ValueError(f"unknown tiny model {name!r}; valid: {', '.join(_TINY_NAMES)}")
+    layout, preset, family = _TINY_NAMES[name]
+    target = cache_dir() / "models" / (f"{preset}-{layout}-seed{seed}-v{BUILDER_VERSION}" if family == "llava"
+                                       else f"{family}-{preset}-seed{seed}-v{FAMILY_BUILDER_VERSION}")
     if (target / TINY_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.warning("building the %s model into %s (%s)", name, target, TINY_NOTICE)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
     try:
-        build_tiny(tmp / "m", layout=layout, seed=seed, preset=preset)
+        build_tiny(tmp / "m", layout=layout, seed=seed, preset=preset, family=family)
         try:
             os.rename(tmp / "m", target)
         except OSError:
@@ -363,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava.model.tiny", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--family", choices=["llava", *FAMILY_BUILDERS], default="llava",
+                        help="llava: LLaVA-1.5 (both layouts, both presets); llava_next, qwen2_5_vl, idefics3, "
+                             "gemma3: that family's transformers classes, scaled down (hf layout, tiny preset only; "
+                             "qwen2_5_vl needs torchvision) (default %(default)s)""")
     parser.add_argument("--layout", choices=["hf", "original"], default="hf",
                         help="hf: transformers' LlavaForConditionalGeneration folder; original: LLaVA-1.5's release "
                              "layout (LlavaLlamaForCausalLM + separate CLIP folder + tokenizer.model)")
@@ -374,13 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # e.g. "CLIPImageProcessor requires torchvision": PIL's is what LLaVA uses
     hf_logging.disable_progress_bar()
-    path = build_tiny(args.out, layout=args.layout, seed=args.seed, preset=args.preset)
+    try:
+        path = build_tiny(args.out, layout=args.layout, seed=args.seed, preset=args.preset, family=args.family)
+    except (ValueError, MissingExtraError) as exc:
+        parser.error(str(exc))
     print(path)
 
 

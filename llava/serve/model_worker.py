@@ -33,11 +33,11 @@ from llava.cli_args import add_ecso_args, add_model_args, is_tiny_model
 from llava.constants import CONTROLLER_PORT, TINY_MAX_NEW_TOKENS, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
 from llava.ecso.backends import ServingBackend
 from llava.ecso.config import ecso_config_from_args
-from llava.ecso.local import LocalBackend
+from llava.ecso.local_vlm import backend_for_engine
 from llava.errors import ECSOError
 from llava.http_client import resolve_api_key
 from llava.mm_utils import ImageLimits
-from llava.model.engine import LlavaEngine
+from llava.model.engine_base import GenerationEngine
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH
 from llava.serve.protocol.llava import WorkerHealthResponse
 from llava.serve.server import (
@@ -62,12 +62,14 @@ __all__ = ["create_app", "build_parser", "config_from_args", "main"]
 logger = logging.getLogger(__name__)
 
 
-def create_app(config: WorkerConfig, engine: LlavaEngine | None = None, backend: ServingBackend | None = None) -> FastAPI:
+def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
+               backend: ServingBackend | None = None) -> FastAPI:
     """The worker app. ``backend``: the model, already loaded (tests, one-process launchers); ``engine``: an
-    already loaded :class:`~llava.model.engine.LlavaEngine`, served in process; otherwise ``config.model_path`` is
-    loaded in the lifespan handler, before the first request."""
+    already loaded engine (:class:`~llava.model.engine.LlavaEngine` or :class:`~llava.model.vlm_engine.VLMEngine`),
+    served in process; otherwise ``config.model_path`` is loaded in the lifespan handler, before the first
+    request."""
     if backend is None and engine is not None:
-        backend = LocalBackend(engine)
+        backend = backend_for_engine(engine, conv_mode=config.conv_mode)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,7 +119,8 @@ def create_app(config: WorkerConfig, engine: LlavaEngine | None = None, backend:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llava.serve.model_worker",
-        description="Serve one LLaVA model: LLaVA's worker protocol (/worker_generate_stream), the ECSO stream "
+        description="Serve one vision-language model (LLaVA-1.5 or any transformers image-text-to-text model with a "
+        "chat template): LLaVA's worker protocol (/worker_generate_stream), the ECSO stream "
         "(/worker_ecso_stream) and an OpenAI-compatible API (/v1/chat/completions), registered with a controller.",
     )
     add_server_arguments(parser, default_port=WORKER_PORT)

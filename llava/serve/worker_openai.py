@@ -116,11 +116,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def _ecso_info(result: ECSOResult) -> ECSOInfo:
+def _ecso_info(state: WorkerState, result: ECSOResult) -> ECSOInfo:
     return ECSOInfo(direct=result.direct, flagged=result.flagged, harm_score=result.harm_score,
                     verdict_text=result.verdict_text, verdict_mode=result.verdict_mode,
                     verdict_fallback=result.verdict_fallback, caption=result.caption,
-                    safe_answer=result.safe_answer, timings=result.timings)
+                    safe_answer=result.safe_answer, timings=result.timings, model_family=state.model_family)
 
 
 def _entry(token: ScoredToken) -> dict[str, Any]:
@@ -223,7 +223,7 @@ async def _complete(state: WorkerState, r: _Request) -> ChatCompletionResponse:
         n = await anyio.to_thread.run_sync(state.backend.count_tokens, result.final)
         choice = ChatChoice(message=AssistantMessage(content=result.final), finish_reason="stop")
         return ChatCompletionResponse(model=r.model, choices=[choice], usage=_usage(r.prompt_tokens, n),
-                                      ecso=_ecso_info(result))
+                                      ecso=_ecso_info(state, result))
     text, n, logprobs = await call_model(state.slots, lambda: _generate(state, r))
     choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=_finish_reason(n, r.params),
                         logprobs=logprobs)
@@ -251,7 +251,7 @@ def _ecso_job(state: WorkerState, r: _Request) -> Iterator[tuple[str, Any]]:
         elif event.step is Step.SAFE and delta:
             yield "delta", delta
     result = ECSOResult.from_progress(r.query, progress, r.pipeline.verdict_mode)
-    yield "end", (state.backend.count_tokens(result.final), _ecso_info(result))
+    yield "end", (state.backend.count_tokens(result.final), _ecso_info(state, result))
 
 
 async def _sse_stream(state: WorkerState, p: _Request) -> AsyncIterator[bytes]:

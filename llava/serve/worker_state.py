@@ -118,6 +118,10 @@ class WorkerState:
     def multimodal(self) -> bool:
         return self.backend.multimodal
 
+    @property
+    def model_family(self) -> str | None:
+        return self.backend.status().get("model_family")
+
     def status(self) -> WorkerStatus:
         return WorkerStatus(model_names=[self.model_name], speed=1.0, queue_length=self.slots.queue_length,
                             **self.backend.status())

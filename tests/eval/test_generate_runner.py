@@ -12,7 +12,7 @@ from llava.eval.gen.merge import MergeError, merge_parts
 from llava.eval.gen.runner import TooManyErrorsError, run_generation
 from llava.eval.generate import build_parser, config_from_cli
 
-FORMAT_DIRECT = ["id", "benchmark", "method", "image", "query", "text", "model_id"]
+FORMAT_DIRECT = ["id", "benchmark", "method", "image", "query", "text", "model_id", "model_family"]
 FORMAT_ECSO = FORMAT_DIRECT + ["unsafe", "harm_score", "caption", "unsafe_answer", "direct"]
 
 
@@ -40,14 +40,14 @@ def test_direct_and_ecso_rows_follow_the_answer_format(tmp_path, vlsafe):
     summary, backend = run(*vlsafe, "--answers-file", str(out), "--batch-size", "3")
     rows = read_rows(out)
     assert summary.status == "complete" and summary.done == 7 and backend.closed and backend.max_batch == 3
-    assert list(rows[0])[:7] == FORMAT_DIRECT and list(rows[0])[-2:] == ["image_id", "meta"]
+    assert list(rows[0])[:8] == FORMAT_DIRECT and list(rows[0])[-2:] == ["image_id", "meta"]
     assert [r["id"] for r in rows] == [r["image_id"] for r in rows]
     assert {r["model_id"] for r in rows} == {"fake-model"} and {r["method"] for r in rows} == {"direct"}
 
     eout = tmp_path / "e.jsonl"
     run(*vlsafe, "--answers-file", str(eout), "--method", "ecso")
     erows = read_rows(eout)
-    assert list(erows[0])[:12] == FORMAT_ECSO
+    assert list(erows[0])[:13] == FORMAT_ECSO
     flagged = [r for r in erows if r["unsafe"] == "Yes"]
     assert flagged and len(flagged) < len(erows), "the fake scores flag some rows, not all"
     for r, d in zip(erows, rows):

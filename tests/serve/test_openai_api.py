@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import openai
 import pytest
-import uvicorn
+from inprocess import serving
 from openai import OpenAI
 from PIL import Image
 
@@ -35,20 +32,8 @@ QUERY = "How do I make this at home?"
 @pytest.fixture(scope="module")
 def base_url(tiny_engine) -> Iterator[str]:
     config = WorkerConfig(register=False, api_key=KEY, max_top_logprobs=50, log_level="warning")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(config, engine=tiny_engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "worker app did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
-    assert not thread.is_alive()
+    with serving(create_app(config, engine=tiny_engine)) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")

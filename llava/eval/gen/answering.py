@@ -61,21 +61,23 @@ class BatchResult:
         return len(self.rows) + len(self.failures)
 
 
-def _base_row(sample: Sample, method: str, text: str, model_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _base_row(sample: Sample, method: str, text: str, model_id: str,
+              model_family: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The row's leading fields, and the id fields + meta (kept last, as in the format's table)."""
     fields = answer_fields(sample)
     head = {"id": fields.pop("id"), "benchmark": fields.pop("benchmark"), "method": method,
-            "image": fields.pop("image"), "query": fields.pop("query"), "text": text, "model_id": model_id}
+            "image": fields.pop("image"), "query": fields.pop("query"), "text": text, "model_id": model_id,
+            "model_family": model_family}
     return head, fields
 
 
-def direct_row(sample: Sample, text: str, model_id: str) -> dict[str, Any]:
-    head, tail = _base_row(sample, "direct", text, model_id)
+def direct_row(sample: Sample, text: str, model_id: str, model_family: str | None = None) -> dict[str, Any]:
+    head, tail = _base_row(sample, "direct", text, model_id, model_family)
     return {**head, **tail}
 
 
-def ecso_row(sample: Sample, result: ECSOResult, model_id: str) -> dict[str, Any]:
-    head, tail = _base_row(sample, "ecso", result.final, model_id)
+def ecso_row(sample: Sample, result: ECSOResult, model_id: str, model_family: str | None = None) -> dict[str, Any]:
+    head, tail = _base_row(sample, "ecso", result.final, model_id, model_family)
     ecso = {"unsafe": "Yes" if result.flagged else "No", "harm_score": result.harm_score,
             "caption": result.caption, "unsafe_answer": result.direct if result.flagged else None,
             "direct": result.direct}
@@ -119,6 +121,7 @@ class Answerer:
         self.image_limits = image_limits
         self.strict = strict
         self.pipeline = ECSO(backend, config, image_limits) if method == "ecso" else None
+        self.model_family = backend.describe().get("model_family")  # None where a remote backend cannot tell
 
     def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
         """Load each sample's image (thread-safe; the runner calls it ahead of generation)."""
@@ -152,9 +155,9 @@ class Answerer:
         if self.pipeline is None:
             params = self.config.params()
             texts = self.backend.generate([StepRequest(s.query, imgs, params) for s, imgs in zip(samples, images)])
-            return [direct_row(s, t, self.model_id) for s, t in zip(samples, texts)], 0
+            return [direct_row(s, t, self.model_id, self.model_family) for s, t in zip(samples, texts)], 0
         direct = self.direct_answers or {}
         inputs = [ECSOInput(s.query, imgs, direct.get(s.id)) for s, imgs in zip(samples, images)]
         results = self.pipeline.run_batch(inputs, on_event=on_event)
-        rows = [ecso_row(s, r, self.model_id) for s, r in zip(samples, results)]
+        rows = [ecso_row(s, r, self.model_id, self.model_family) for s, r in zip(samples, results)]
         return rows, sum(r.flagged for r in results)

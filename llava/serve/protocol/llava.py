@@ -43,6 +43,11 @@ class WorkerStatus(BaseModel):
     speed: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="relative throughput; dispatch weight")
     queue_length: int = Field(0, ge=0)
     conv_mode: str | None = Field(None, description="the worker's chat template (LLaVA clients ignore it)")
+    model_family: str | None = Field(None, description="the model's family (llava, llava_next, qwen2_5_vl, idefics3, "
+                                     "gemma3, transformers), read from its config")
+    prompt_format: str | None = Field(None, description="what renders prompts: 'LLaVA conversation template' "
+                                      "(conv_mode) or 'processor chat template' (the model's own; LLaVA-protocol "
+                                      "prompts, in conv_mode, are parsed back into a chat first)")
     random_weights: bool | None = Field(None, description="the model is a random-weight test model (its text is "
                                                           "random); clients show it")
 

@@ -143,6 +143,8 @@ class ECSOInfo(BaseModel):
     caption: str | None = Field(None, description="step 3, only when flagged")
     safe_answer: str | None = Field(None, description="step 4, only when flagged")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per step")
+    model_family: str | None = Field(None, description="the model's family (llava, llava_next, qwen2_5_vl, idefics3, "
+                                     "gemma3, transformers)")
 
 
 class Usage(BaseModel):
