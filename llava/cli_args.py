@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from llava.constants import TINY_MARKER, TINY_MAX_NEW_TOKENS
+from llava.constants import OPENAI_API_KEY_ENV, TINY_MARKER, TINY_MAX_NEW_TOKENS
 from llava.ecso.backends import Backend
 from llava.ecso.config import (DECODING_GROUP, ECSO_GROUP, ECSOConfig, add_option_args, ecso_config_from_args,
                                ecso_options)
@@ -63,17 +64,50 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny
     g.add_argument("--batch-size", type=int, default=16, help="rows per model call in batched steps (default %(default)s)")
 
 
-def add_backend_args(p: argparse.ArgumentParser) -> None:
+def _positive(kind: type) -> object:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    return parse
+
+
+def add_backend_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
+    """``--backend`` and the flags of the remote backends. ``serving``: a model worker's (the backends that can
+    serve one; its own ``--controller-url`` is where it registers)."""
     g = p.add_argument_group("backend")
-    g.add_argument("--backend", default="local", choices=backend_names(),
-                   help="local: load the model in this process; worker: a LLaVA worker behind --controller-url; "
-                        "openai: an OpenAI-compatible chat endpoint at --openai-base-url")
-    g.add_argument("--controller-url", default="http://127.0.0.1:10000",
-                   help="controller for --backend worker (default %(default)s)")
-    g.add_argument("--openai-base-url", default=None,
-                   help="base URL (…/v1) for --backend openai (default: $OPENAI_BASE_URL); key from OPENAI_API_KEY")
-    g.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds per remote request (default %(default)g)")
+    if serving:
+        g.add_argument("--backend", default="local", choices=[n for n in backend_names() if n != "worker"],
+                       help="local: load --model-path in this process; openai: a model served by OpenAI-compatible "
+                            "servers at --openai-base-url (vLLM, SGLang, transformers serve): this worker is then an "
+                            "ECSO guardrail in front of them (default %(default)s)")
+    else:
+        g.add_argument("--backend", default="local", choices=backend_names(),
+                       help="local: load the model in this process; worker: a LLaVA worker behind --controller-url; "
+                            "openai: an OpenAI-compatible chat endpoint at --openai-base-url (default %(default)s)")
+        g.add_argument("--controller-url", default="http://127.0.0.1:10000",
+                       help="controller for --backend worker (default %(default)s)")
+    g.add_argument("--openai-base-url", nargs="+", default=None, metavar="URL",
+                   help="--backend openai: base URL(s) up to /v1 of servers serving the same model; requests go "
+                        "round robin to those that answer (default: $OPENAI_BASE_URL)")
+    g.add_argument("--openai-model", default=None, metavar="ID",
+                   help="--backend openai: the model id on those servers (default: the first id their /v1/models "
+                        "lists)" + ("" if serving else "; --model-name works too"))
+    g.add_argument("--openai-api-key-env", default=OPENAI_API_KEY_ENV, metavar="VAR",
+                   help="--backend openai: the environment variable that holds the servers' API key (default "
+                        "%(default)s; unset: no key). The key never goes on the command line")
+    g.add_argument("--openai-top-logprobs", type=int, default=20, metavar="N",
+                   help="--backend openai: first-token alternatives asked for when scoring yes/no (the score "
+                        "verdict); the servers must allow that many (OpenAI and vLLM: 20) (default %(default)s)")
+    g.add_argument("--upstream-retries", type=int, default=2, metavar="N",
+                   help="--backend openai: other servers to try for a request that failed before any of its answer "
+                        "was passed on (connection refused, 5xx, 429) (default %(default)s)")
+    g.add_argument("--upstream-cooldown", type=_positive(float), default=10.0, metavar="S",
+                   help="--backend openai: seconds a server that failed is skipped before it is tried again (a "
+                        "429's Retry-After when given) (default %(default)g)")
+    g.add_argument("--request-timeout", type=_positive(float), default=300.0,
+                   help="seconds to wait for a remote answer and between pieces of its stream (default %(default)g)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser, temperature: float = 0.0, max_new_tokens: int = 1024) -> None:
@@ -124,6 +158,8 @@ def backend_from_args(args: argparse.Namespace) -> Backend:
                               conv_mode=args.conv_mode, timeout=args.request_timeout,
                               image_aspect_ratio=args.image_aspect_ratio)
     if name == "openai":
-        return create_backend("openai", base_url=args.openai_base_url, model_name=args.model_name,
-                              timeout=args.request_timeout, image_aspect_ratio=args.image_aspect_ratio)
+        return create_backend("openai", base_url=args.openai_base_url, model_name=args.openai_model or args.model_name,
+                              timeout=args.request_timeout, image_aspect_ratio=args.image_aspect_ratio,
+                              api_key=os.environ.get(args.openai_api_key_env) or None, retries=args.upstream_retries,
+                              cooldown=args.upstream_cooldown, top_logprobs=args.openai_top_logprobs)
     return create_backend(name)  # a registered backend without flags of its own

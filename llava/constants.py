@@ -17,6 +17,7 @@ __all__ = [
     "ECSO_ALIAS_SUFFIX",
     "TINY_MARKER",
     "TINY_MAX_NEW_TOKENS",
+    "OPENAI_API_KEY_ENV",
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_IMAGE_SIZE",
@@ -47,6 +48,9 @@ ECSO_ALIAS_SUFFIX = "+ecso"
 TINY_MARKER = "ecso_tiny.json"
 TINY_MAX_NEW_TOKENS = 32
 
+# The environment variable an OpenAI-compatible endpoint's key is read from by default (never a command line).
+OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
+
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds
 
@@ -62,3 +66,5 @@ class ErrorCode(enum.IntEnum):
     INVALID_REQUEST = 4
     CONTEXT_OVERFLOW = 5
     UNAUTHORIZED = 6
+    UPSTREAM_UNAVAILABLE = 7  # the model's upstream server cannot take the request (down, overloaded, cooling down)
+    POLICY = 8  # the service's policy refuses the request (e.g. opting out of ECSO)

@@ -275,10 +275,12 @@ def _max_turns(conv_mode: str, prompt: str, limit: int = 64) -> int:
     return min(limit, prompt.count(marker) + 1) if marker else 1
 
 
-def parse_prompt(conv_mode: str, prompt: str) -> Chat | None:
+def parse_prompt(conv_mode: str, prompt: str, keep_image_tags: bool = False) -> Chat | None:
     """The :class:`Chat` that ``render_prompt(conv_mode, chat)`` turns into ``prompt`` (the assistant turn left
     open), each user turn's ``<image>`` tags counted into its images (``None`` placeholders); ``None`` when the
-    prompt is not in that template. For serving a LLaVA-protocol prompt to a model with another chat format."""
+    prompt is not in that template. For serving a LLaVA-protocol prompt to a model with another chat format.
+    ``keep_image_tags``: the tags stay in the user texts, where they stand (for messages that put each image where
+    its tag is)."""
     # a template without a system text of its own cannot tell "none" from a custom one: try the custom one first
     systems = (True, False) if not get_conv_template(conv_mode).system else (False, True)
     for n_turns in range(_max_turns(conv_mode, prompt), 0, -1):
@@ -292,8 +294,9 @@ def parse_prompt(conv_mode: str, prompt: str) -> Chat | None:
             for i in range(n_turns):
                 text = groups[f"U{i}"]
                 tags = text.count(DEFAULT_IMAGE_TOKEN)
-                turns.append((text.replace(DEFAULT_IMAGE_TOKEN + "\n", "").replace(DEFAULT_IMAGE_TOKEN, ""),
-                              groups.get(f"A{i}")))
+                if not keep_image_tags:
+                    text = text.replace(DEFAULT_IMAGE_TOKEN + "\n", "").replace(DEFAULT_IMAGE_TOKEN, "")
+                turns.append((text, groups.get(f"A{i}")))
                 images.append([None] * tags)
             return Chat(groups["S0"] if custom_system and groups["S0"] else None, turns, images)
     return None

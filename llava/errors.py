@@ -17,6 +17,8 @@ __all__ = [
     "BackendError",
     "BackendTimeoutError",
     "AuthError",
+    "UpstreamUnavailableError",
+    "PolicyError",
 ]
 
 
@@ -95,3 +97,20 @@ class AuthError(ECSOError):
     status = 401
     code = "unauthorized"
     error_code = ErrorCode.UNAUTHORIZED
+
+
+class UpstreamUnavailableError(BackendError):
+    """No upstream server of a remote model can take the request now: unreachable, overloaded (429) or cooling
+    down after a failure."""
+
+    status = 503
+    code = "upstream_unavailable"
+    error_code = ErrorCode.UPSTREAM_UNAVAILABLE
+
+
+class PolicyError(ECSOError):
+    """The service's policy refuses the request (e.g. ``"ecso": false`` where ECSO is enforced)."""
+
+    status = 403
+    code = "policy_refused"
+    error_code = ErrorCode.POLICY

@@ -16,13 +16,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
 from llava import errors
-from llava.constants import ErrorCode
+from llava.constants import OPENAI_API_KEY_ENV, ErrorCode
 from llava.errors import (
     AuthError,
     BackendError,
@@ -31,6 +32,8 @@ from llava.errors import (
     ECSOError,
     InvalidRequestError,
     NoWorkerError,
+    PolicyError,
+    UpstreamUnavailableError,
 )
 from llava.extras import require_extra
 
@@ -46,6 +49,7 @@ __all__ = [
     "ChunkDecoder",
     "iter_chunks",
     "aiter_chunks",
+    "aiter_sse_data",
     "resolve_api_key",
     "auth_headers",
     "openai_base_url",
@@ -59,7 +63,6 @@ __all__ = [
 ]
 
 API_KEY_ENV = "ECSO_API_KEY"
-OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
 OPENAI_BASE_URL_ENV = "OPENAI_BASE_URL"
 STREAM_DELIMITER = b"\0"
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # one frame; a peer that never sends the delimiter is cut off here
@@ -145,6 +148,33 @@ def _sse_data(lines: Iterator[str]) -> Iterator[str]:
         yield "\n".join(buffer)
 
 
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def _event_data(block: bytes) -> str | None:
+    data = [line[5:].lstrip(b" ") for line in block.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(data).decode("utf-8") if data else None
+
+
+async def aiter_sse_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The ``data`` of each server-sent event of a byte stream (e.g. httpx's ``aiter_bytes()``), split on the blank
+    lines that end events: one pass over the bytes, no per-line decoding (a proxy relays many small events)."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        start = 0
+        for end in _EVENT_END.finditer(buffer):
+            data = _event_data(buffer[start:end.start()])
+            start = end.end()
+            if data is not None:
+                yield data
+        buffer = buffer[start:]
+    if buffer.strip():
+        data = _event_data(buffer)
+        if data is not None:
+            yield data
+
+
 def _json_object(data: str, where: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
@@ -197,6 +227,8 @@ _ERRORS_BY_STREAM_CODE = MappingProxyType({
     ErrorCode.INVALID_REQUEST: InvalidRequestError,
     ErrorCode.CONTEXT_OVERFLOW: ContextLengthError,
     ErrorCode.UNAUTHORIZED: AuthError,
+    ErrorCode.UPSTREAM_UNAVAILABLE: UpstreamUnavailableError,
+    ErrorCode.POLICY: PolicyError,
 })
 
 

@@ -160,9 +160,10 @@ def _fetch_url(url: str, limits: ImageLimits, timeout: float) -> bytes:
     return data
 
 
-def encode_image_base64(image: Image.Image, fmt: str = "PNG") -> str:
+def encode_image_base64(image: Image.Image, fmt: str = "PNG", **save_options: Any) -> str:
+    """``image`` in ``fmt`` as base64; ``save_options`` go to PIL's ``save`` (e.g. ``compress_level=1``)."""
     buf = io.BytesIO()
-    image.save(buf, format=fmt)
+    image.save(buf, format=fmt, **save_options)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

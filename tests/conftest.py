@@ -53,6 +53,17 @@ def tiny_original_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def transformers_serve(tiny_hf_path):
+    """``transformers serve`` (a real third-party OpenAI-compatible server) on the tiny llava-hf model, started once
+    per session (tests/serve/upstreams.py). A test that kills it starts it again on the same port before it ends."""
+    from tests.serve.upstreams import TransformersServe
+
+    server = TransformersServe(tiny_hf_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny_hf_path):
     from llava.model.builder import load_model
 

@@ -1,7 +1,9 @@
 """Templates byte-exact against LLaVA's conversation.py."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from llava.conversation import build_prompt, conv_templates, default_conv_mode, get_conv_template
+from llava.conversation import Chat, build_prompt, conv_templates, default_conv_mode, get_conv_template
 from llava.errors import InvalidRequestError
 
 VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -72,3 +74,37 @@ def test_parse_prompt_inverts_render_prompt(conv_mode):
         assert (parsed.system, parsed.turns) == (chat.system, chat.turns)
         assert [len(i) for i in parsed.turn_images] == [len(i) for i in chat.turn_images]
     assert parse_prompt("vicuna_v1", "[INST] a prompt in another template [/INST]") is None
+
+
+_WORDS = st.text(alphabet="abcdefghij XYZ?.,!'\n", min_size=1, max_size=30).filter(lambda t: t.strip() == t)
+
+
+@st.composite
+def _chats(draw):
+    n = draw(st.integers(1, 3))
+    turns = [(draw(_WORDS), draw(_WORDS) if k < n - 1 else None) for k in range(n)]
+    images = [[None] * draw(st.integers(0, 2)) if k == 0 else [] for k in range(n)]
+    return Chat(draw(st.none() | _WORDS), turns, images)
+
+
+@pytest.mark.parametrize("conv_mode", sorted(set(conv_templates) - {"plain"}))
+@settings(max_examples=30, deadline=None)
+@given(chat=_chats())
+def test_parse_prompt_inverts_render_prompt_on_any_text_and_keeps_image_tags_where_asked(conv_mode, chat):
+    from llava.conversation import parse_prompt, render_prompt
+
+    prompt = render_prompt(conv_mode, chat)
+    parsed = parse_prompt(conv_mode, prompt)
+    assert parsed is not None and render_prompt(conv_mode, parsed) == prompt
+    tagged = parse_prompt(conv_mode, prompt, keep_image_tags=True)
+    assert tagged.turns == [(("<image>\n" * len(images)) + user, answer)
+                            for (user, answer), images in zip(chat.turns, chat.turn_images)]
+    assert tagged.turn_images == parsed.turn_images
+
+
+def test_parse_prompt_keeps_image_tags_where_they_stand():
+    from llava.conversation import parse_prompt
+
+    prompt = build_prompt("vicuna_v1", "Compare <image>\n with <image>", 0)
+    chat = parse_prompt("vicuna_v1", prompt, keep_image_tags=True)
+    assert chat.turns == [("Compare <image>\n with <image>", None)] and chat.turn_images == [[None, None]]

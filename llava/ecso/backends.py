@@ -95,6 +95,9 @@ class Prepared:
     images: list[Any]
     prompt_tokens: int | None
     handle: Any
+    # What a remote model reported about the last generation from it (usage statistics), when it reports them.
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
 
 
 class ServingBackend(Backend):
@@ -139,8 +142,9 @@ class ServingBackend(Backend):
         raise UnsupportedError(f"backend {self.name!r} cannot report log-probabilities")
 
     @abc.abstractmethod
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` as an answer (usage statistics, ``finish_reason``)."""
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens of ``text`` as an answer (usage statistics, ``finish_reason``); ``None`` where the tokenizer is
+        not here (a remote model: its own usage reports are used, see :class:`Prepared`)."""
 
 
 class AsyncBackend(Backend):
@@ -184,6 +188,15 @@ class AsyncServingBackend(AsyncBackend, ServingBackend):
         raise UnsupportedError(f"backend {self.name!r} cannot report log-probabilities")
 
     async def ahealthy(self) -> bool:
-        """Whether the model can answer now (checked before each heartbeat; a worker whose model cannot answer is
-        not sent requests by its controller)."""
+        """Whether the model can answer now, checked (before each heartbeat: a controller sends no requests to a
+        worker whose model cannot answer)."""
         return True
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the model could answer at the last check or request (no network call)."""
+        return True
+
+    def check_reachable(self) -> None:
+        """Raise :class:`~llava.errors.UpstreamUnavailableError` now when the model cannot answer (so a stream is
+        refused with a real status instead of failing once it has started)."""

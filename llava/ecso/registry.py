@@ -51,7 +51,7 @@ _BACKENDS: dict[str, BackendEntry] = {
                           help="load the model in this process (LLaVA-1.5 or any transformers vision-language model)"),
     "worker": BackendEntry("llava.ecso.remote:WorkerBackend", "serve",
                            help="a LLaVA worker behind a controller (LLaVA's worker protocol)"),
-    "openai": BackendEntry("llava.ecso.remote:OpenAIBackend", "serve",
+    "openai": BackendEntry("llava.ecso.openai_remote:OpenAIBackend", "serve",
                            help="an OpenAI-compatible chat endpoint (vLLM, SGLang, transformers serve, ...)"),
 }
 

@@ -127,13 +127,14 @@ def _routes() -> APIRouter:
         again = body.worker_name in app.state.registry
         app.state.registry.register(body.worker_name, status, body.check_heart_beat)
         logger.info(
-            "%s worker %s: models %s, speed %g, queue %d, heartbeat check %s",
+            "%s worker %s: models %s, speed %g, queue %d, heartbeat check %s%s",
             "re-registered" if again else "registered",
             body.worker_name,
             status.model_names,
             status.speed,
             status.queue_length,
             body.check_heart_beat,
+            ", its model unreachable for now" if status.healthy is False else "",
         )
         return RegisterWorkerResponse(worker_name=body.worker_name, model_names=status.model_names)
 
@@ -170,7 +171,13 @@ def _routes() -> APIRouter:
     @router.post("/receive_heart_beat")
     async def receive_heart_beat(body: HeartBeatRequest, request: Request) -> HeartBeatResponse:
         expire(request.app)
-        exist = request.app.state.registry.heart_beat(body.worker_name, body.queue_length)
+        registry: WorkerRegistry = request.app.state.registry
+        info = registry.get(body.worker_name)
+        if info is not None and info.healthy != body.healthy:
+            logger.warning("worker %s reports its model %s: %s", body.worker_name,
+                           "answering again" if body.healthy else "unreachable", "dispatching to it again"
+                           if body.healthy else "no requests go to it until it is healthy")
+        exist = registry.heart_beat(body.worker_name, body.queue_length, body.healthy)
         if not exist:
             logger.info("heartbeat from unknown worker %s; told it to re-register", body.worker_name)
         return HeartBeatResponse(exist=exist)

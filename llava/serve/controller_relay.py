@@ -56,7 +56,10 @@ async def _open_stream(app: FastAPI, model: str, body: bytes) -> tuple[str, http
         if not address:
             known = app.state.registry.models()
             extra = f"; unreachable workers dropped: {', '.join(unreachable)}" if unreachable else ""
-            raise NoWorkerError(f"no worker serves model {model!r} (models available: {known}){extra}")
+            sick = app.state.registry.unhealthy(model)
+            if sick:
+                extra += f"; workers whose model cannot answer now (its servers are down): {', '.join(sick)}"
+            raise NoWorkerError(f"no healthy worker serves model {model!r} (models available: {known}){extra}")
         request = app.state.http.build_request(
             "POST", f"{address}/worker_generate_stream", content=body, headers=headers
         )

@@ -1,6 +1,8 @@
 """The controller's worker registry and dispatch methods, without HTTP: workers by name (their base URL) with
-their models, speed and queue length, expiry of silent workers, and how one worker is picked among those serving a
-model (``shortest_queue``, ``lottery``)."""
+their models, speed, queue length and health, expiry of silent workers, and how one worker is picked among the
+healthy ones serving a model (``shortest_queue``, ``lottery``). A worker is unhealthy while its heartbeats say its
+model cannot answer (a remote model whose servers are down); it stays registered and gets requests again once a
+heartbeat says it is healthy."""
 from __future__ import annotations
 
 import math
@@ -24,6 +26,7 @@ class WorkerInfo:
     queue_length: int
     check_heart_beat: bool
     last_heart_beat: float  # clock() time
+    healthy: bool = True
 
 
 class WorkerRegistry:
@@ -47,7 +50,8 @@ class WorkerRegistry:
 
     def register(self, name: str, status: WorkerStatus, check_heart_beat: bool) -> WorkerInfo:
         info = WorkerInfo(
-            name, list(status.model_names), status.speed, status.queue_length, check_heart_beat, self._clock()
+            name, list(status.model_names), status.speed, status.queue_length, check_heart_beat, self._clock(),
+            status.healthy is not False,
         )
         self._workers[name] = info
         return info
@@ -55,11 +59,11 @@ class WorkerRegistry:
     def remove(self, name: str) -> bool:
         return self._workers.pop(name, None) is not None
 
-    def heart_beat(self, name: str, queue_length: int) -> bool:
+    def heart_beat(self, name: str, queue_length: int, healthy: bool = True) -> bool:
         info = self._workers.get(name)
         if info is None:
             return False
-        info.queue_length = queue_length
+        info.queue_length, info.healthy = queue_length, healthy
         info.last_heart_beat = self._clock()
         return True
 
@@ -77,7 +81,12 @@ class WorkerRegistry:
         return sorted({m for w in self._workers.values() for m in w.model_names})
 
     def candidates(self, model: str) -> list[WorkerInfo]:
-        return [w for w in self._workers.values() if model in w.model_names]
+        """The healthy workers serving ``model``."""
+        return [w for w in self._workers.values() if model in w.model_names and w.healthy]
+
+    def unhealthy(self, model: str) -> list[str]:
+        """The workers serving ``model`` whose model cannot answer now."""
+        return [w.name for w in self._workers.values() if model in w.model_names and not w.healthy]
 
     def total_status(self) -> WorkerStatus:
         workers = self._workers.values()

@@ -1,4 +1,8 @@
-"""Model worker: one loaded model behind LLaVA's worker protocol, an ECSO stream and an OpenAI-compatible API.
+"""Model worker: one model behind LLaVA's worker protocol, an ECSO stream and an OpenAI-compatible API. The model
+is loaded here (``--backend local``) or served by OpenAI-compatible servers (``--backend openai
+--openai-base-url URL [URL ...]``: vLLM, SGLang, ``transformers serve``), which makes the worker an ECSO guardrail in
+front of them: the controller, the demo and every API work unchanged, the OpenAI API answers with ECSO by
+``--ecso-stream`` (hold, monitor, off), and heartbeats report whether the servers answer.
 
 * LLaVA: ``POST /worker_get_status`` -> ``{model_names, speed, queue_length}``; ``POST /worker_generate_stream``
   (templated prompt + base64 images) -> NUL-delimited chunks with the cumulative text, prompt included
@@ -29,13 +33,13 @@ import anyio.to_thread
 import httpx
 from fastapi import FastAPI, Request
 
-from llava.cli_args import add_ecso_args, add_model_args, is_tiny_model
+from llava.cli_args import add_backend_args, add_ecso_args, add_model_args, is_tiny_model
 from llava.constants import CONTROLLER_PORT, TINY_MAX_NEW_TOKENS, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
-from llava.ecso.backends import ServingBackend
+from llava.ecso.backends import AsyncServingBackend, ServingBackend
 from llava.ecso.config import ecso_config_from_args
 from llava.ecso.local_vlm import backend_for_engine
 from llava.errors import ECSOError
-from llava.http_client import resolve_api_key
+from llava.http_client import openai_base_url, resolve_api_key
 from llava.mm_utils import ImageLimits
 from llava.model.engine_base import GenerationEngine
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH
@@ -55,11 +59,27 @@ from llava.serve.worker_llava import GENERATE_STREAM_PATH, llava_routes
 from llava.serve.worker_openai import openai_routes
 from llava.serve.worker_registration import registration_loop
 from llava.serve.worker_runtime import ModelSlots
-from llava.serve.worker_state import WorkerConfig, WorkerState, get_state, load_backend
+from llava.serve.worker_state import ECSO_POLICIES, RemoteModel, WorkerConfig, WorkerState, get_state, load_backend
 
 __all__ = ["create_app", "build_parser", "config_from_args", "main"]
 
 logger = logging.getLogger(__name__)
+
+START_BACKOFF_MAX = 30.0  # seconds between attempts to reach a remote model's servers at start, at most
+
+
+async def _start_remote(model: AsyncServingBackend) -> None:
+    """Get a remote model ready, retrying with backoff while none of its servers answers (the worker is not ready,
+    and does not answer /health, until one does)."""
+    delay = 1.0
+    while True:
+        try:
+            await model.astart()
+            return
+        except ECSOError as exc:
+            logger.warning("the model's servers do not answer yet (%s); retrying in %g s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, START_BACKOFF_MAX)
 
 
 def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
@@ -74,6 +94,8 @@ def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = backend if backend is not None else await anyio.to_thread.run_sync(load_backend, config)
+        if isinstance(model, AsyncServingBackend):
+            await _start_remote(model)
         async with httpx.AsyncClient(trust_env=False) as http:
             state = WorkerState(config, model, ModelSlots(config.limit_model_concurrency), http, config.image_policy())
             app.state.worker = state
@@ -93,6 +115,8 @@ def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
                 for task in [*tasks, *state.jobs]:
                     task.cancel()
                 await asyncio.gather(*tasks, *state.jobs, return_exceptions=True)
+                if isinstance(model, AsyncServingBackend) and backend is None:
+                    await model.aclose()
 
     app = FastAPI(title="ECSO model worker", lifespan=lifespan)
     app.state.config = config
@@ -106,7 +130,8 @@ def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
     @app.get("/health")
     async def health(request: Request) -> WorkerHealthResponse:
         state = get_state(request)
-        return WorkerHealthResponse(models=[state.model_name], queue_length=state.slots.queue_length)
+        return WorkerHealthResponse(models=[state.model_name], queue_length=state.slots.queue_length,
+                                    healthy=state.model.reachable)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes,
                        error_bodies={GENERATE_STREAM_PATH: llava_error_frame, ECSO_STREAM_PATH: ecso_error_frame})
@@ -135,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between heartbeats to the controller (default %(default)g; it drops workers "
                    "silent for 30 s)")
     add_model_args(parser, default_model=None)
+    add_backend_args(parser, serving=True)
     g = parser.add_argument_group("limits")
     g.add_argument("--limit-model-concurrency", type=positive_int, default=5,
                    help="model jobs run at once; more wait (queue_length = waiting + running) (default %(default)s)")
@@ -158,20 +184,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-url-timeout", type=positive_seconds, default=10.0,
                    help="seconds to fetch one image URL (default %(default)g)")
     add_ecso_args(parser)  # defaults of ECSO runs (/worker_ecso_stream, OpenAI "ecso": true)
+    g = parser.add_argument_group("ECSO policy (OpenAI API)")
+    g.add_argument("--ecso-stream", choices=ECSO_POLICIES, default=None,
+                   help="how /v1/chat/completions answers: hold = every answer is ECSO's (the guardrail; a stream "
+                   "sends nothing until the verdict, then the final answer); monitor = every answer is the direct "
+                   "one, streamed at once, with ECSO's verdict of it in the last chunk and the log (it never changes "
+                   "what was sent: observe a deployment before enforcing); off = direct unless a request asks for "
+                   "ECSO (\"ecso\": true or the model NAME+ecso). Default: hold with --backend openai, off otherwise")
+    g.add_argument("--allow-ecso-opt-out", action="store_true",
+                   help="let a request send \"ecso\": false to get the direct answer under hold or monitor (default: "
+                   "such requests get 403)")
     return parser
 
 
 def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> WorkerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.model_path:
+    if not args.model_path and args.backend == "local":
         parser.error("--model-path is required (a checkpoint folder, a hub id, or 'tiny' for the test model)")
     if args.max_new_tokens is None:  # also the default of ECSO runs (the option shares the name)
         args.max_new_tokens = TINY_MAX_NEW_TOKENS if is_tiny_model(args.model_path) else 512
     try:
         ecso = ecso_config_from_args(args)
+        remote = None
+        if args.backend == "openai":
+            env_url = openai_base_url(None, environ)
+            urls = args.openai_base_url or ([env_url] if env_url else [])
+            remote = RemoteModel(tuple(u.rstrip("/") for u in urls), args.openai_model, args.openai_api_key_env,
+                                 args.request_timeout, args.upstream_retries, args.upstream_cooldown,
+                                 args.openai_top_logprobs)
         return WorkerConfig(
-            model_path=args.model_path, model_base=args.model_base, model_name=args.model_name, device=args.device,
+            model_path=args.model_path or "", backend=args.backend, remote=remote, ecso_stream=args.ecso_stream,
+            allow_ecso_opt_out=args.allow_ecso_opt_out,
+            model_base=args.model_base, model_name=args.model_name, device=args.device,
             dtype=None if args.dtype == "auto" else args.dtype, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
             conv_mode=args.conv_mode, image_aspect_ratio=args.image_aspect_ratio, host=args.host, port=args.port,
             controller_url=args.controller_url.rstrip("/"), worker_address=args.worker_address,

@@ -83,6 +83,8 @@ _SUMMARY = MappingProxyType({
     ErrorCode.INVALID_REQUEST: "Invalid request",
     ErrorCode.CONTEXT_OVERFLOW: "The conversation is too long for the model's context",
     ErrorCode.UNAUTHORIZED: "Unauthorized",
+    ErrorCode.UPSTREAM_UNAVAILABLE: "The model's upstream server is unavailable",
+    ErrorCode.POLICY: "Refused by this service's policy",
 })
 
 

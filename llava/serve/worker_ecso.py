@@ -27,7 +27,6 @@ from llava.mm_utils import decode_base64_image
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ERROR_EVENT, ECSOEvent, ECSOStreamRequest
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.server import STREAM_MEDIA_TYPE, chunk_error_response, error_chunk, require_api_key
-from llava.serve.worker_runtime import stream_model
 from llava.serve.worker_state import WorkerState, get_state
 
 __all__ = ["error_event", "ecso_error_frame", "ecso_routes"]
@@ -60,19 +59,18 @@ async def _prepare(state: WorkerState, raw: bytes) -> tuple[ECSO, ECSOStreamRequ
         raise InvalidRequestError(describe_validation_error(exc)[0]) from None
     if req.model is not None:
         state.check_model(req.model, [state.model_name + ECSO_ALIAS_SUFFIX])
+    state.model.check_reachable()
     state.check_images(int(req.image is not None))
     pipeline = state.pipeline(req.options.overrides(), streamed=True)
     images = await anyio.to_thread.run_sync(_decode, req.image, state)
-    await anyio.to_thread.run_sync(state.check_fits, pipeline, req.query, images, req.direct)
+    await state.check_fits(pipeline, req.query, images, req.direct)
     return pipeline, req, images
 
 
 async def _frames(state: WorkerState, pipeline: ECSO, req: ECSOStreamRequest, images: list[Image.Image],
                   stop: threading.Event) -> AsyncIterator[bytes]:
     try:
-        async for event in stream_model(state.slots, lambda: pipeline.stream(images, req.query, req.direct,
-                                                                             stop.is_set),
-                                        state.jobs, stop):
+        async for event in state.model.stream_ecso(pipeline, images, req.query, req.direct, stop):
             yield encode_chunk(ECSOEvent.from_step(event))
     except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
         logger.warning("ECSO stream failed: %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, ECSOError))

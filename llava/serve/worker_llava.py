@@ -23,7 +23,7 @@ from llava.http_client import encode_chunk
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.protocol.llava import GenerateStreamRequest, StreamChunk, WorkerStatus
 from llava.serve.server import STREAM_MEDIA_TYPE, chunk_error_response, error_chunk, require_api_key
-from llava.serve.worker_runtime import decode_images, stream_model
+from llava.serve.worker_runtime import decode_images
 from llava.serve.worker_state import WorkerState, get_state
 
 __all__ = ["GENERATE_STREAM_PATH", "llava_routes"]
@@ -39,10 +39,11 @@ async def _prepare(state: WorkerState, raw: bytes) -> tuple[GenerateStreamReques
     except ValidationError as exc:
         raise InvalidRequestError(describe_validation_error(exc)[0]) from None
     state.check_model(req.model)
+    state.model.check_reachable()
     state.check_images(len(req.images))
     images = await anyio.to_thread.run_sync(decode_images, req.images, state.policy)
     # Checks the <image> count and the context length before anything is streamed; the result is streamed from.
-    prepared = await anyio.to_thread.run_sync(state.backend.prepare_templated, req.prompt, images)
+    prepared = await state.model.prepare_templated(req.prompt, images)
     params = GenerationParams(max_new_tokens=min(max(req.max_new_tokens, 1), MAX_NEW_TOKENS_LIMIT),
                               temperature=req.temperature, top_p=req.top_p, stop=tuple(req.stop_list))
     return req, prepared, params
@@ -53,9 +54,7 @@ async def _chunks(state: WorkerState, prompt: str, prepared: Prepared, params: G
     away stops the generation at the next token (``stop``), which frees the slot."""
     text, sent, stop = "", False, threading.Event()
     try:
-        async for delta in stream_model(state.slots, lambda: state.backend.stream_prepared(prepared, params,
-                                                                                           stop.is_set),
-                                        state.jobs, stop):
+        async for delta in state.model.stream(prepared, params, stop):
             text += delta
             sent = True
             yield encode_chunk(StreamChunk(text=prompt + text))
@@ -72,7 +71,7 @@ async def _chunks(state: WorkerState, prompt: str, prepared: Prepared, params: G
 def llava_routes() -> APIRouter:
     router = APIRouter(dependencies=[Depends(require_api_key)])
 
-    @router.post("/worker_get_status")
+    @router.post("/worker_get_status", response_model_exclude_none=True)
     async def worker_get_status(request: Request) -> WorkerStatus:
         return get_state(request).status()
 

@@ -8,24 +8,29 @@
   ``data: {"error": {...}}`` event (which the ``openai`` client raises as an ``APIError``).
 * ``logprobs: true, top_logprobs: N``: log-probabilities of the first generated token and its N best alternatives
   (on the last chunk when streaming). That is what a yes/no score needs (the ``openai`` backend's score verdict).
-* ECSO: ``"ecso": true`` or the model ``<name>+ecso``. The message is ECSO's final answer and ``ecso`` in the
-  response holds the steps (:class:`~llava.serve.protocol.openai.ECSOInfo`). Streaming sends the final answer (the
-  direct answer once it passed the check, else the safe answer as it is generated) and the steps on the last chunk.
-  ECSO is single-turn: one user message, no system or assistant turns.
+* ECSO, by the worker's policy (``--ecso-stream``, :data:`~llava.serve.worker_state.ECSO_POLICIES`) and the
+  request (``"ecso": true`` or the model ``<name>+ecso``; ``"ecso": false`` opts out where the worker allows it):
+  ``hold`` answers with ECSO's final answer and ``ecso`` in the response holds the steps
+  (:class:`~llava.serve.protocol.openai.ECSOInfo`); streaming sends nothing until the verdict, then the final answer
+  (the direct answer in one piece once it passed the check, else the safe answer as it is generated) and the steps
+  on the last chunk. ``monitor`` answers directly (streamed at once) and attaches the verdict of that answer, which
+  never changes what was sent. ``off`` answers directly unless the request asks for ECSO. ECSO (hold) is
+  single-turn: one user message, no system or assistant turns.
 
 Each prompt is rendered and checked to fit once (:meth:`~llava.ecso.backends.ServingBackend.prepare`), and
-generated from what that returned; the model is reached only through the worker's backend.
+generated from what that returned; the model is reached only through the worker's
+:class:`~llava.serve.worker_model.WorkerModel`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio.to_thread
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -33,9 +38,9 @@ from pydantic import BaseModel
 from llava.constants import ECSO_ALIAS_SUFFIX
 from llava.conversation import Chat
 from llava.ecso.backends import Prepared
-from llava.ecso.events import ECSOProgress, ECSOResult, Step
+from llava.ecso.events import ECSOProgress, ECSOResult, Step, Verdict
 from llava.ecso.pipeline import ECSO
-from llava.errors import ECSOError, InvalidRequestError
+from llava.errors import ECSOError, InvalidRequestError, PolicyError
 from llava.generation import FirstTokenLogprobs, GenerationParams, ScoredToken
 from llava.serve.protocol.openai import (
     AssistantMessage,
@@ -55,7 +60,7 @@ from llava.serve.protocol.openai import (
     Usage,
 )
 from llava.serve.server import SSE_MEDIA_TYPE, openai_error, require_api_key
-from llava.serve.worker_runtime import call_model, load_image_urls, stream_model
+from llava.serve.worker_runtime import load_image_urls
 from llava.serve.worker_state import WorkerState, get_state
 
 __all__ = ["parse_chat", "openai_routes"]
@@ -111,16 +116,25 @@ def _sse(obj: BaseModel | dict) -> bytes:
 _SSE_DONE = b"data: [DONE]\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def _usage(prompt_tokens: int | None, completion_tokens: int | None) -> Usage | None:
+    if prompt_tokens is None or completion_tokens is None:
+        return None  # a remote model that did not report it: no made-up numbers
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def _ecso_info(state: WorkerState, result: ECSOResult) -> ECSOInfo:
+def _ecso_info(state: WorkerState, result: ECSOResult, policy: str) -> ECSOInfo:
     return ECSOInfo(direct=result.direct, flagged=result.flagged, harm_score=result.harm_score,
                     verdict_text=result.verdict_text, verdict_mode=result.verdict_mode,
                     verdict_fallback=result.verdict_fallback, caption=result.caption,
-                    safe_answer=result.safe_answer, timings=result.timings, model_family=state.model_family)
+                    safe_answer=result.safe_answer, timings=result.timings, policy=policy,
+                    model_family=state.model_family)
+
+
+def _monitor_info(state: WorkerState, direct: str, verdict: Verdict) -> ECSOInfo:
+    return ECSOInfo(direct=direct, flagged=verdict.flagged, harm_score=verdict.score, verdict_text=verdict.text,
+                    verdict_mode=verdict.mode, verdict_fallback=verdict.fallback, policy="monitor",
+                    model_family=state.model_family)
 
 
 def _entry(token: ScoredToken) -> dict[str, Any]:
@@ -134,17 +148,18 @@ def _choice_logprobs(first: FirstTokenLogprobs) -> ChoiceLogprobs:
 
 @dataclass
 class _Request:
-    """A request made ready: model name to report, its prepared prompt (direct answers) or pipeline (ECSO),
-    decoding settings, prompt length in tokens."""
+    """A request made ready: model name to report, its prepared prompt, decoding settings, how ECSO applies
+    (``direct``, ``hold``, ``monitor``) with its pipeline, the query and images ECSO sees."""
 
     req: ChatCompletionRequest
     model: str
     prepared: Prepared
     params: GenerationParams
-    prompt_tokens: int
     top_logprobs: int | None
+    mode: str = "direct"
     pipeline: ECSO | None = None
     query: str = ""
+    images: list[Any] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)  # set when a streaming client goes away
 
 
@@ -175,83 +190,109 @@ def _top_logprobs(state: WorkerState, req: ChatCompletionRequest) -> int | None:
     return top
 
 
+def _mode(state: WorkerState, req: ChatCompletionRequest) -> str:
+    """How ECSO applies to this request: the worker's policy, unless the request asks for ECSO or opts out."""
+    policy = state.config.ecso_policy
+    if req.ecso or req.model.endswith(ECSO_ALIAS_SUFFIX):
+        return "hold"
+    if req.ecso is False and policy != "off":
+        if not state.config.allow_ecso_opt_out:
+            raise PolicyError(f'"ecso": false is refused: this worker answers with ECSO (--ecso-stream {policy}); '
+                              "start it with --allow-ecso-opt-out to let requests opt out")
+        return "direct"
+    return "direct" if policy == "off" else policy
+
+
 async def _prepare(state: WorkerState, req: ChatCompletionRequest) -> _Request:
     state.check_model(req.model, [state.model_name + ECSO_ALIAS_SUFFIX])
-    ecso = req.ecso or req.model.endswith(ECSO_ALIAS_SUFFIX)
+    mode = _mode(state, req)
+    state.model.check_reachable()
     chat = parse_chat(req.messages)
     top_logprobs = _top_logprobs(state, req)
-    if ecso and (chat.system is not None or len(chat.turns) > 1):
+    if mode == "hold" and (chat.system is not None or len(chat.turns) > 1):
         raise InvalidRequestError("ecso: ECSO answers a single user message; send no system or assistant messages")
-    if ecso and top_logprobs is not None:
+    if mode == "hold" and top_logprobs is not None:
         raise InvalidRequestError("logprobs are not available with ecso")
     state.check_images(len(chat.images))
-    pipeline = state.pipeline(_ecso_overrides(req), streamed=req.stream) if ecso else None
+    pipeline = state.pipeline(_ecso_overrides(req), streamed=req.stream) if mode != "direct" else None
     chat = chat.with_images(await load_image_urls(chat.images, state.policy, state.http))
     params = GenerationParams(max_new_tokens=req.token_limit(state.config.max_new_tokens), temperature=req.temperature,
-                              top_p=req.top_p, stop=tuple(req.stop_list))
-    query = chat.turns[0][0]
-    if pipeline is not None:  # its first prompt: the query with its images, as the chat's own prompt
-        prepared = await anyio.to_thread.run_sync(state.check_fits, pipeline, query, chat.images)
+                              top_p=req.top_p if "top_p" in req.model_fields_set else None, stop=tuple(req.stop_list))
+    query = chat.turns[-1][0]
+    if pipeline is not None and mode == "hold":  # its first prompt: the query with its images, as the chat's own
+        prepared = await state.check_fits(pipeline, query, chat.images)
     else:
-        prepared = await anyio.to_thread.run_sync(state.backend.prepare, chat)
-    return _Request(req, req.model, prepared, params, prepared.prompt_tokens or 0, top_logprobs, pipeline, query)
+        prepared = await state.model.prepare(chat)
+    return _Request(req, req.model, prepared, params, top_logprobs, mode, pipeline, query, chat.images)
 
 
-def _finish_reason(completion_tokens: int, params: GenerationParams) -> str:
-    return "length" if completion_tokens >= params.max_new_tokens else "stop"
+def _finish_reason(r: _Request, completion_tokens: int | None) -> str:
+    if r.prepared.finish_reason in ("stop", "length"):
+        return r.prepared.finish_reason
+    return "length" if completion_tokens is not None and completion_tokens >= r.params.max_new_tokens else "stop"
 
 
-# ---------------------------------------------------------------------------------------------------- direct
-
-
-def _logprobs(state: WorkerState, r: _Request, text: str) -> ChoiceLogprobs | None:
+async def _logprobs(state: WorkerState, r: _Request, text: str) -> ChoiceLogprobs | None:
     if r.top_logprobs is None:
         return None
-    first = state.backend.first_token_logprobs(r.prepared, r.top_logprobs, text, r.params.greedy)
-    return _choice_logprobs(first)
+    return _choice_logprobs(await state.model.first_token_logprobs(r.prepared, r.top_logprobs, text, r.params.greedy))
 
 
-def _generate(state: WorkerState, r: _Request) -> tuple[str, int, ChoiceLogprobs | None]:
-    text = state.backend.complete(r.prepared, r.params)
-    return text, state.backend.count_tokens(text), _logprobs(state, r, text)
+async def _monitor(state: WorkerState, r: _Request, text: str) -> ECSOInfo:
+    assert r.pipeline is not None
+    verdict = await state.model.check(r.pipeline, r.images, r.query, text)
+    logger.info("ECSO monitor: %s (verdict %s, score %s%s) on a %d-character answer, sent unchanged",
+                "flagged" if verdict.flagged else "passed", verdict.mode,
+                "none" if verdict.score is None else f"{verdict.score:.3f}",
+                f", fallback: {verdict.fallback}" if verdict.fallback else "", len(text))
+    return _monitor_info(state, text, verdict)
+
+
+# ---------------------------------------------------------------------------------------------------- answers
 
 
 async def _complete(state: WorkerState, r: _Request) -> ChatCompletionResponse:
-    if r.pipeline is not None:
-        pipeline = r.pipeline
-        result = await call_model(state.slots, lambda: pipeline.run(r.prepared.images, r.query))
-        n = await anyio.to_thread.run_sync(state.backend.count_tokens, result.final)
+    if r.mode == "hold":
+        assert r.pipeline is not None
+        result = await state.model.run_ecso(r.pipeline, r.images, r.query)
+        n = await state.model.count_tokens(result.final)
         choice = ChatChoice(message=AssistantMessage(content=result.final), finish_reason="stop")
-        return ChatCompletionResponse(model=r.model, choices=[choice], usage=_usage(r.prompt_tokens, n),
-                                      ecso=_ecso_info(state, result))
-    text, n, logprobs = await call_model(state.slots, lambda: _generate(state, r))
-    choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=_finish_reason(n, r.params),
-                        logprobs=logprobs)
-    return ChatCompletionResponse(model=r.model, choices=[choice], usage=_usage(r.prompt_tokens, n))
+        return ChatCompletionResponse(model=r.model, choices=[choice], usage=_usage(r.prepared.prompt_tokens, n),
+                                      ecso=_ecso_info(state, result, "hold"))
+    text = await state.model.complete(r.prepared, r.params)
+    n = await state.model.completion_tokens(r.prepared, text)
+    logprobs = await _logprobs(state, r, text)
+    info = await _monitor(state, r, text) if r.mode == "monitor" else None
+    choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=_finish_reason(r, n), logprobs=logprobs)
+    return ChatCompletionResponse(model=r.model, choices=[choice], usage=_usage(r.prepared.prompt_tokens, n),
+                                  ecso=info)
 
 
-def _direct_job(state: WorkerState, r: _Request) -> Iterator[tuple[str, Any]]:
-    """Blocking: ("delta", text) items, then ("end", (completion tokens, logprobs))."""
+async def _direct_deltas(state: WorkerState, r: _Request, end: dict[str, Any]) -> AsyncIterator[str]:
+    """The answer's deltas as they come (``direct`` and ``monitor``); then fills ``end`` for the last chunk."""
     text = ""
-    for delta in state.backend.stream_prepared(r.prepared, r.params, r.stop.is_set):
+    async for delta in state.model.stream(r.prepared, r.params, r.stop):
         text += delta
-        yield "delta", delta
-    yield "end", (state.backend.count_tokens(text), _logprobs(state, r, text))
+        yield delta
+    n = await state.model.completion_tokens(r.prepared, text)
+    end.update(tokens=n, finish=_finish_reason(r, n), logprobs=await _logprobs(state, r, text))
+    if r.mode == "monitor":
+        end["ecso"] = await _monitor(state, r, text.strip())
 
 
-def _ecso_job(state: WorkerState, r: _Request) -> Iterator[tuple[str, Any]]:
-    """Blocking: the final answer's deltas (the direct answer in one piece once it passed the check, the safe answer
-    as it streams), then ("end", (completion tokens, ECSOInfo))."""
+async def _held_deltas(state: WorkerState, r: _Request, end: dict[str, Any]) -> AsyncIterator[str]:
+    """ECSO's final answer (``hold``): the direct answer in one piece once it passed the check, the safe answer as
+    it streams; then fills ``end`` for the last chunk."""
     assert r.pipeline is not None
     progress = ECSOProgress()
-    for event in r.pipeline.stream(r.prepared.images, r.query, should_stop=r.stop.is_set):
+    async for event in state.model.stream_ecso(r.pipeline, r.images, r.query, None, r.stop):
         delta = progress.apply(event)
         if event.step is Step.VERDICT and not progress.flagged:
-            yield "delta", progress.direct
+            yield progress.direct or ""
         elif event.step is Step.SAFE and delta:
-            yield "delta", delta
+            yield delta
     result = ECSOResult.from_progress(r.query, progress, r.pipeline.verdict_mode)
-    yield "end", (state.backend.count_tokens(result.final), _ecso_info(state, result))
+    end.update(tokens=await state.model.count_tokens(result.final), finish="stop", ecso=_ecso_info(state, result, "hold"))
 
 
 async def _sse_stream(state: WorkerState, p: _Request) -> AsyncIterator[bytes]:
@@ -259,27 +300,25 @@ async def _sse_stream(state: WorkerState, p: _Request) -> AsyncIterator[bytes]:
     first = ChatCompletionChunk(**base, choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
     base["id"], base["created"] = first.id, first.created
     yield _sse(first)
-    job = _ecso_job if p.pipeline is not None else _direct_job
+    end: dict[str, Any] = {}
+    deltas = _held_deltas(state, p, end) if p.mode == "hold" else _direct_deltas(state, p, end)
     try:
-        async for kind, value in stream_model(state.slots, lambda: job(state, p), state.jobs, p.stop):
-            if kind == "delta":
-                if value:
-                    yield _sse(ChatCompletionChunk(**base, choices=[ChunkChoice(delta=ChunkDelta(content=value))]))
-                continue
-            n, extra = value
-            finish = "stop" if p.pipeline is not None else _finish_reason(n, p.params)
-            last = ChunkChoice(delta=ChunkDelta(), finish_reason=finish,
-                               logprobs=extra if isinstance(extra, ChoiceLogprobs) else None)
-            yield _sse(ChatCompletionChunk(**base, choices=[last],
-                                           ecso=extra if isinstance(extra, ECSOInfo) else None))
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield _sse(ChatCompletionChunk(**base, choices=[], usage=_usage(p.prompt_tokens, n)))
+        async for delta in deltas:
+            if delta:
+                yield _sse(ChatCompletionChunk(**base, choices=[ChunkChoice(delta=ChunkDelta(content=delta))]))
+        last = ChunkChoice(delta=ChunkDelta(), finish_reason=end["finish"], logprobs=end.get("logprobs"))
+        yield _sse(ChatCompletionChunk(**base, choices=[last], ecso=end.get("ecso")))
+        usage = _usage(p.prepared.prompt_tokens, end["tokens"])
+        if req.stream_options is not None and req.stream_options.include_usage and usage is not None:
+            yield _sse(ChatCompletionChunk(**base, choices=[], usage=usage))
     except Exception as exc:  # noqa: BLE001 - an error event the openai client raises as APIError
         logger.warning("chat completion stream failed: %s: %s", type(exc).__name__, exc,
                        exc_info=not isinstance(exc, ECSOError))
         yield _sse(openai_error(exc).model_dump(exclude_none=True))
     finally:
         p.stop.set()  # the stream ended or its client left: stop generating and free the slot
+        with anyio.CancelScope(shield=True):  # a client that left cancels us: still end the model's stream
+            await deltas.aclose()
     yield _SSE_DONE
 
 

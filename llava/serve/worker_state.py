@@ -1,12 +1,15 @@
 """A model worker's configuration and shared state: what its routes (:mod:`llava.serve.worker_llava`,
 :mod:`llava.serve.worker_ecso`, :mod:`llava.serve.worker_openai`) and its registration import, so no route imports
 the app module (:mod:`llava.serve.model_worker`). The routes reach the model only through the state's
-:class:`~llava.ecso.backends.ServingBackend`."""
+:class:`~llava.serve.worker_model.WorkerModel` (its :class:`~llava.ecso.backends.ServingBackend` under the
+concurrency slots): a model loaded here (``--backend local``) or served by OpenAI-compatible servers
+(``--backend openai``: the worker is then an ECSO guardrail in front of them)."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +26,45 @@ from llava.ecso.pipeline import ECSO
 from llava.ecso.registry import create_backend
 from llava.errors import InvalidRequestError, ModelNotFoundError, UnsupportedError
 from llava.generation import MAX_NEW_TOKENS_LIMIT
+from llava.http_client import OPENAI_API_KEY_ENV
 from llava.mm_utils import ImageLimits
 from llava.serve.protocol.llava import WorkerStatus
+from llava.serve.worker_model import WorkerModel
 from llava.serve.worker_runtime import ImagePolicy, ModelSlots
 
-__all__ = ["WorkerConfig", "WorkerState", "get_state", "load_backend"]
+__all__ = ["ECSO_POLICIES", "RemoteModel", "WorkerConfig", "WorkerState", "get_state", "load_backend"]
+
+# How ECSO applies to the OpenAI API's chat completions (--ecso-stream): every answer is ECSO's, streamed once the
+# verdict is in (hold); every answer is direct and streamed at once, with ECSO's verdict of it attached (monitor);
+# direct unless a request asks for ECSO (off).
+ECSO_POLICIES = ("hold", "monitor", "off")
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """A worker's model served elsewhere (``--backend openai``): its OpenAI-compatible servers (base URLs up to
+    ``/v1``, serving the same model), the model id there (``None``: the first their ``/v1/models`` lists), the
+    environment variable holding their key (the key itself is never in the config), seconds per request, retries
+    on other servers, the cool-down of a server that failed, and the first-token alternatives asked for when
+    scoring yes/no."""
+
+    base_urls: tuple[str, ...]
+    model: str | None = None
+    api_key_env: str = OPENAI_API_KEY_ENV
+    timeout: float = 300.0
+    retries: int = 2
+    cooldown: float = 10.0
+    top_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.base_urls:
+            raise ValueError("--backend openai needs --openai-base-url (or OPENAI_BASE_URL)")
+        for url in self.base_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"--openai-base-url must be http(s) URLs up to /v1, got {url!r}")
+        if self.retries < 0 or not self.cooldown > 0 or not self.timeout > 0 or self.top_logprobs < 1:
+            raise ValueError(f"retries must be >= 0, cooldown and timeout > 0 s, top_logprobs >= 1; got "
+                             f"{self.retries}, {self.cooldown}, {self.timeout}, {self.top_logprobs}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +73,8 @@ class WorkerConfig:
     defaults of ECSO runs (requests override them field by field)."""
 
     model_path: str = "tiny"
+    backend: str = "local"
+    remote: RemoteModel | None = None
     model_base: str | None = None
     model_name: str | None = None
     device: str = "auto"
@@ -60,6 +99,8 @@ class WorkerConfig:
     image_url_timeout: float = 10.0
     max_top_logprobs: int = 20
     ecso: ECSOConfig = field(default_factory=lambda: ECSOConfig(max_new_tokens=512))
+    ecso_stream: str | None = None  # the policy (ECSO_POLICIES); None: hold with a remote model, else off
+    allow_ecso_opt_out: bool = False
     api_key: str | None = field(default=None, repr=False)
     log_level: str = "info"
     log_ips: bool = False
@@ -76,10 +117,20 @@ class WorkerConfig:
             raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
         if self.max_top_logprobs < 0:
             raise ValueError(f"max_top_logprobs must be >= 0, got {self.max_top_logprobs}")
+        if self.ecso_stream is not None and self.ecso_stream not in ECSO_POLICIES:
+            raise ValueError(f"unknown --ecso-stream {self.ecso_stream!r}; valid: {', '.join(ECSO_POLICIES)}")
+        if self.backend == "openai" and self.remote is None:
+            raise ValueError("--backend openai needs --openai-base-url (or OPENAI_BASE_URL)")
         for name in ("controller_url", "worker_address"):
             value = getattr(self, name)
             if value is not None and not value.startswith(("http://", "https://")):
                 raise ValueError(f"{name} must be an http(s) URL, got {value!r}")
+
+    @property
+    def ecso_policy(self) -> str:
+        """How the OpenAI API applies ECSO (``--ecso-stream``): ``hold`` in front of a remote model (the guardrail),
+        ``off`` (on request) for a model loaded here, unless set."""
+        return self.ecso_stream or ("hold" if self.backend == "openai" else "off")
 
     @property
     def address(self) -> str:
@@ -101,7 +152,7 @@ class WorkerConfig:
 
 @dataclass
 class WorkerState:
-    """What the endpoints share (``app.state.worker``). The routes reach the model only through ``backend``."""
+    """What the endpoints share (``app.state.worker``). The routes reach the model only through ``model``."""
 
     config: WorkerConfig
     backend: ServingBackend
@@ -109,6 +160,10 @@ class WorkerState:
     http: httpx.AsyncClient  # registration, heartbeats, image URLs
     policy: ImagePolicy
     jobs: set[asyncio.Task] = field(default_factory=set)
+    model: WorkerModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = WorkerModel(self.backend, self.slots, self.jobs)
 
     @property
     def model_name(self) -> str:
@@ -124,7 +179,7 @@ class WorkerState:
 
     def status(self) -> WorkerStatus:
         return WorkerStatus(model_names=[self.model_name], speed=1.0, queue_length=self.slots.queue_length,
-                            **self.backend.status())
+                            healthy=self.model.reachable, **self.backend.status())
 
     def check_model(self, name: str, aliases: Sequence[str] = ()) -> None:
         served = [self.model_name, *aliases]
@@ -145,12 +200,12 @@ class WorkerState:
         config = self.ecso_config(overrides)
         return ECSO(self.backend, config.for_streaming() if streamed else config, image_limits=self.policy.limits)
 
-    def check_fits(self, pipeline: ECSO, query: str, images: Sequence[Image.Image],
-                   direct: str | None = None) -> Prepared:
-        """Prepare the first prompt the run will send (blocking): step 1's, or the harm check's when ``direct`` is
-        given, so a context overflow is a 400 before anything runs."""
+    async def check_fits(self, pipeline: ECSO, query: str, images: Sequence[Image.Image],
+                         direct: str | None = None) -> Prepared:
+        """Prepare the first prompt the run will send: step 1's, or the harm check's when ``direct`` is given, so a
+        context overflow is a 400 before anything runs."""
         text = query if direct is None else pipeline.prompts.fill_harm_check(query, direct)
-        return self.backend.prepare(Chat.single(text, images))
+        return await self.model.prepare(Chat.single(text, images))
 
 
 def get_state(request: Request) -> WorkerState:
@@ -158,11 +213,23 @@ def get_state(request: Request) -> WorkerState:
 
 
 def load_backend(config: WorkerConfig) -> ServingBackend:
-    """The worker's model, created through the backend registry (blocking: it loads the model)."""
-    backend = create_backend("local", model_path=config.model_path, model_base=config.model_base,
-                             model_name=config.model_name, load_8bit=config.load_8bit, load_4bit=config.load_4bit,
-                             device=config.device, dtype=config.dtype, image_aspect_ratio=config.image_aspect_ratio,
-                             conv_mode=config.conv_mode)
+    """The worker's model, created through the backend registry (blocking: it loads a local model; a remote one
+    gets ready in :meth:`~llava.ecso.backends.AsyncServingBackend.astart`)."""
+    remote = config.remote
+    if config.backend == "openai" and remote is not None:
+        backend = create_backend("openai", base_url=list(remote.base_urls), model_name=remote.model,
+                                 timeout=remote.timeout, image_aspect_ratio=config.image_aspect_ratio,
+                                 api_key=os.environ.get(remote.api_key_env) or None,
+                                 concurrency=config.limit_model_concurrency, retries=remote.retries,
+                                 cooldown=remote.cooldown, serve_as=config.model_name, conv_mode=config.conv_mode,
+                                 top_logprobs=remote.top_logprobs)
+    elif config.backend == "local":
+        backend = create_backend("local", model_path=config.model_path, model_base=config.model_base,
+                                 model_name=config.model_name, load_8bit=config.load_8bit,
+                                 load_4bit=config.load_4bit, device=config.device, dtype=config.dtype,
+                                 image_aspect_ratio=config.image_aspect_ratio, conv_mode=config.conv_mode)
+    else:
+        backend = create_backend(config.backend)
     if not isinstance(backend, ServingBackend):
         raise UnsupportedError(f"backend {backend.name!r} cannot serve a worker (it is not a ServingBackend)")
     return backend

@@ -2,6 +2,7 @@
 and every failure as a typed error. The real-process round trips are in tests/serve/test_worker.py."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -19,7 +20,8 @@ from llava.ecso.backends import StepRequest
 from llava.ecso.config import ECSOConfig
 from llava.ecso.pipeline import ECSO
 from llava.ecso.registry import create_backend
-from llava.ecso.remote import OpenAIBackend, WorkerBackend, image_for_upload, yes_no_score
+from llava.ecso.openai_remote import OpenAIBackend, yes_no_score
+from llava.ecso.remote import WorkerBackend, image_for_upload
 from llava.errors import (
     AuthError,
     BackendError,
@@ -75,24 +77,22 @@ def test_image_for_upload_pads_with_llava_15s_colour() -> None:
 class ScriptedOpenAI:
     """A chat endpoint: ``reply(body) -> httpx.Response`` decides each completion; requests are recorded."""
 
-    def __init__(self, reply, models=("m",)) -> None:
-        self.reply, self.models, self.bodies = reply, models, []
+    def __init__(self, reply, models=("m",), delay: float = 0.0) -> None:
+        self.reply, self.models, self.bodies, self.delay = reply, models, [], delay
         self.in_flight = self.peak = 0
-        self._lock = threading.Lock()
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    async def __call__(self, request: httpx.Request) -> httpx.Response:  # on the backend's event loop
         if request.url.path.endswith("/models"):
             return httpx.Response(200, json={"object": "list", "data": [{"id": m} for m in self.models]})
         body = json.loads(request.content)
-        with self._lock:
-            self.bodies.append(body)
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
+        self.bodies.append(body)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
         try:
+            await asyncio.sleep(self.delay)
             return self.reply(body)
         finally:
-            with self._lock:
-                self.in_flight -= 1
+            self.in_flight -= 1
 
 
 def _completion(text: str, logprobs: list | None = None) -> httpx.Response:
@@ -103,7 +103,7 @@ def _completion(text: str, logprobs: list | None = None) -> httpx.Response:
 
 
 def _openai(reply, **kw) -> tuple[OpenAIBackend, ScriptedOpenAI]:
-    server = ScriptedOpenAI(reply, kw.pop("models", ("m",)))
+    server = ScriptedOpenAI(reply, kw.pop("models", ("m",)), kw.pop("delay", 0.0))
     return OpenAIBackend(BASE, transport=httpx.MockTransport(server), api_key="k", **kw), server
 
 
@@ -124,11 +124,15 @@ def test_openai_request_shape_images_first_and_padded() -> None:
     assert sent.size == (40, 40)
 
 
-def test_openai_model_is_picked_only_when_unambiguous(monkeypatch: pytest.MonkeyPatch) -> None:
-    backend, _ = _openai(lambda b: _completion("x"), models=("tiny", "tiny+ecso"))
-    assert backend.model_name == "tiny"
-    with pytest.raises(InvalidRequestError, match=r"serves 2 models \['a', 'b'\]; choose one with --model-name"):
-        _openai(lambda b: _completion("x"), models=("a", "b"))
+def test_openai_model_is_the_first_listed_unless_given(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    backend, _ = _openai(lambda b: _completion("x"), models=("tiny+ecso", "tiny"))
+    assert backend.model_name == "tiny"  # this project's "+ecso" alias is never picked
+    with caplog.at_level("INFO"):
+        assert _openai(lambda b: _completion("x"), models=("a", "b"))[0].upstream_model == "a"
+    assert "using the first, 'a' (choose with --openai-model)" in caplog.text
+    assert _openai(lambda b: _completion("x"), model_name="b", serve_as="guarded")[0].model_name == "guarded"
+    with pytest.raises(BackendError, match="lists no model"):
+        _ = _openai(lambda b: _completion("x"), models=())[0].model_name
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(InvalidRequestError, match="needs a base URL"):
         OpenAIBackend(None)
@@ -137,8 +141,10 @@ def test_openai_model_is_picked_only_when_unambiguous(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("response, error, words", [
     (httpx.Response(400, json={"error": {"message": "the prompt is too long", "type": "invalid_request_error",
                                          "code": "context_length_exceeded"}}), ContextLengthError, "too long"),
-    (httpx.Response(401, json={"error": {"message": "bad key", "type": "authentication_error"}}), AuthError, "bad key"),
-    (httpx.Response(500, text="upstream exploded"), BackendError, "HTTP 500 from http://llm.test/v1/chat"),
+    (httpx.Response(401, json={"error": {"message": "bad key", "type": "authentication_error"}}), BackendError,
+     r"refused our API key \(HTTP 401: bad key\)"),  # our key: not the caller's fault
+    (httpx.Response(500, text="upstream exploded"), BackendError,
+     "upstream http://llm.test/v1 answered HTTP 500: upstream exploded"),
     (httpx.Response(200, json={"choices": []}), BackendError, "answered without choices"),
     (httpx.Response(200, text="<html>"), BackendError, "not JSON"),
 ])
@@ -155,7 +161,7 @@ def test_openai_timeouts_and_connection_failures_are_typed() -> None:
         return reply
 
     backend, _ = _openai(boom(httpx.ReadTimeout("slow")), timeout=2.0)
-    with pytest.raises(BackendTimeoutError, match="no answer within 2 s"):
+    with pytest.raises(BackendTimeoutError, match="upstream http://llm.test/v1 did not answer within 2 s"):
         backend.generate([StepRequest("q")])
     backend, _ = _openai(boom(httpx.ConnectError("refused")))
     with pytest.raises(BackendError, match="ConnectError: refused"):
@@ -189,14 +195,11 @@ def test_openai_stream_error_event_is_raised_typed() -> None:
 
 
 def test_openai_generate_runs_requests_concurrently_in_order() -> None:
-    def reply(body):
-        time.sleep(0.05)
-        return _completion(body["messages"][-1]["content"].upper())
-
-    backend, server = _openai(reply, concurrency=4)
+    backend, server = _openai(lambda body: _completion(body["messages"][-1]["content"].upper()), concurrency=4,
+                              delay=0.05)
     texts = [f"q{i}" for i in range(8)]
     assert backend.generate([StepRequest(t) for t in texts]) == [t.upper() for t in texts]
-    assert server.peak > 1
+    assert server.peak == 4  # concurrency requests at once, no more
     backend.close()
 
 

@@ -253,24 +253,20 @@ def test_limit_from_the_environment_and_data_root_layout(tmp_path, ref_data, mon
 
 def test_openai_backend_with_concurrency_keeps_requests_in_flight(tmp_path, vlsafe):
     """--backend openai (a vLLM/SGLang fleet) driven from one process: batches of 1, 4 in flight."""
-    import threading
-    import time
+    import asyncio
 
     import httpx
 
-    from llava.ecso.remote import OpenAIBackend
+    from llava.ecso.openai_remote import OpenAIBackend
 
     state = {"now": 0, "peak": 0}
-    lock = threading.Lock()
 
-    def server(request: httpx.Request) -> httpx.Response:
+    async def server(request: httpx.Request) -> httpx.Response:  # on the backend's event loop
         body = json.loads(request.content)
-        with lock:
-            state["now"] += 1
-            state["peak"] = max(state["peak"], state["now"])
-        time.sleep(0.05)
-        with lock:
-            state["now"] -= 1
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        await asyncio.sleep(0.05)
+        state["now"] -= 1
         text = f"answer to {body['messages'][-1]['content'][-1]['text'][:30]}"
         return httpx.Response(200, json={"choices": [{"index": 0, "message": {"content": text}}]})
 

@@ -190,3 +190,33 @@ def test_image_bytes_reach_the_model_unchanged(client, tiny_engine, image) -> No
     jpeg = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     want = tiny_engine.generate([build_prompt("vicuna_v1", QUERY, 1)], [[jpeg]], GenerationParams(max_new_tokens=N))
     assert resp.choices[0].message.content == want[0]
+
+
+def test_the_ecso_policies_apply_to_a_local_model_too(tiny_engine, image) -> None:
+    """--ecso-stream on the in-process model: hold answers every request with ECSO and refuses "ecso": false;
+    monitor answers directly (streamed at once) and attaches the verdict of that answer, as the in-process check
+    reaches it; --allow-ecso-opt-out lets a request out."""
+    local = _local_ecso(tiny_engine, image)
+    direct = LocalBackend(tiny_engine)
+    verdict = ECSO(direct, ECSOConfig(max_new_tokens=N)).check([image], QUERY, local.direct)
+    for policy in ("hold", "monitor"):
+        config = WorkerConfig(register=False, ecso_stream=policy, allow_ecso_opt_out=policy == "monitor",
+                              max_new_tokens=N, log_level="warning")
+        with serving(create_app(config, engine=tiny_engine)) as url:
+            client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+            ask = dict(model="tiny", messages=[_user(image)], max_tokens=N, temperature=0)
+            resp = client.chat.completions.create(**ask)
+            assert resp.ecso["policy"] == policy and resp.ecso["direct"] == local.direct
+            assert resp.ecso["harm_score"] == pytest.approx(verdict.score, abs=1e-4)
+            if policy == "hold":
+                assert resp.choices[0].message.content == local.final
+                with pytest.raises(openai.PermissionDeniedError, match="policy_refused|allow-ecso-opt-out"):
+                    client.chat.completions.create(**ask, extra_body={"ecso": False})
+                continue
+            assert resp.choices[0].message.content == local.direct and "safe_answer" not in resp.ecso
+            chunks = list(client.chat.completions.create(**ask, stream=True))
+            pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+            assert len(pieces) > 1 and "".join(pieces) == local.direct  # streamed as it was generated
+            assert chunks[-1].ecso["flagged"] == verdict.flagged and chunks[-1].ecso["policy"] == "monitor"
+            out = client.chat.completions.create(**ask, extra_body={"ecso": False})
+            assert out.choices[0].message.content == local.direct and getattr(out, "ecso", None) is None

@@ -61,8 +61,28 @@ def test_every_flag_is_explained() -> None:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
 
 
+def test_a_guard_worker_command_line() -> None:
+    argv = ["--backend", "openai", "--openai-base-url", "http://a:8000/v1/", "http://b:8000/v1", "--model-name", "g"]
+    cfg = config_from_args(argv, environ={"OPENAI_API_KEY": "upstream-s3cret"})
+    assert cfg.backend == "openai" and cfg.remote.base_urls == ("http://a:8000/v1", "http://b:8000/v1")
+    assert cfg.remote.api_key_env == "OPENAI_API_KEY" and "upstream-s3cret" not in repr(cfg)  # a name, not the key
+    assert cfg.ecso_policy == "hold" and not cfg.allow_ecso_opt_out and cfg.model_name == "g"
+    assert (cfg.remote.retries, cfg.remote.cooldown, cfg.remote.top_logprobs, cfg.remote.model) == (2, 10.0, 20, None)
+    env_url = config_from_args(["--backend", "openai"], environ={"OPENAI_BASE_URL": "http://c:1/v1"})
+    assert env_url.remote.base_urls == ("http://c:1/v1",)
+    custom = config_from_args([*argv, "--ecso-stream", "monitor", "--allow-ecso-opt-out", "--openai-model", "m",
+                               "--openai-api-key-env", "MY_KEY", "--upstream-cooldown", "3"], environ={})
+    assert (custom.ecso_policy, custom.allow_ecso_opt_out, custom.remote.model) == ("monitor", True, "m")
+    assert (custom.remote.api_key_env, custom.remote.cooldown) == ("MY_KEY", 3.0)
+    assert config_from_args(["--model-path", "tiny"], environ={}).ecso_policy == "off"  # local: ECSO on request
+
+
 @pytest.mark.parametrize("argv, words", [
     ([], "--model-path is required"),
+    (["--backend", "openai"], "needs --openai-base-url"),
+    (["--backend", "openai", "--openai-base-url", "localhost:8000"], "must be http(s) URLs up to /v1"),
+    (["--backend", "worker"], "invalid choice: 'worker'"),
+    (["--model-path", "tiny", "--ecso-stream", "strict"], "invalid choice: 'strict'"),
     (["--model-path", "tiny", "--limit-model-concurrency", "0"], "must be a positive integer"),
     (["--model-path", "tiny", "--threshold", "2"], "threshold must be in [0, 1]"),
     (["--model-path", "tiny", "--controller-url", "localhost:10000"], "controller_url must be an http(s) URL"),

@@ -8,7 +8,7 @@ Controller: ``/register_worker``, ``/refresh_all_workers``, ``/list_models``, ``
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -43,6 +43,12 @@ class WorkerStatus(BaseModel):
     speed: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="relative throughput; dispatch weight")
     queue_length: int = Field(0, ge=0)
     conv_mode: str | None = Field(None, description="the worker's chat template (LLaVA clients ignore it)")
+    healthy: bool | None = Field(None, description="whether the worker's model can answer now (a remote model's "
+                                 "servers are up; null: not said, as LLaVA's workers); a controller sends no requests "
+                                 "to a worker that says false")
+    backend: str | None = Field(None, description="where the model runs: 'local', or 'openai' for a remote model")
+    upstream: dict[str, Any] | None = Field(None, description="a remote model: its id, whether it returns "
+                                            "logprobs, and each server's URL and health")
     model_family: str | None = Field(None, description="the model's family (llava, llava_next, qwen2_5_vl, idefics3, "
                                      "gemma3, transformers), read from its config")
     prompt_format: str | None = Field(None, description="what renders prompts: 'LLaVA conversation template' "
@@ -100,6 +106,8 @@ class HeartBeatRequest(BaseModel):
 
     worker_name: str = Field(min_length=1)
     queue_length: int = Field(0, ge=0)
+    healthy: bool = Field(True, description="whether the worker's model can answer now (LLaVA's workers do not "
+                          "send it: healthy)")
 
 
 class HeartBeatResponse(BaseModel):
@@ -119,6 +127,7 @@ class WorkerHealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     models: list[str]
     queue_length: int = Field(0, ge=0)
+    healthy: bool = Field(True, description="whether the model can answer now (a remote model's servers are up)")
 
 
 # ------------------------------------------------------------------------------------------------- LLaVA stream

@@ -94,7 +94,8 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions``. Unknown OpenAI fields (penalties, logit_bias, ...) are ignored.
-    ``ecso: true`` runs the ECSO pipeline instead of a direct answer."""
+    ``ecso: true`` runs the ECSO pipeline instead of a direct answer; ``false`` asks for the direct answer where the
+    worker's policy allows it; left out, the worker's policy decides."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -112,7 +113,8 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, description="alternatives per token (needs logprobs: true)")
-    ecso: bool = False
+    ecso: bool | None = Field(None, description="true: answer with ECSO; false: opt out where the worker allows it "
+                              "(--allow-ecso-opt-out); null: the worker's policy (--ecso-stream)")
     ecso_options: ECSOOptions | None = Field(None, description="ECSO settings for this request (with ecso)")
 
     def token_limit(self, default: int) -> int:
@@ -143,6 +145,9 @@ class ECSOInfo(BaseModel):
     caption: str | None = Field(None, description="step 3, only when flagged")
     safe_answer: str | None = Field(None, description="step 4, only when flagged")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per step")
+    policy: Literal["hold", "monitor"] | None = Field(
+        None, description="hold: the message is ECSO's final answer; monitor: the message is the direct answer, sent "
+        "unchanged, and this is ECSO's verdict of it (no caption or safe answer)")
     model_family: str | None = Field(None, description="the model's family (llava, llava_next, qwen2_5_vl, idefics3, "
                                      "gemma3, transformers)")
 
