@@ -173,6 +173,12 @@ class ECSOConfig:
         None, flag="--skip-check-regex", metavar="RE", batch_only=True, record_when_set=True, check=_check_regex,
         help="answers fully matching RE skip the harm check and pass, e.g. '\\(?[A-E]\\)?\\.?' for lone option "
              "letters on multiple-choice benchmarks; default: every answer is checked (the paper)")
+    force_all_steps: bool = option(
+        False, flag="--force-all-steps", batch_only=True, streamed=False, record_when_set=True,
+        help="compute steps 3-4 (caption, safe answer) for every sample, flagged or not; the verdict, its score and "
+             "the final answer stay as the threshold decides, and results keep the safe answer of every sample, so "
+             "one run gives the answers at every threshold (python -m llava.eval.sweep). Costs steps 3-4 on every "
+             "sample; batch runs only")
 
     def __post_init__(self) -> None:
         for opt in ecso_options():

@@ -4,8 +4,9 @@
 caption of the image; 4. if flagged, a safe answer from caption + query without the image.
 
 The pipeline never touches tensors. ``run_batch`` batches each step across samples (only flagged samples go on
-to steps 3-4); ``stream`` reports one sample's steps as they happen, with token deltas, for UIs; ``astream`` and
-``arun`` do the same over an async backend (a model reached over the network), on the caller's event loop.
+to steps 3-4, unless ``force_all_steps``); ``stream`` reports one sample's steps as they happen, with token
+deltas, for UIs; ``astream`` and ``arun`` do the same over an async backend (a model reached over the network), on
+the caller's event loop.
 
 A streamed run is written once, as a plan (a generator of step events and of operations: stream a step, score or
 generate verdicts); ``stream`` carries the operations out with the blocking backend, ``astream`` with the async one.
@@ -177,15 +178,16 @@ class ECSO:
         for i in range(n):
             emit(verdicts[i].event(i))
 
-        flagged = [i for i in range(n) if verdicts[i].flagged]
-        need = [i for i in flagged if i not in captions]
+        forced = self.config.force_all_steps  # steps 3-4 for every sample; the verdict still picks the final answer
+        rows34 = [i for i in range(n) if verdicts[i].flagged or forced]
+        need = [i for i in rows34 if i not in captions]
         captions.update(zip(need, self._timed(timings, need, Step.CAPTION, lambda: self.backend.generate(
             [self._caption_request(items[i].query, images[i]) for i in need]))))
-        for i in flagged:
+        for i in rows34:
             emit(StepEvent(Step.CAPTION, i, text=captions[i]))
-        safes = dict(zip(flagged, self._timed(timings, flagged, Step.SAFE, lambda: self.backend.generate(
-            [self._safe_request(captions[i], items[i].query, images[i]) for i in flagged]))))
-        for i in flagged:
+        safes = dict(zip(rows34, self._timed(timings, rows34, Step.SAFE, lambda: self.backend.generate(
+            [self._safe_request(captions[i], items[i].query, images[i]) for i in rows34]))))
+        for i in rows34:
             emit(StepEvent(Step.SAFE, i, text=safes[i]))
 
         options = self.options()
@@ -195,7 +197,7 @@ class ECSO:
             final = safes[i] if v.flagged else direct[i]
             results.append(ECSOResult(
                 query=items[i].query, direct=direct[i], flagged=v.flagged, harm_score=v.score, verdict_text=v.text,
-                caption=captions.get(i) if v.flagged else None, safe_answer=safes.get(i), final=final,
+                caption=captions.get(i) if v.flagged or forced else None, safe_answer=safes.get(i), final=final,
                 verdict_mode=v.mode, timings=timings[i], options=options, early_stopped=i in early,
                 verdict_fallback=v.fallback))
             emit(StepEvent(Step.FINAL, i, text=final, flagged=v.flagged, harm_score=v.score))

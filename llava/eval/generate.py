@@ -25,6 +25,7 @@ from typing import Any
 
 from llava.cli_args import (add_backend_args, add_decoding_args, add_ecso_args, add_model_args, backend_from_args,
                             ecso_config, setup_logging)
+from llava.ecso.defenses import get_defense
 from llava.errors import ECSOError, InvalidRequestError
 from llava.eval.benchmarks import add_benchmark_arguments, config_from_args
 from llava.eval.gen.config import METHODS, GenerateConfig
@@ -73,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", default=None,
                    help=f"fill --question-file/--image-folder from the standard layout under this folder ({layout_help()})")
     g.add_argument("--method", default="direct", choices=METHODS,
-                   help="direct: answer with the image; ecso: ECSO's four steps (harm check, caption, safe answer)")
+                   help="the defense that answers (default direct): " + "; ".join(
+                       f"{name}: {get_defense(name).summary}" for name in METHODS))
     g.add_argument("--answers-file", required=True, help="output JSON lines (resumed when it exists)")
     g.add_argument("--from-answers", default=None,
-                   help="ECSO over the direct answers in this answer file (matched by id) instead of generating "
-                        "them: the paper's two-pass evaluation")
+                   help="an ECSO method over the direct answers in this answer file (matched by id) instead of "
+                        "generating them: the paper's two-pass evaluation")
     g.add_argument("--num-chunks", type=int, default=1, help="split the samples into N contiguous chunks ...")
     g.add_argument("--chunk-idx", type=int, default=0, help="... and answer chunk K (0-based)")
     g.add_argument("--concurrency", type=int, default=1,

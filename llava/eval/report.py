@@ -1,4 +1,5 @@
-"""``python -m llava.eval.report RUN_DIR... --out DIR``: direct vs ECSO side by side.
+"""``python -m llava.eval.report RUN_DIR... --out DIR``: direct vs ECSO side by side, and every defense's attack
+success and over-refusal side by side.
 
 A run folder holds answer files (``*.jsonl``), each with ``<stem>.manifest.json`` (written by generation) and,
 once judged, ``<stem>.judgments.jsonl`` + ``<stem>.judge.json`` (and ``<stem>.direct.judgments.jsonl`` when an
@@ -6,7 +7,9 @@ ECSO file's direct answers were judged, for the harm-detector ROC). Runs are pai
 ECSO run against the direct run of the same model. Writes ``report.md``, one CSV per comparison, PNG plots
 (per-scenario harmless rates, flag rates, harm-detector ROC) and ``manifests.json`` (every compared run's
 manifest and judge summary). Runs judged by a different judge model or prompt set are compared only with a loud
-warning at the top of the report (``--strict``: refused, exit 3).
+warning at the top of the report (``--strict``: refused, exit 3). The defenses section (``llava.eval.report_methods``)
+puts every method's judged safety runs (MM-SafetyBench, VLSafe, FigStep, XSTest) of a model in one table, attack
+success next to over-refusal, with the threshold sweeps (``sweep.json``) found under the run folders.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from llava.eval.jsonl import read_jsonl
 from llava.eval.judge.records import Judgment, read_judgments
 from llava.eval.metrics.registry import compute
 from llava.eval.metrics.safety import safety_metrics
+from llava.eval.report_methods import TWO_SIDED_METRICS, RunRates, methods_table, sweep_lines
 from llava.eval.report_plots import roc_plot, safety_plots
 
 __all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "build_report", "build_parser", "main"]
@@ -102,12 +106,13 @@ def discover_runs(folders: list[Path]) -> list[Run]:
 
 
 def pair_runs(runs: list[Run]) -> list[tuple[Run | None, Run | None]]:
-    """(direct, ecso) per benchmark and model; a run without a partner is reported alone."""
-    groups: dict[tuple[str, str], dict[str, list[Run]]] = {}
+    """(direct, ecso) per benchmark, model and mode; a run without a partner is reported alone."""
+    groups: dict[tuple[str, str, str], dict[str, list[Run]]] = {}
     for r in runs:
-        groups.setdefault((r.benchmark, r.model_id), {}).setdefault(r.method, []).append(r)
+        groups.setdefault((r.benchmark, r.model_id, str(r.rows[0].get("mode") or "")), {}).setdefault(
+            r.method, []).append(r)
     pairs: list[tuple[Run | None, Run | None]] = []
-    for (bench, model), by_method in sorted(groups.items()):
+    for (bench, model, _), by_method in sorted(groups.items()):
         directs, ecsos = by_method.get("direct", []), by_method.get("ecso", [])
         if len(directs) > 1:
             logger.warning("%s/%s: %d direct runs; comparing ECSO with %s", bench, model, len(directs), directs[0].path)
@@ -252,6 +257,24 @@ def _utility_section(direct: Run | None, ecso: Run | None, gt: dict[str, Path], 
     return sec
 
 
+def _defenses_section(runs: list[Run], folders: list[Path], out: Path) -> Section | None:
+    """Every defense's attack success and over-refusal, per model (``llava.eval.report_methods``)."""
+    rates = []
+    for r in runs:
+        if get_benchmark(r.benchmark).metric not in TWO_SIDED_METRICS or not r.judgments:
+            continue
+        m = compute(r.benchmark, r.path, _sibling(r.path, ".judgments.jsonl"))
+        rates.append(RunRates(r.model_id, r.benchmark, r.rows[0].get("mode"), r.method, m["attack_success_rate"],
+                              m["over_refusal_rate"], judge_signature(r.judgments), str(r.path)))
+    sweeps = sweep_lines(folders, out)
+    if not rates and not sweeps:
+        return None
+    sec = Section("Defenses side by side: attack success and over-refusal")
+    sec.lines, sec.warnings = methods_table(rates, out)
+    sec.lines += sweeps
+    return sec
+
+
 def _runs_section(runs: list[Run], pairs) -> Section:
     sec = Section("Runs")
     sec.lines.append("Full manifests and judge summaries: `manifests.json`.\n")
@@ -280,10 +303,14 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
     for direct, ecso in pairs:
         base = direct or ecso
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{base.benchmark}_{base.model_id}_{(ecso or direct).path.stem}")
-        if get_benchmark(base.benchmark).metric == SAFETY_METRIC:
+        metric = get_benchmark(base.benchmark).metric
+        if metric == SAFETY_METRIC:
             sections.append(_safety_section(direct, ecso, out, name))
-        else:
+        elif metric not in TWO_SIDED_METRICS:  # FigStep and XSTest are in the defenses section
             sections.append(_utility_section(direct, ecso, ground_truth or {}, name))
+    defenses = _defenses_section(runs, folders, out)
+    if defenses is not None:
+        sections.append(defenses)
     warnings = [w for s in sections for w in s.warnings]
     if warnings and strict:
         raise JudgeMismatchError("refusing to compare differently judged runs: " + " | ".join(warnings))

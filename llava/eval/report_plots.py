@@ -1,5 +1,5 @@
 """The report's figures (PNG, matplotlib's Agg backend): per-scenario harmless rates and ECSO flag rates with 95%
-intervals, and the harm detector's ROC curve."""
+intervals, the harm detector's ROC curve, and the threshold sweep's trade-off and utility curves."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Any
 
 from llava.eval.metrics.safety import ALL, PAPER8
 
-__all__ = ["safety_plots", "roc_plot"]
+__all__ = ["safety_plots", "roc_plot", "sweep_plots"]
 
 
 def _pyplot():
@@ -78,3 +78,55 @@ def roc_plot(curve: Any, auc: float | None, out: Path, name: str) -> str:
     fig.savefig(out / f"{name}_roc.png", dpi=100)
     plt.close(fig)
     return f"{name}_roc.png"
+
+
+def _rate_pct(row: dict[str, Any], key: str) -> float:
+    value = row[key]["rate"]
+    return float("nan") if value is None else 100 * value
+
+
+def sweep_plots(rows: list[dict[str, Any]], run_threshold: float, recommended: float, out: Path) -> list[str]:
+    """The threshold sweep's two figures: attack success vs over-refusal along the thresholds (the run's threshold
+    and the recommended one marked), and the rates, the utility (or, without utility runs, the cost) vs threshold."""
+    plt = _pyplot()
+    ts = [r["threshold"] for r in rows]
+    asr, over = [_rate_pct(r, "attack_success_rate") for r in rows], [_rate_pct(r, "over_refusal_rate") for r in rows]
+    nearest = lambda t: min(range(len(ts)), key=lambda i: abs(ts[i] - t))  # noqa: E731
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot(over, asr, marker=".", color="tab:blue", label="thresholds 0 to 1")
+    for i in range(0, len(ts), max(1, len(ts) // 10)):
+        ax.annotate(f"{ts[i]:g}", (over[i], asr[i]), fontsize=7, textcoords="offset points", xytext=(4, 2))
+    for t, style, label in ((run_threshold, "s", "run's threshold"), (recommended, "*", "recommended")):
+        i = nearest(t)
+        ax.plot([over[i]], [asr[i]], style, markersize=11, label=f"{label} {ts[i]:g}")
+    ax.set_xlabel("over-refusal on benign prompts (%)")
+    ax.set_ylabel("attack success on harmful prompts (%)")
+    ax.set_title("ECSO threshold sweep", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "sweep_tradeoff.png", dpi=100)
+    plt.close(fig)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    top.plot(ts, asr, label="attack success")
+    top.plot(ts, over, label="over-refusal")
+    top.plot(ts, [_rate_pct(r, "flag_rate") for r in rows], linestyle="--", label="flag rate")
+    top.axvline(recommended, color="grey", linestyle=":")
+    top.set_ylabel("%")
+    top.legend(fontsize=8)
+    keys = sorted({k for r in rows for k in r.get("utility", {})})
+    for key in keys:  # as a share of the score with (almost) nothing flagged, so MME and MMBench share an axis
+        values = [r["utility"].get(key) for r in rows]
+        base = values[-1] or 1.0
+        bottom.plot(ts, [None if v is None else 100 * v / base for v in values], label=key)
+    if keys:
+        bottom.set_ylabel("utility (% of threshold 1)")
+        bottom.legend(fontsize=8)
+    else:
+        bottom.plot(ts, [r["seconds_per_sample"] for r in rows], color="tab:red")
+        bottom.set_ylabel("seconds per sample")
+    bottom.axvline(recommended, color="grey", linestyle=":")
+    bottom.set_xlabel("threshold (flag when P(yes) >= threshold)")
+    fig.tight_layout()
+    fig.savefig(out / "sweep_utility.png", dpi=100)
+    plt.close(fig)
+    return ["sweep_tradeoff.png", "sweep_utility.png"]

@@ -58,7 +58,7 @@ def test_every_cli_offers_the_registry(toy):
     assert every[-1] == "toy"
     assert _choices(datasets.build_parser()) == every and _choices(generate.build_parser()) == every
     assert _choices(metrics_parser()) == every
-    assert _choices(judge_parser()) == ["vlsafe", "mmsafetybench", "mmvet", "toy"]
+    assert _choices(judge_parser()) == ["vlsafe", "mmsafetybench", "mmvet", "figstep", "xstest", "toy"]
     assert _choices(formats.build_parser(), "format") == ["mme", "mmbench", "mmvet", "toy"]
 
 

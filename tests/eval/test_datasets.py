@@ -22,7 +22,7 @@ def vlsafe_file(ref_data):
 
 
 def test_registry_names_and_unknown_name_lists_valid_ones():
-    assert datasets.benchmark_names() == ["vlsafe", "mmsafetybench", "mme", "mmbench", "mmvet"]
+    assert datasets.benchmark_names() == ["vlsafe", "mmsafetybench", "mme", "mmbench", "mmvet", "figstep", "xstest"]
     with pytest.raises(InvalidRequestError) as e:
         get_benchmark("mmsafety")
     for name in datasets.benchmark_names():

@@ -2,12 +2,12 @@
 report keys, submission format) behind one registry. ``llava.eval.datasets`` re-exports this API."""
 from __future__ import annotations
 
-from llava.eval.benchmarks.base import (BenchmarkConfig, DatasetError, MissingImageError, Sample, check_images,
-                                        summarize_missing)
+from llava.eval.benchmarks.base import (BenchmarkConfig, DatasetError, IncompleteImageFolderError, MissingImageError,
+                                        Sample, check_images, summarize_missing)
 from llava.eval.benchmarks.registry import (BENCHMARKS, add_benchmark_arguments, answer_fields, benchmark_names,
                                             config_from_args, get_benchmark, iter_samples, load_samples)
-from llava.eval.benchmarks.spec import (BenchmarkSpec, DataLayout, Grading, JudgeProtocol, ScriptFlags, SeedScript,
-                                        SubmissionFormat)
+from llava.eval.benchmarks.spec import (BenchmarkSpec, BenignCounterpart, DataLayout, Grading, JudgeProtocol,
+                                        ScriptFlags, SeedScript, SubmissionFormat)
 
 __all__ = [
     "Sample",
@@ -19,8 +19,10 @@ __all__ = [
     "JudgeProtocol",
     "Grading",
     "SubmissionFormat",
+    "BenignCounterpart",
     "DatasetError",
     "MissingImageError",
+    "IncompleteImageFolderError",
     "BENCHMARKS",
     "benchmark_names",
     "get_benchmark",

@@ -2,6 +2,7 @@
 errors, small row helpers, and the missing-image check the runner calls."""
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -11,14 +12,17 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from llava.errors import ImageError
-from llava.eval.jsonl import DatasetError
+from llava.eval.jsonl import DatasetError, require_file
 
 __all__ = [
     "Sample",
     "BenchmarkConfig",
     "DatasetError",
     "MissingImageError",
+    "IncompleteImageFolderError",
     "check_images",
+    "require_all_images",
+    "read_csv_rows",
     "summarize_missing",
     "require_fields",
     "answer_field",
@@ -43,6 +47,13 @@ class MissingImageError(ImageError):
         super().__init__(f"image not found: {path}{where}")
         self.path = path
         self.sample_id = sample_id
+
+
+class IncompleteImageFolderError(DatasetError):
+    """A benchmark whose images must all be there (rendered ones: a partial folder means a broken render) lacks some;
+    the message lists them."""
+
+    code = "incomplete_image_folder"
 
 
 @dataclass(frozen=True)
@@ -177,3 +188,42 @@ def iter_limited(samples: Iterable[Sample], limit: int | None) -> Iterator[Sampl
         if limit is not None and n >= limit:
             return
         yield sample
+
+
+def require_all_images(samples: list[Sample], image_folder: str | Path, how_to_make: str) -> None:
+    """Raise IncompleteImageFolderError listing the samples' image files that do not exist (the first
+    ``MISSING_LOG_LIMIT``, then a count) and saying how to make them; nothing when all are there."""
+    missing = [s.image for s in samples if isinstance(s.image, str) and not os.path.isfile(s.image)]
+    if missing:
+        raise IncompleteImageFolderError(f"{len(missing)} of {len(samples)} images are missing from "
+                                         f"{str(image_folder) or '.'} ({how_to_make}); refusing to start. "
+                                         + summarize_missing(missing))
+
+
+def read_csv_rows(path: str | Path, required: Iterable[str], nonempty: Iterable[str] = ()) -> list[tuple[int, dict]]:
+    """The rows of a CSV file with a header row, each with the line it starts on. A missing file, a header without a
+    ``required`` column, a row cut short, or an empty (blank) value in a ``nonempty`` column is a DatasetError naming
+    the file and line."""
+    path = require_file(path, "question file")
+    required, nonempty = list(required), list(nonempty)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            absent = [c for c in required if c not in (reader.fieldnames or [])]
+            if absent:
+                raise DatasetError(f"{path} line 1: the header lacks column(s) {absent} (has {reader.fieldnames or []})")
+            rows, start = [], reader.line_num + 1
+            for row in reader:
+                short = [c for c in required if row.get(c) is None]
+                if short:
+                    raise DatasetError(f"{path} line {start}: the row ends before column(s) {short}")
+                blank = [c for c in nonempty if not row[c].strip()]
+                if blank:
+                    raise DatasetError(f"{path} line {start}: empty {', '.join(map(repr, blank))}")
+                rows.append((start, row))
+                start = reader.line_num + 1
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DatasetError(f"{path}: not a valid CSV file ({e})") from None
+    return rows

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from llava.errors import InvalidRequestError
 from llava.eval.benchmarks.base import BenchmarkConfig, DatasetError, Sample
-from llava.eval.benchmarks.spec import BenchmarkSpec, DataLayout, JudgeProtocol, SeedScript
+from llava.eval.benchmarks.spec import BenchmarkSpec, BenignCounterpart, DataLayout, JudgeProtocol, SeedScript
 
 __all__ = [
     "SPEC",
@@ -213,4 +213,7 @@ SPEC = BenchmarkSpec(
                   SeedScript("model_mmsafe_tell_ask", "MM-SafetyBench ECSO", "ecso", 1024)),
     seed_image_folder=seed_image_folder,
     judge=JudgeProtocol(judge_prompt, "per-scenario safe/unsafe prompts"),
+    benign=BenignCounterpart("xstest", {"TYPO": "typo", "SD_TYPO": "typo", "SD": "blank", "text": "text"},
+                             "XSTest's safe prompts: TYPO images of their key phrase for TYPO and SD_TYPO, a blank "
+                             "image for SD, text for text"),
 )

@@ -9,12 +9,14 @@ from typing import Any, Iterator
 
 from llava.errors import InvalidRequestError
 from llava.eval.benchmarks.base import BenchmarkConfig, Sample, iter_limited
+from llava.eval.benchmarks.figstep import SPEC as FIGSTEP
 from llava.eval.benchmarks.mmbench import SPEC as MMBENCH
 from llava.eval.benchmarks.mme import SPEC as MME
 from llava.eval.benchmarks.mmsafetybench import SPEC as MMSAFETYBENCH
 from llava.eval.benchmarks.mmvet import SPEC as MMVET
 from llava.eval.benchmarks.spec import BenchmarkSpec
 from llava.eval.benchmarks.vlsafe import SPEC as VLSAFE
+from llava.eval.benchmarks.xstest import SPEC as XSTEST
 
 __all__ = [
     "BENCHMARKS",
@@ -27,7 +29,8 @@ __all__ = [
     "config_from_args",
 ]
 
-BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in (VLSAFE, MMSAFETYBENCH, MME, MMBENCH, MMVET)}
+BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in (VLSAFE, MMSAFETYBENCH, MME, MMBENCH, MMVET,
+                                                                      FIGSTEP, XSTEST)}
 
 
 def benchmark_names(has: str | None = None) -> list[str]:

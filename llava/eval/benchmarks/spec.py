@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 from llava.eval.benchmarks.base import BenchmarkConfig, Sample
 
 __all__ = ["BenchmarkSpec", "DataLayout", "SeedScript", "ScriptFlags", "JudgeProtocol", "Grading",
-           "SubmissionFormat"]
+           "SubmissionFormat", "BenignCounterpart"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,20 @@ class SubmissionFormat:
 
 
 @dataclass(frozen=True)
+class BenignCounterpart:
+    """Where a benchmark of harmful prompts only gets its over-refusal column: the prompts labelled ``safe`` of
+    ``benchmark``, asked in the mode that ``modes`` maps this benchmark's mode to (key None: rows without a mode).
+    ``summary`` says why they are comparable (reports print it)."""
+
+    benchmark: str
+    modes: Mapping[str | None, str]
+    summary: str = ""
+
+    def mode_for(self, mode: str | None) -> str | None:
+        return self.modes.get(mode)
+
+
+@dataclass(frozen=True)
 class BenchmarkSpec:
     """A benchmark = data plus small hooks; the generic tools need nothing else.
 
@@ -115,8 +129,9 @@ class BenchmarkSpec:
     VQA scripts serve several); ``seed_image_folder`` turns a seed script's ``--image-folder`` into the reader's.
 
     Scoring: ``judge`` (None: not judged), ``metric`` (the hook's name in ``llava.eval.metrics.registry``),
-    ``report_keys`` (the metrics the report puts side by side; empty for a metric with its own report section)
-    and ``submission`` (None: no official submission format).
+    ``report_keys`` (the metrics the report puts side by side; empty for a metric with its own report section),
+    ``submission`` (None: no official submission format) and ``benign`` (the benign prompts whose over-refusal the
+    report shows next to this benchmark's attack success; None: none, or the benchmark has its own).
     """
 
     name: str
@@ -137,3 +152,4 @@ class BenchmarkSpec:
     judge: JudgeProtocol | None = None
     report_keys: tuple[str, ...] = ()
     submission: SubmissionFormat | None = None
+    benign: BenignCounterpart | None = None

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 from llava.eval.benchmarks.base import BenchmarkConfig, Sample, numbered_ids, require_fields
-from llava.eval.benchmarks.spec import BenchmarkSpec, DataLayout, JudgeProtocol, SeedScript
+from llava.eval.benchmarks.spec import BenchmarkSpec, BenignCounterpart, DataLayout, JudgeProtocol, SeedScript
 from llava.eval.jsonl import read_jsonl
 
 __all__ = ["SPEC", "read_vlsafe"]
@@ -41,4 +41,6 @@ SPEC = BenchmarkSpec(
         SeedScript("model_vlsafe_tell_ask", "VLSafe ECSO (tell = caption, ask = harm check)", "ecso", 1024),
     ),
     judge=JudgeProtocol("llm_binary_strict", "0/1 strict harmlessness rating"),
+    benign=BenignCounterpart("xstest", {None: "blank"},
+                             "XSTest's safe prompts with a neutral image (VLSafe's images are ordinary photos)"),
 )

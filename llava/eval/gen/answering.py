@@ -1,4 +1,5 @@
-"""Samples -> answer rows (docs/answer-format.md), directly or through ECSO's four steps, a batch at a time.
+"""Samples -> answer rows (docs/answer-format.md) by a defense of ``llava.ecso.defenses`` (``direct``, ECSO's four
+steps, a prompt defense, ...), a batch at a time.
 
 A sample that cannot be answered never takes its batch down: its image is loaded on its own (a corrupt file is a
 recorded failure), and a batch that a backend rejects is retried one sample at a time so only the culprit fails."""
@@ -10,10 +11,11 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image
 
-from llava.ecso.backends import Backend, StepRequest
+from llava.ecso.backends import Backend
 from llava.ecso.config import ECSOConfig
+from llava.ecso.defenses import create_defense
 from llava.ecso.events import ECSOResult, StepEvent
-from llava.ecso.pipeline import ECSO, ECSOInput
+from llava.ecso.pipeline import ECSOInput
 from llava.errors import ECSOError, ImageError
 from llava.eval.benchmarks import Sample, answer_fields
 from llava.mm_utils import ImageLimits, load_image
@@ -71,13 +73,15 @@ def _base_row(sample: Sample, method: str, text: str, model_id: str,
     return head, fields
 
 
-def direct_row(sample: Sample, text: str, model_id: str, model_family: str | None = None) -> dict[str, Any]:
-    head, tail = _base_row(sample, "direct", text, model_id, model_family)
+def direct_row(sample: Sample, text: str, model_id: str, method: str = "direct",
+               model_family: str | None = None) -> dict[str, Any]:
+    head, tail = _base_row(sample, method, text, model_id, model_family)
     return {**head, **tail}
 
 
-def ecso_row(sample: Sample, result: ECSOResult, model_id: str, model_family: str | None = None) -> dict[str, Any]:
-    head, tail = _base_row(sample, "ecso", result.final, model_id, model_family)
+def ecso_row(sample: Sample, result: ECSOResult, model_id: str, method: str = "ecso",
+             model_family: str | None = None) -> dict[str, Any]:
+    head, tail = _base_row(sample, method, result.final, model_id, model_family)
     ecso = {"unsafe": "Yes" if result.flagged else "No", "harm_score": result.harm_score,
             "caption": result.caption, "unsafe_answer": result.direct if result.flagged else None,
             "direct": result.direct}
@@ -85,6 +89,8 @@ def ecso_row(sample: Sample, result: ECSOResult, model_id: str, model_family: st
         ecso["early_stopped"] = result.early_stopped
     if result.verdict_fallback is not None:  # the configured verdict mode could not be used for this sample
         ecso["verdict_mode"], ecso["verdict_fallback"] = result.verdict_mode, result.verdict_fallback
+    if result.options.get("force_all_steps"):  # every sample's safe answer and step times: the threshold sweep
+        ecso["safe_answer"], ecso["timings"] = result.safe_answer, result.timings
     return {**head, **ecso, **tail}
 
 
@@ -107,8 +113,8 @@ def load_sample_images(samples: Sequence[Sample], limits: ImageLimits = ImageLim
 
 
 class Answerer:
-    """Answers batches of samples with ``backend``: ``method`` ``direct`` (one step) or ``ecso`` (the pipeline).
-    ``direct_answers`` (id -> direct answer) makes ECSO check those instead of generating step 1."""
+    """Answers batches of samples with ``backend`` by the defense called ``method`` (``llava.ecso.defenses``).
+    ``direct_answers`` (id -> direct answer) makes an ECSO method check those instead of generating step 1."""
 
     def __init__(self, method: str, backend: Backend, config: ECSOConfig, model_id: str,
                  direct_answers: dict[str, str] | None = None, image_limits: ImageLimits = ImageLimits(),
@@ -120,7 +126,8 @@ class Answerer:
         self.direct_answers = direct_answers
         self.image_limits = image_limits
         self.strict = strict
-        self.pipeline = ECSO(backend, config, image_limits) if method == "ecso" else None
+        self.defense = create_defense(method, backend, config, image_limits)
+        self.pipeline = self.defense.pipeline
         self.model_family = backend.describe().get("model_family")  # None where a remote backend cannot tell
 
     def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
@@ -152,12 +159,10 @@ class Answerer:
              on_event: Callable[[StepEvent], None] | None = None) -> tuple[list[dict[str, Any]], int]:
         if not samples:
             return [], 0
-        if self.pipeline is None:
-            params = self.config.params()
-            texts = self.backend.generate([StepRequest(s.query, imgs, params) for s, imgs in zip(samples, images)])
-            return [direct_row(s, t, self.model_id, self.model_family) for s, t in zip(samples, texts)], 0
         direct = self.direct_answers or {}
         inputs = [ECSOInput(s.query, imgs, direct.get(s.id)) for s, imgs in zip(samples, images)]
-        results = self.pipeline.run_batch(inputs, on_event=on_event)
-        rows = [ecso_row(s, r, self.model_id, self.model_family) for s, r in zip(samples, results)]
-        return rows, sum(r.flagged for r in results)
+        answers = self.defense.answer(inputs, on_event=on_event)
+        rows = [ecso_row(s, a.result, self.model_id, self.method, self.model_family) if a.result is not None
+                else direct_row(s, a.text, self.model_id, self.method, self.model_family)
+                for s, a in zip(samples, answers)]
+        return rows, sum(a.result.flagged for a in answers if a.result is not None)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava.ecso.config import ECSOConfig
+from llava.ecso.defenses import defense_names, pipeline_defense_names
 from llava.errors import InvalidRequestError
 from llava.eval.benchmarks import BenchmarkConfig, get_benchmark
 from llava.eval.gen.shards import chunk_bounds
@@ -12,7 +13,7 @@ from llava.generation import GenerationParams
 
 __all__ = ["METHODS", "GenerateConfig"]
 
-METHODS = ("direct", "ecso")
+METHODS = tuple(defense_names())  # llava.ecso.defenses: direct, ecso, ecso-paper, caption-only, adashield-static, ...
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,16 @@ class GenerateConfig:
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be at least 1, got {getattr(self, name)}")
         chunk_bounds(0, self.num_chunks, self.chunk_idx)  # validates the pair
-        if self.from_answers is not None and self.method != "ecso":
+        if self.from_answers is not None and not self.uses_pipeline:
             raise InvalidRequestError("--from-answers checks existing direct answers with ECSO: use it with "
-                                      "--method ecso")
+                                      f"--method {' or '.join(pipeline_defense_names())}")
         if self.from_answers is not None and Path(self.from_answers).resolve() == Path(self.answers_file).resolve():
             raise InvalidRequestError(f"--from-answers and --answers-file are the same file: {self.answers_file}")
+
+    @property
+    def uses_pipeline(self) -> bool:
+        """The method runs ECSO's pipeline (its rows carry the verdict, caption, ...)."""
+        return self.method in pipeline_defense_names()
 
     @property
     def decoding(self) -> GenerationParams:

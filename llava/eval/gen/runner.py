@@ -88,7 +88,8 @@ def load_direct_answers(config: GenerateConfig, samples: list[Sample]) -> dict[s
             raise DatasetError(f"{config.from_answers}: the query of {key!r} differs from the benchmark's "
                                f"({row.get('query')!r} vs {by_query[key]!r}); were the direct answers made "
                                "with another --mode or question file?")
-        answers[key] = row["direct"] if row.get("method") == "ecso" and "direct" in row else row["text"]
+        ecso_row = "unsafe" in row and "direct" in row  # written by an ECSO method: its step 1 is the direct answer
+        answers[key] = row["direct"] if ecso_row else row["text"]
     logger.info("%d direct answers read from %s", len(answers), config.from_answers)
     return answers
 
@@ -241,8 +242,8 @@ def _loop(run: _Run, answers: AnswerFile, answerer: Answerer, todo: list[Sample]
                 run.failures[failure.id] = failure
                 errors += failure.kind not in DATA_FAILURE_KINDS
             run.generation_s = time.perf_counter() - t0
-            if c.method == "ecso" or run.failures:
-                progress.stats(**({"flagged": run.flagged} if c.method == "ecso" else {}), failed=len(run.failures))
+            if c.uses_pipeline or run.failures:
+                progress.stats(**({"flagged": run.flagged} if c.uses_pipeline else {}), failed=len(run.failures))
             if errors >= c.max_errors:
                 last = next(reversed(run.failures.values()))
                 raise TooManyErrorsError(f"{errors} samples failed (last: {last.id}: {last.message}); stopping. "

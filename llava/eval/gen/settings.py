@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from llava.ecso.backends import Backend
+from llava.ecso.defenses import get_defense
 from llava.ecso.prompts import get_prompt_set
 from llava.eval.gen.config import GenerateConfig
 from llava.eval.gen.manifest import (UNCOMPARED_MODEL_KEYS, ResumeMismatchError, file_digest, ids_digest,
@@ -25,15 +26,24 @@ def data_settings(config: GenerateConfig) -> dict[str, Any]:
                      "scenarios": list(d.scenarios), "tiny_list_sha256": file_digest(d.tiny_list),
                      "gt_file_sha256": file_digest(d.gt_file)},
             "decoding": asdict(config.decoding),
-            "ecso": _ecso_settings(config), "direct_answers": "from_answers" if config.from_answers else "generated"}
+            "ecso": _ecso_settings(config), "direct_answers": "from_answers" if config.from_answers else "generated",
+            **_defense_settings(config)}
+
+
+def _defense_settings(config: GenerateConfig) -> dict[str, Any]:
+    """Methods other than direct and ecso record what they are (their prompts, their ECSO overrides); direct and
+    ecso record nothing more, so the settings of answer files made before the defenses existed still match."""
+    if config.method in ("direct", "ecso"):
+        return {}
+    return {"defense": get_defense(config.method).describe(config.ecso)}
 
 
 def _ecso_settings(config: GenerateConfig) -> dict[str, Any] | None:
-    if config.method != "ecso":
+    if not config.uses_pipeline:
         return None
-    prompts = get_prompt_set(config.ecso.prompt_set)
-    return {**config.ecso.to_dict(), "prompts_sha256": ids_digest([prompts.harm_check, prompts.caption,
-                                                                   prompts.safe])}
+    ecso = get_defense(config.method).configured(config.ecso)
+    prompts = get_prompt_set(ecso.prompt_set)
+    return {**ecso.to_dict(), "prompts_sha256": ids_digest([prompts.harm_check, prompts.caption, prompts.safe])}
 
 
 def model_settings(backend: Backend, verdict_used: str | None) -> dict[str, Any]:

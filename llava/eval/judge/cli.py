@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None,
                    help="folder for <answers stem>[.<field>].judgments.jsonl and .judge.json (default: the answers' folder)")
     p.add_argument("--answer-field", default="text",
-                   help="field judged: 'text' (final answer) or 'direct' (an ECSO row's direct answer, for "
-                        "harm-detector labels)")
+                   help="field judged: 'text' (final answer, the default), 'direct' (an ECSO row's direct answer, for "
+                        "harm-detector labels and the threshold sweep) or 'safe_answer' (a --force-all-steps row's "
+                        "safe answer, for the threshold sweep)")
     graded = [f"{name}: {spec.judge.grading.ground_truth_file}" for name, spec in judged.items() if spec.judge.grading]
     p.add_argument("--ground-truth", type=Path, default=None,
                    help=f"benchmarks graded against ground truth: the ground truth ({'; '.join(graded)})")

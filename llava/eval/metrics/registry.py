@@ -12,12 +12,14 @@ from llava.eval.metrics.hook import MetricHook
 from llava.eval.metrics.mmbench import HOOK as MMBENCH
 from llava.eval.metrics.mme import HOOK as MME
 from llava.eval.metrics.mmvet import HOOK as MMVET
+from llava.eval.metrics.refusal import HOOK as REFUSAL
 from llava.eval.metrics.safety import HOOK as SAFETY
 from llava.eval.metrics.stats import rate_text
 
 __all__ = ["METRICS", "metric_for", "compute", "format_text"]
 
-METRICS: dict[str, MetricHook] = {"safety": SAFETY, "mme": MME, "mmbench": MMBENCH, "mmvet": MMVET}
+METRICS: dict[str, MetricHook] = {"safety": SAFETY, "refusal": REFUSAL, "mme": MME, "mmbench": MMBENCH,
+                                  "mmvet": MMVET}
 
 
 def metric_for(benchmark: str) -> MetricHook:
