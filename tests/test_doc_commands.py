@@ -29,7 +29,8 @@ from tests.doc_commands import NEEDS, RUNS_UNTIL_STOPPED, WITH_WORKER, DocComman
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 # (file name, section prefix) of the blocks a test of their own runs, checking what they print
 OWNED = {("README.md", "Quick start"): "tests/test_readme.py",
-         ("README.md", "A full evaluation"): "tests/test_readme.py"}
+         ("README.md", "A full evaluation"): "tests/test_readme.py",
+         ("judge-and-metrics.md", "End to end on the tiny model"): "tests/eval/test_safety_loop.py"}
 BLOCK_TIMEOUT_S = 300
 PASSES_UNKNOWN_FLAGS = {"llava.serve.launch"}  # hands the flags it does not know to the worker
 _ENV_ASSIGN = "="
