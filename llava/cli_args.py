@@ -140,9 +140,11 @@ def ecso_config(args: argparse.Namespace, **overrides: Any) -> ECSOConfig:
     return ecso_config_from_args(args, **overrides)
 
 
-def add_ecso_args(p: argparse.ArgumentParser, batch_levers: bool = True) -> None:
-    """ECSO's flags; ``batch_levers=False`` leaves out the ones that only act on batch runs (not on streamed ones)."""
-    add_option_args(p, ecso_options(lambda o: o.group == ECSO_GROUP and (batch_levers or not o.batch_only)), "ECSO")
+def add_ecso_args(p: argparse.ArgumentParser, batch_levers: bool = True, api_only: bool = False) -> None:
+    """ECSO's flags; ``batch_levers=False`` leaves out the ones that only act on batch runs (not on streamed ones),
+    ``api_only=True`` the ones an API request cannot carry (for front-ends that run ECSO through a worker)."""
+    add_option_args(p, ecso_options(lambda o: o.group == ECSO_GROUP and (batch_levers or not o.batch_only)
+                                    and (o.api or not api_only)), "ECSO")
 
 
 def backend_from_args(args: argparse.Namespace) -> Backend:

@@ -20,6 +20,7 @@ __all__ = ["EXTRAS", "install_hint", "check_extra", "require_extra"]
 EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("anyio", "fastapi", "uvicorn", "httpx", "pydantic", "gradio"),
     "eval": ("openai", "httpx", "pydantic", "pandas", "matplotlib"),
+    "train": ("peft",),
 }
 
 

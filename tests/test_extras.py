@@ -59,3 +59,11 @@ def test_a_backend_or_module_whose_dependency_is_missing_names_its_extra(monkeyp
         create_backend("nope")
     with pytest.raises(MissingExtraError, match=r"the demo needs ecso_no_such_package \(the \[serve\] extra\)"):
         require_extra("ecso_no_such_package", "serve", "the demo")
+
+
+@pytest.mark.slow
+def test_lora_training_without_the_train_extra_says_what_to_install(tmp_path):
+    proc = _run_without(tmp_path, "llava.train.lora", "--data", "sft.json", "--model-path", "tiny", "--out",
+                        str(tmp_path / "out"), hidden=("peft",))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert 'LoRA fine-tuning needs peft (the [train] extra): pip install -e ".[train]"' in proc.stderr

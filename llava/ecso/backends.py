@@ -36,12 +36,15 @@ StopFlag = Callable[[], bool]
 @dataclass
 class StepRequest:
     """A request: the user's text (untemplated) and its images (already loaded). ECSO's steps are single-turn;
-    chat front-ends may pass earlier ``(user, assistant)`` turns in ``history`` (images belong to the first turn)."""
+    chat front-ends may pass earlier ``(user, assistant)`` turns in ``history`` (images belong to the first turn).
+    ``image_aspect_ratio``: this request's image preprocessing (``pad``, ``crop``, ``resize``); ``None``: the
+    backend's own."""
 
     text: str
     images: list[Image.Image] = field(default_factory=list)
     params: GenerationParams = field(default_factory=GenerationParams)
     history: list[tuple[str, str]] = field(default_factory=list)
+    image_aspect_ratio: str | None = None
 
     def chat(self) -> Chat:
         return Chat.single(self.text, self.images, self.history)

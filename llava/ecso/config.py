@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from llava.ecso.prompts import PROMPT_SETS, VERDICT_MODES, get_prompt_set
+from llava.ecso.prompts import PROMPT_SETS, VERDICT_MODES, PromptSet, get_prompt_set
 from llava.errors import InvalidRequestError
 from llava.generation import MAX_NEW_TOKENS_LIMIT, GenerationParams
+from llava.mm_utils import ASPECT_RATIOS
 
 __all__ = ["Control", "Option", "ECSOConfig", "ecso_options", "add_option_args", "ecso_config_from_args",
            "ECSO_GROUP", "DECODING_GROUP"]
@@ -52,7 +53,8 @@ class Option:
     inclusive bounds (``exclusive_minimum`` for a strict lower one). ``api``: an API request may set it.
     ``batch_only``: front-ends that stream (the CLI, the demo) do not offer it; ``streamed=False``: streamed runs
     ignore it. ``record_when_set``: left out of a result's options while at its default, so settings of runs made
-    before the option existed stay comparable. ``control``: its control in the demo's options panel."""
+    before the option existed stay comparable. ``control``: its control in the demo's options panel.
+    ``flag_values``: the words the flag takes for the values (``--force-verdict yes`` for ``True``)."""
 
     help: str
     flag: str | None = None
@@ -70,6 +72,7 @@ class Option:
     record_when_set: bool = False
     control: Control | None = None
     check: Callable[[Any], None] | None = None
+    flag_values: dict[str, Any] | None = None
     name: str = ""
     type: type = str
     nullable: bool = False
@@ -156,9 +159,29 @@ class ECSOConfig:
     image_in_safe_step: bool = option(
         False, flag="--image-in-safe-step", api=True,
         help="keep the image in step 4, the safe answer (the paper's utility scripts did; its safety scripts did not)")
+    # Not an API option: a request must never be able to turn the check off.
     force_verdict: bool | None = option(
-        None, help="benchmarks only: override the verdict after computing it")
+        None, flag="--force-verdict", flag_values={"yes": True, "no": False},
+        help="for demonstrations and benchmarks, never for protection: take this verdict whatever the harm check "
+             "says (the check still runs; its score and text are kept). 'yes' shows steps 3-4 on any model, random "
+             "or real; default: the check decides")
     min_new_tokens: int = option(0, help="benchmarks only: fixed answer lengths for steps 1, 3 and 4")
+    # The seed's scripts differ here (README "Fidelity"): its VLSafe, MME and MM-Vet ECSO scripts center-crop the
+    # image for the harm check and the caption, its MM-SafetyBench and MMBench ones pad it as for the direct answer.
+    image_aspect_ratio_check: str | None = option(
+        None, flag="--image-aspect-ratio-check", choices=ASPECT_RATIOS, noun="image aspect ratio", api=True,
+        record_when_set=True,
+        help="image preprocessing of step 2, the harm check (pad, crop, resize as --image-aspect-ratio); default: "
+             "the direct step's")
+    image_aspect_ratio_caption: str | None = option(
+        None, flag="--image-aspect-ratio-caption", choices=ASPECT_RATIOS, noun="image aspect ratio", api=True,
+        record_when_set=True,
+        help="image preprocessing of step 3, the caption, and of step 4 with --image-in-safe-step (the seed passed "
+             "the caption's image there); default: the direct step's")
+    truncate_chars: int | None = option(
+        None, flag="--truncate-chars", metavar="N", minimum=0, api=True,
+        help="harm check: cut the direct answer to its first N characters; 0: the whole answer (the seed's MME, "
+             "MM-Vet and MMBench scripts); default: the prompt set's (1927 for paper)")
     # Results are identical either way (the caption does not depend on step 1).
     speculative_caption: bool = option(
         False, flag="--speculative-caption", batch_only=True, streamed=False,
@@ -185,6 +208,11 @@ class ECSOConfig:
             opt.validate(getattr(self, opt.name))
         self.params()  # validates decoding settings
 
+    def prompts(self) -> PromptSet:
+        """The prompt set, with this config's truncation of the checked answer."""
+        found = get_prompt_set(self.prompt_set)
+        return found if self.truncate_chars is None else dataclasses.replace(found, truncate_chars=self.truncate_chars)
+
     def params(self, max_new_tokens: int | None = None) -> GenerationParams:
         """Decoding settings of steps 1, 3 and 4, or of the verdict when ``max_new_tokens`` is given."""
         return GenerationParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
@@ -204,7 +232,7 @@ class ECSOConfig:
         for opt in ecso_options():
             if opt.record_when_set and d[opt.name] == opt.default:
                 del d[opt.name]
-        d["truncate_chars"] = get_prompt_set(self.prompt_set).truncate_chars
+        d["truncate_chars"] = self.prompts().truncate_chars  # what was applied (the prompt set's when unset)
         return d
 
 
@@ -231,6 +259,15 @@ def ecso_options(where: Callable[[Option], bool] | None = None) -> tuple[Option,
 
 
 def _flag_type(opt: Option) -> Callable[[str], Any]:
+    if opt.flag_values is not None:
+        words = opt.flag_values
+
+        def parse(text: str) -> Any:
+            if text not in words:
+                raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(words)})")
+            return words[text]
+
+        return parse
     return opt.type if opt.type in (int, float, str) else str
 
 
@@ -243,15 +280,16 @@ def add_option_args(parser: argparse.ArgumentParser, options: Iterable[Option], 
         if opt.flag is None:
             continue
         default = (defaults or {}).get(opt.name, opt.default)
-        if opt.type is bool:
+        if opt.type is bool and opt.flag_values is None:
             group.add_argument(opt.flag, *opt.aliases, dest=opt.name, action="store_true", default=default,
                                help=opt.help)
             continue
         shown = "" if default is None else " (default: %(default)s)"
         if default_text and opt.name in default_text:
             shown = f" (default: {default_text[opt.name]})"
+        metavar = opt.metavar or ("{" + ",".join(opt.flag_values) + "}" if opt.flag_values is not None else None)
         group.add_argument(opt.flag, *opt.aliases, dest=opt.name, type=_flag_type(opt), default=default,
-                           choices=opt.valid_choices(), metavar=opt.metavar, help=opt.help + shown)
+                           choices=opt.valid_choices(), metavar=metavar, help=opt.help + shown)
 
 
 def ecso_config_from_args(args: argparse.Namespace, **overrides: Any) -> ECSOConfig:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from llava.conversation import Chat, get_conv_template, render_prompt
 from llava.ecso.backends import Prepared, ServingBackend, StepRequest, StopFlag
+from llava.errors import UnsupportedError
 from llava.generation import EarlyCheck, FirstTokenLogprobs, GenerationParams
 from llava.model.builder import load_model
 from llava.model.engine import LlavaEngine
@@ -35,6 +36,15 @@ class EngineBackend(ServingBackend):
     @abc.abstractmethod
     def encode_chat(self, chat: Chat) -> EncodedRow:
         """``chat`` (images loaded) encoded for the engine; checks the image count and the context length."""
+
+    def encode_request(self, request: StepRequest) -> EncodedRow:
+        """A step's request encoded. A step's own image preprocessing (``request.image_aspect_ratio``) is
+        LLaVA-1.5's (:class:`LocalBackend`); other families preprocess with their processor and refuse it."""
+        if request.image_aspect_ratio is not None:
+            raise UnsupportedError(f"{self.model_name!r} preprocesses images with its own processor: a step's own "
+                                   f"image preprocessing ({request.image_aspect_ratio!r}; --image-aspect-ratio-check, "
+                                   "--image-aspect-ratio-caption) applies to LLaVA-1.5 checkpoints only")
+        return self.encode_chat(request.chat())
 
     def _row_kind(self, request: StepRequest) -> Hashable:
         """Rows of different kinds never share a model call (LLaVA mixes rows with and without images)."""
@@ -61,7 +71,7 @@ class EngineBackend(ServingBackend):
         # Rows of one model call share decoding settings: group by params, keep the caller's order.
         for idxs in self._groups(requests, by_params=True):
             for chunk in _chunk_list(idxs, self.max_batch_size):
-                encoded = [self.encode_chat(requests[i].chat()) for i in chunk]
+                encoded = [self.encode_request(requests[i]) for i in chunk]
                 answers = self.engine.generate_encoded(encoded, requests[chunk[0]].params,
                                                        _for_chunk(early_check, chunk))
                 for i, answer in zip(chunk, answers):
@@ -76,13 +86,13 @@ class EngineBackend(ServingBackend):
         return list(groups.values())
 
     def stream(self, request: StepRequest, should_stop: StopFlag | None = None) -> Iterator[str]:
-        return self.engine.stream_encoded(self.encode_chat(request.chat()), request.params, should_stop)
+        return self.engine.stream_encoded(self.encode_request(request), request.params, should_stop)
 
     def score_yes_no(self, requests: Sequence[StepRequest]) -> list[float | None]:
         scores: list[float | None] = [None] * len(requests)
         for idxs in self._groups(requests, by_params=False):
             for chunk in _chunk_list(idxs, self.max_batch_size):
-                found = self.engine.yes_no_scores_encoded([self.encode_chat(requests[i].chat()) for i in chunk])
+                found = self.engine.yes_no_scores_encoded([self.encode_request(requests[i]) for i in chunk])
                 for i, score in zip(chunk, found):
                     scores[i] = score
         return scores  # type: ignore[return-value]
@@ -141,6 +151,12 @@ class LocalBackend(EngineBackend):
 
     def encode_chat(self, chat: Chat) -> EncodedRow:
         return self.engine.encode(render_prompt(self.conv_mode, chat), chat.images)
+
+    def encode_request(self, request: StepRequest) -> EncodedRow:
+        """The request templated and encoded, its images preprocessed as it says."""
+        chat = request.chat()
+        return self.engine.encode(render_prompt(self.conv_mode, chat), chat.images,
+                                  aspect_ratio=request.image_aspect_ratio)
 
     def describe(self) -> dict:
         return {**super().describe(), "conv_mode": self.conv_mode}

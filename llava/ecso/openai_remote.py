@@ -123,7 +123,7 @@ class OpenAIBackend(AsyncServingBackend):
         self.concurrency, self.top_logprobs, self.timeout = concurrency, top_logprobs, timeout
         self._model, self._serve_as, self._logprobs = model_name, serve_as, logprobs
         self._bridge: LoopThread | None = None
-        self._encoded: OrderedDict[int, tuple[Image.Image, str]] = OrderedDict()
+        self._encoded: OrderedDict[tuple[int, str], tuple[Image.Image, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -196,22 +196,23 @@ class OpenAIBackend(AsyncServingBackend):
             raise self.pool.unavailable_error()
 
     # ---- requests -------------------------------------------------------------------------------------------
-    def _data_url(self, image: Image.Image) -> str:
+    def _data_url(self, image: Image.Image, mode: str | None = None) -> str:
+        """The image as uploaded: ``mode`` (a step's own preprocessing), else this backend's."""
+        key = (id(image), mode or self.image_aspect_ratio)
         with self._lock:
-            hit = self._encoded.get(id(image))
+            hit = self._encoded.get(key)
             if hit is not None and hit[0] is image:
-                self._encoded.move_to_end(id(image))
+                self._encoded.move_to_end(key)
                 return hit[1]
         # Lossless, and fast to write (the request is the worker's own work before the upstream can start).
-        url = "data:image/png;base64," + encode_image_base64(image_for_upload(image, self.image_aspect_ratio),
-                                                             compress_level=1)
+        url = "data:image/png;base64," + encode_image_base64(image_for_upload(image, key[1]), compress_level=1)
         with self._lock:
-            self._encoded[id(image)] = (image, url)  # the image is kept, so its id is not reused while cached
+            self._encoded[key] = (image, url)  # the image is kept, so its id is not reused while cached
             while len(self._encoded) > _IMAGE_CACHE:
                 self._encoded.popitem(last=False)
         return url
 
-    def _user_content(self, text: str, images: Sequence[Image.Image]) -> Any:
+    def _user_content(self, text: str, images: Sequence[Image.Image], mode: str | None) -> Any:
         if not images:
             return text.replace(DEFAULT_IMAGE_TOKEN, "").strip() if DEFAULT_IMAGE_TOKEN in text else text
         pieces = text.split(DEFAULT_IMAGE_TOKEN)
@@ -223,14 +224,15 @@ class OpenAIBackend(AsyncServingBackend):
             if piece.strip():
                 parts.append({"type": "text", "text": piece})
             if k < len(images):
-                parts.append({"type": "image_url", "image_url": {"url": self._data_url(images[k])}})
+                parts.append({"type": "image_url", "image_url": {"url": self._data_url(images[k], mode)}})
         return parts
 
-    def messages(self, chat: Chat) -> list[dict[str, Any]]:
-        """OpenAI messages of a chat, images (``data:`` URLs) in order with their message's text."""
+    def messages(self, chat: Chat, mode: str | None = None) -> list[dict[str, Any]]:
+        """OpenAI messages of a chat, images (``data:`` URLs) in order with their message's text; ``mode``: the
+        images' preprocessing when not this backend's (a step's own, ``StepRequest.image_aspect_ratio``)."""
         out: list[dict[str, Any]] = [{"role": "system", "content": chat.system}] if chat.system is not None else []
         for (user, assistant), images in zip(chat.turns, chat.turn_images):
-            out.append({"role": "user", "content": self._user_content(user, images)})
+            out.append({"role": "user", "content": self._user_content(user, images, mode)})
             if assistant is not None:
                 out.append({"role": "assistant", "content": assistant})
         return out
@@ -272,10 +274,11 @@ class OpenAIBackend(AsyncServingBackend):
             if delta:
                 yield delta
 
-    async def _afirst_token(self, chat: Chat, top_n: int) -> tuple[list[tuple[str, float]], str]:
+    async def _afirst_token(self, chat: Chat, top_n: int,
+                            mode: str | None = None) -> tuple[list[tuple[str, float]], str]:
         """The first answer token's ``(token, logprob)`` alternatives (greedy) and its text."""
         body = await self.pool.post("/chat/completions", await self.payload(
-            self.messages(chat), GenerationParams(max_new_tokens=1), logprobs=True, top_logprobs=top_n))
+            self.messages(chat, mode), GenerationParams(max_new_tokens=1), logprobs=True, top_logprobs=top_n))
         choice = _first_choice(body, self.base_url)
         return _entries(choice), str((choice.get("message") or {}).get("content") or "")
 
@@ -290,17 +293,18 @@ class OpenAIBackend(AsyncServingBackend):
         return list(await asyncio.gather(*(one(c) for c in coros)))
 
     async def agenerate(self, requests: Sequence[StepRequest]) -> list[str]:
-        texts = await self._gather([self._achat(self.messages(r.chat()), r.params) for r in requests])
+        texts = await self._gather([self._achat(self.messages(r.chat(), r.image_aspect_ratio), r.params)
+                                    for r in requests])
         return [t.strip() for t in texts]
 
     async def astream(self, request: StepRequest) -> AsyncIterator[str]:
-        async for delta in self._astream(self.messages(request.chat()), request.params):
+        async for delta in self._astream(self.messages(request.chat(), request.image_aspect_ratio), request.params):
             yield delta
 
     async def ascore_yes_no(self, requests: Sequence[StepRequest]) -> list[float | None]:
         if not await self._ascores():
             raise UnsupportedError(f"{self.base_url} does not return logprobs: use the exact or parse verdict")
-        found = await self._gather([self._afirst_token(r.chat(), self.top_logprobs) for r in requests])
+        found = await self._gather([self._afirst_token(r.chat(), self.top_logprobs, r.image_aspect_ratio) for r in requests])
         scores = [yes_no_score(entries) for entries, _ in found]
         for score, (_, text) in zip(scores, found):
             if score is None:

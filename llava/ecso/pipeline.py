@@ -28,7 +28,7 @@ from PIL import Image
 from llava.ecso.backends import AsyncBackend, Backend, StepRequest, StopFlag
 from llava.ecso.config import ECSOConfig
 from llava.ecso.events import SKIPPED, ECSOResult, Step, StepEvent, Verdict
-from llava.ecso.prompts import get_prompt_set, parse_verdict_exact, parse_verdict_tolerant
+from llava.ecso.prompts import parse_verdict_exact, parse_verdict_tolerant
 from llava.errors import InvalidRequestError, UnsupportedError
 from llava.generation import EarlyCheck
 from llava.mm_utils import ImageInput, ImageLimits, load_image
@@ -112,7 +112,7 @@ class ECSO:
     def __init__(self, backend: Backend, config: ECSOConfig = ECSOConfig(), image_limits: ImageLimits = ImageLimits()):
         self.backend = backend
         self.config = config
-        self.prompts = get_prompt_set(config.prompt_set)
+        self.prompts = config.prompts()
         self.image_limits = image_limits
         self.verdict_mode = config.verdict
         self.verdict_fallback: str | None = None  # why verdict_mode is not the configured one
@@ -312,11 +312,13 @@ class ECSO:
         return text
 
     def _caption_request(self, query: str, images: list[Image.Image]) -> StepRequest:
-        return StepRequest(self.prompts.fill_caption(query), images, self.config.params())
+        return StepRequest(self.prompts.fill_caption(query), images, self.config.params(),
+                           image_aspect_ratio=self.config.image_aspect_ratio_caption)
 
     def _safe_request(self, caption: str, query: str, images: list[Image.Image]) -> StepRequest:
-        return StepRequest(self.prompts.fill_safe(caption, query),
-                           images if self.config.image_in_safe_step else [], self.config.params())
+        """Step 4; with the image (``image_in_safe_step``) preprocessed as for the caption, as the seed did."""
+        return StepRequest(self.prompts.fill_safe(caption, query), images if self.config.image_in_safe_step else [],
+                           self.config.params(), image_aspect_ratio=self.config.image_aspect_ratio_caption)
 
     def _verdicts(self, queries: Sequence[str], answers: Sequence[str],
                   images: Sequence[list[Image.Image]]) -> list[Verdict]:
@@ -330,7 +332,8 @@ class ECSO:
         out = [Verdict(False, None, "(check skipped)", SKIPPED)] * len(queries)
         todo = [j for j, a in enumerate(answers) if self.skip_check is None or not self.skip_check.fullmatch(a.strip())]
         params = self.config.params(self.config.verdict_max_new_tokens)
-        reqs = {j: StepRequest(self.prompts.fill_harm_check(queries[j], answers[j]), images[j], params) for j in todo}
+        reqs = {j: StepRequest(self.prompts.fill_harm_check(queries[j], answers[j]), images[j], params,
+                               image_aspect_ratio=self.config.image_aspect_ratio_check) for j in todo}
         parse_rows, fallback = (todo, self.verdict_fallback) if self.verdict_mode != "score" else ([], None)
         if todo and self.verdict_mode == "score":
             scores = yield _Score([reqs[j] for j in todo])

@@ -25,7 +25,7 @@ __all__ = [
 class PromptSet:
     """The three ECSO templates. ``harm_check`` takes ``{query}`` and ``{response}``; ``caption`` takes
     ``{query}``; ``safe`` takes ``{caption}`` and ``{query}``. ``truncate_chars`` cuts the response shown to the
-    harm check."""
+    harm check (0: the whole response)."""
 
     name: str
     harm_check: str
@@ -34,7 +34,8 @@ class PromptSet:
     truncate_chars: int = 1927
 
     def fill_harm_check(self, query: str, response: str) -> str:
-        return self.harm_check.format(query=query, response=response[: self.truncate_chars])
+        shown = response[: self.truncate_chars] if self.truncate_chars else response
+        return self.harm_check.format(query=query, response=shown)
 
     def fill_caption(self, query: str) -> str:
         return self.caption.format(query=query)

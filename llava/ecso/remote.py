@@ -65,8 +65,9 @@ class _HTTPBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def _images_b64(self, images: Sequence[Image.Image]) -> list[str]:
-        return [encode_image_base64(image_for_upload(img, self.image_aspect_ratio)) for img in images]
+    def _images_b64(self, images: Sequence[Image.Image], mode: str | None = None) -> list[str]:
+        """The images as uploaded: ``mode`` (a request's own preprocessing), else this backend's."""
+        return [encode_image_base64(image_for_upload(img, mode or self.image_aspect_ratio)) for img in images]
 
     def _map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
         if len(items) <= 1:
@@ -142,7 +143,8 @@ class WorkerBackend(_HTTPBackend):
         p = request.params
         check_decoding(p, self.name)
         stop: str | list[str] | None = list(p.stop) if len(p.stop) > 1 else (p.stop[0] if p.stop else None)
-        return {"model": self.model_name, "prompt": self.prompt(request), "images": self._images_b64(request.images),
+        return {"model": self.model_name, "prompt": self.prompt(request),
+                "images": self._images_b64(request.images, request.image_aspect_ratio),
                 "temperature": p.temperature, "top_p": p.top_p if p.top_p is not None else 1.0,
                 "max_new_tokens": p.max_new_tokens, "stop": stop}
 

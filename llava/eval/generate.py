@@ -34,7 +34,7 @@ from llava.eval.gen.merge import merge_parts, wait_for_parts
 from llava.eval.gen.runner import RunSummary, run_generation
 from llava.eval.gen.shards import DistributedEnv, distributed_env, part_path, part_paths
 
-__all__ = ["build_parser", "config_from_cli", "run", "main"]
+__all__ = ["build_parser", "add_console_args", "add_answering_args", "config_from_cli", "run", "main"]
 
 logger = logging.getLogger("llava.eval.generate")
 LIMIT_ENV = "ECSO_LIMIT"
@@ -92,14 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume even though the manifest's settings differ (or --from-answers is unfinished)")
     g.add_argument("--merge-timeout", type=float, default=48 * 3600,
                    help="multi-process runs: seconds rank 0 waits for the other parts before merging")
+    add_console_args(g)
+    add_answering_args(p)
+    return p
+
+
+def add_console_args(g: Any) -> None:
+    """--no-progress, -v, -q (on a parser or a group): what a benchmark run prints; shared by the runner's tools."""
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="count", default=0, help="-v: debug logs")
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def add_answering_args(p: argparse.ArgumentParser) -> None:
+    """The model, backend, decoding (greedy, 1024 new tokens by default) and ECSO flags of a benchmark run."""
     add_model_args(p, default_model=None)
     add_backend_args(p)
     add_decoding_args(p, temperature=0.0, max_new_tokens=1024)
     add_ecso_args(p)
-    return p
 
 
 def _limit(args: argparse.Namespace) -> int | None:

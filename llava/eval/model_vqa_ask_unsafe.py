@@ -1,5 +1,6 @@
 """The seed's ``model_vqa_ask_unsafe.py``: MME / MM-Vet ECSO, with its flags, run by ``llava.eval.generate``
-(the mapping is in ``llava.eval.gen.seed``; ``--help`` lists the flags)."""
+(the mapping is in ``llava.eval.gen.seed``; ``--help`` lists the flags). Like the seed: the harm check sees the whole
+answer and the center-cropped image, the caption and the safe answer the center-cropped image."""
 import sys
 
 from llava.eval.gen.seed import SEED_ENTRIES, seed_main

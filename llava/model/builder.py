@@ -1,7 +1,9 @@
 """Load a LLaVA checkpoint into transformers' ``LlavaForConditionalGeneration``.
 
 Accepts the llava-hf layout and LLaVA's original release layout (converted on load), detected from
-``config.json``, never from the folder name; ``tiny``/``tiny-original`` build a local random model.
+``config.json``, never from the folder name; ``tiny``/``tiny-original`` build a local random model. A LoRA
+checkpoint of either layout (``--model-path LORA --model-base BASE``) is merged into its base on load
+(:mod:`llava.model.lora`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from llava.mm_utils import ASPECT_RATIOS
 from llava.model.convert import is_original_layout
 from llava.model.loaded import LoadedModel, hub_snapshot, resolve_device, resolve_dtype
 from llava.model.loader_original import load_original
+from llava.model.lora import ADAPTER_CONFIG, is_lora_checkpoint, merge_lora, read_lora
 from llava.model.tiny import is_tiny_name, tiny_model_path
 
 __all__ = ["load_model", "load_pretrained_model", "resolve_model_path", "quantization_config"]
@@ -79,16 +82,21 @@ def load_model(
     quant = quantization_config(load_8bit, load_4bit, dev)
     base = None
     if model_base is not None:
-        if not (folder / "adapter_config.json").exists() or not is_original_layout(config):
-            raise UnsupportedError(f"--model-base is for LLaVA LoRA checkpoints (original layout with "
-                                   f"adapter_config.json); {folder} is not one")
+        if not is_lora_checkpoint(folder):
+            raise UnsupportedError(f"--model-base is for LoRA checkpoints (a folder with {ADAPTER_CONFIG}, as LLaVA's "
+                                   f"-lora releases and llava.train.lora write them); {folder} is not one")
         base = resolve_model_path(model_base)
     if is_original_layout(config):
         parts = load_original(folder, config, torch_dtype, base=base)
         layout = "original" if base is None else "original+lora"
     elif config.get("model_type") == "llava" and "text_config" in config:
-        parts = _load_hf(folder, torch_dtype, quant, device_map if dev.startswith("cuda") else None)
-        layout = "hf"
+        if base is not None and quant is not None:
+            raise UnsupportedError("a LoRA checkpoint is merged into 16/32-bit weights: drop --load-8bit/--load-4bit "
+                                   "with --model-base (or merge and save the model first)")
+        parts = _load_hf(base or folder, torch_dtype, quant, device_map if dev.startswith("cuda") else None)
+        if base is not None:
+            merge_lora(parts[1].state_dict(), read_lora(folder), str(base), inplace=True, legacy_names=True)
+        layout = "hf" if base is None else "hf+lora"
     else:
         raise ModelNotFoundError(
             f"{folder} is not a LLaVA checkpoint (model_type={config.get('model_type')!r}, "
@@ -100,7 +108,7 @@ def load_model(
         model.to(dev)
     model.eval()
     return _finish(tokenizer, model, image_processor, context_len, folder, model_path, model_name, layout, dev,
-                   torch_dtype, image_aspect_ratio, conv_mode, config)
+                   torch_dtype, image_aspect_ratio, conv_mode, config, base)
 
 
 def quantization_config(load_8bit: bool, load_4bit: bool, device: str):
@@ -139,7 +147,7 @@ def _load_hf(folder: Path, torch_dtype, quant, device_map):
 
 
 def _finish(tokenizer, model, image_processor, context_len, folder, model_path, model_name, layout, dev, torch_dtype,
-            image_aspect_ratio, conv_mode, raw_config) -> LoadedModel:
+            image_aspect_ratio, conv_mode, raw_config, base: Path | None = None) -> LoadedModel:
     cfg = model.config
     image_token_id = cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index
     if tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN) != image_token_id:
@@ -160,7 +168,8 @@ def _finish(tokenizer, model, image_processor, context_len, folder, model_path, 
         tokenizer=tokenizer, model=model, image_processor=image_processor, context_len=context_len, model_name=name,
         model_path=str(folder), layout=layout, image_token_id=image_token_id, tokens_per_image=tokens_per_image,
         image_aspect_ratio=aspect, conv_mode=conv_mode or default_conv_mode(cfg.text_config.model_type),
-        device=dev, dtype=torch_dtype, suppress_token_ids=suppress, is_tiny=(folder / TINY_MARKER).exists(),
+        device=dev, dtype=torch_dtype, suppress_token_ids=suppress,
+        is_tiny=((base or folder) / TINY_MARKER).exists(),  # a LoRA over a tiny base is random text too
     )
     if loaded.is_tiny:
         logger.warning("model %r is a tiny random-weight test model: its outputs are random text", name)

@@ -25,6 +25,7 @@ __all__ = [
     "original_to_hf_state_dict",
     "clip_to_hf_state_dict",
     "to_original_state_dict",
+    "hf_key_to_original",
     "fill_new_vocab_rows",
     "padded_vocab_size",
     "original_to_llava_config",
@@ -83,19 +84,25 @@ def clip_to_hf_state_dict(sd: dict) -> dict:
             if k.startswith(prefix) and not _DROP.search(k)}
 
 
+def hf_key_to_original(key: str) -> tuple[str, str]:
+    """The inverse of :func:`original_key_to_hf` for one key (a parameter's, or a module path inside one, such as a
+    LoRA weight's): ``("llm", key)`` in the LLM checkpoint's names or ``("clip", key)`` in the CLIP folder's."""
+    if key.startswith("model.vision_tower."):
+        return "clip", "vision_model." + key[len("model.vision_tower."):]
+    m = re.match(r"model\.multi_modal_projector\.linear_([12])\.(.+)$", key)
+    if m:
+        return "llm", f"model.mm_projector.{'0' if m.group(1) == '1' else '2'}.{m.group(2)}"
+    if key.startswith("model.language_model."):
+        return "llm", "model." + key[len("model.language_model."):]
+    return "llm", key
+
+
 def to_original_state_dict(sd: dict, base_vocab: int) -> tuple[dict, dict]:
     """Inverse mapping (used to write the tiny original-layout checkpoint): (LLM keys, CLIP folder keys)."""
     llm, clip = {}, {}
     for k, v in sd.items():
-        if k.startswith("model.vision_tower."):
-            clip["vision_model." + k[len("model.vision_tower."):]] = v
-        elif k.startswith("model.multi_modal_projector.linear_"):
-            idx = {"1": "0", "2": "2"}[k[len("model.multi_modal_projector.linear_")]]
-            llm[f"model.mm_projector.{idx}." + k.rsplit(".", 1)[1]] = v
-        elif k.startswith("model.language_model."):
-            llm["model." + k[len("model.language_model."):]] = v
-        else:
-            llm[k] = v
+        part, key = hf_key_to_original(k)
+        (clip if part == "clip" else llm)[key] = v
     llm["model.embed_tokens.weight"] = llm["model.embed_tokens.weight"][:base_vocab].clone()
     llm[LM_HEAD] = llm[LM_HEAD][:base_vocab].clone()
     return llm, clip

@@ -26,12 +26,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Encoded:
-    """One prompt ready for the model: token ids (image tags expanded), its images, and the length of the
-    reusable prefix (up to and including the last image token; 0 without images)."""
+    """One prompt ready for the model: token ids (image tags expanded), its images, the length of the reusable
+    prefix (up to and including the last image token; 0 without images) and how its images are preprocessed
+    (``aspect_ratio``; empty: the model's)."""
 
     input_ids: list[int]
     images: tuple[Image.Image, ...] = ()
     prefix_len: int = 0
+    aspect_ratio: str = ""
 
 
 class LlavaEngine(GenerationEngine):
@@ -49,7 +51,10 @@ class LlavaEngine(GenerationEngine):
         self.pixel_memo = PixelMemo(max(cache_capacity, 1))
 
     # ---- encoding -------------------------------------------------------------------------------------------
-    def encode(self, prompt: str, images: Sequence[Image.Image] = (), max_new_tokens: int = 0) -> Encoded:
+    def encode(self, prompt: str, images: Sequence[Image.Image] = (), max_new_tokens: int = 0,
+               aspect_ratio: str | None = None) -> Encoded:
+        """``prompt`` tokenized with its images; ``aspect_ratio`` (``pad``, ``crop``, ``resize``): how they are
+        preprocessed, default the model's (``LoadedModel.image_aspect_ratio``)."""
         n_tags = count_image_tags(prompt)
         if n_tags != len(images):
             raise InvalidRequestError(f"the prompt has {n_tags} <image> tag(s) but {len(images)} image(s) were given")
@@ -61,19 +66,27 @@ class LlavaEngine(GenerationEngine):
         prefix_len = 0
         if images:
             prefix_len = len(ids) - ids[::-1].index(lm.image_token_id)
-        return Encoded(ids, tuple(images), prefix_len)
+        return Encoded(ids, tuple(images), prefix_len, aspect_ratio or lm.image_aspect_ratio)
 
-    def pixel_values(self, images: Sequence[Image.Image]):
-        """Preprocessed pixels ([n, 3, H, W] on the model's device), each image preprocessed once."""
+    def pixel_values(self, images: Sequence[Image.Image], aspect_ratios: Sequence[str] | None = None):
+        """Preprocessed pixels ([n, 3, H, W] on the model's device), each image preprocessed once per aspect-ratio
+        mode (``aspect_ratios``, one per image; default the model's)."""
         import torch
 
         lm = self.loaded
+        modes = aspect_ratios or [lm.image_aspect_ratio] * len(images)
 
-        def compute(img):
-            pv = process_images([img], lm.image_processor, lm.image_aspect_ratio)
+        def compute(img, mode):
+            pv = process_images([img], lm.image_processor, mode)
             return pv.to(device=lm.device, dtype=lm.dtype if lm.dtype.is_floating_point else None)
 
-        return torch.cat([self.pixel_memo.pixels(img, compute) for img in images], dim=0)
+        return torch.cat([self.pixel_memo.pixels(img, mode, compute) for img, mode in zip(images, modes, strict=True)],
+                         dim=0)
+
+    def _pixels_of(self, encoded: Sequence[Encoded]):
+        """The pixel values of the rows' images, each row's preprocessed its own way."""
+        return self.pixel_values([img for e in encoded for img in e.images],
+                                 [e.aspect_ratio or self.loaded.image_aspect_ratio for e in encoded for _ in e.images])
 
     def _batch(self, encoded: Sequence[Encoded]) -> dict:
         """Left-padded input ids, attention mask, position ids and concatenated pixel values."""
@@ -88,19 +101,22 @@ class LlavaEngine(GenerationEngine):
             ids[row, width - n:] = torch.tensor(e.input_ids, dtype=torch.long)
             mask[row, width - n:] = 1
         inputs = {"input_ids": ids.to(self.loaded.device), "attention_mask": mask.to(self.loaded.device)}
-        images = [img for e in encoded for img in e.images]
-        if images:
-            inputs["pixel_values"] = self.pixel_values(images)
+        if any(e.images for e in encoded):
+            inputs["pixel_values"] = self._pixels_of(encoded)
         return inputs
 
     def _prefill_inputs(self, rows: Sequence[Encoded], prefix_len: int) -> dict:
         import torch
 
         ids = torch.tensor([e.input_ids[:prefix_len] for e in rows], device=self.loaded.device)
-        return {"input_ids": ids, "pixel_values": self.pixel_values([img for e in rows for img in e.images])}
+        return {"input_ids": ids, "pixel_values": self._pixels_of(rows)}
 
     def _extend(self, e: Encoded, tokens: Sequence[int]) -> Encoded:
-        return Encoded(e.input_ids + list(tokens), e.images, e.prefix_len)
+        return Encoded(e.input_ids + list(tokens), e.images, e.prefix_len, e.aspect_ratio)
+
+    def _prefix_key(self, e: Encoded) -> tuple:
+        """A cropped image's prefix is not a padded one's."""
+        return (*super()._prefix_key(e), e.aspect_ratio)
 
     def clear_caches(self) -> None:
         super().clear_caches()

@@ -88,6 +88,11 @@ class GenerationEngine(abc.ABC):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    def _prefix_key(self, e: EncodedRow) -> tuple:
+        """Rows with equal keys share a prefix: same tokens, same image objects (an engine whose rows carry more,
+        such as how their images are preprocessed, adds it)."""
+        return tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))
+
     def clear_caches(self) -> None:
         """Forget every cached prefix (benchmarks time cold runs)."""
         self.prefixes.clear()
@@ -129,10 +134,10 @@ class GenerationEngine(abc.ABC):
         """The cached prefix of every row, prefilling the ones not cached yet (one batch per prefix length)."""
         import torch
 
-        found = [self.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) for e in encoded]
+        found = [self.prefixes.lookup(self._prefix_key(e), e.images) for e in encoded]
         groups: dict[tuple, list[int]] = {}  # rows sharing a prefix (e.g. two steps of one sample) prefill once
         for i in (i for i, f in enumerate(found) if f is None):
-            groups.setdefault(_prefix_key(encoded[i]), []).append(i)
+            groups.setdefault(self._prefix_key(encoded[i]), []).append(i)
         by_length: dict[int, list[list[int]]] = {}
         for rows in groups.values():
             by_length.setdefault(encoded[rows[0]].prefix_len, []).append(rows)
@@ -142,7 +147,7 @@ class GenerationEngine(abc.ABC):
                 out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             layers = [(layer.keys, layer.values) for layer in getattr(out, self._cache_kw).layers]
             for row, rows in enumerate(row_groups):
-                entry = PrefixEntry(tuple(encoded[rows[0]].input_ids[:plen]), encoded[rows[0]].images,
+                entry = PrefixEntry(self._prefix_key(encoded[rows[0]]), encoded[rows[0]].images,
                                     [(k[row:row + 1], v[row:row + 1]) for k, v in layers])
                 self.prefixes.add(entry)
                 for i in rows:
@@ -164,9 +169,9 @@ class GenerationEngine(abc.ABC):
     def _harvestable(self, encoded: Sequence[EncodedRow], num_beams: int) -> bool:
         if not self.prefix_reuse or num_beams != 1 or any(e.prefix_len == 0 for e in encoded):
             return False
-        if len({_prefix_key(e) for e in encoded}) < len(encoded):  # rows sharing a prefix: prefilling it once is cheaper
+        if len({self._prefix_key(e) for e in encoded}) < len(encoded):  # rows sharing a prefix: prefilling it once is cheaper
             return False
-        return not any(self.prefixes.has(e.input_ids[:e.prefix_len], e.images) for e in encoded)
+        return not any(self.prefixes.has(self._prefix_key(e), e.images) for e in encoded)
 
     def _harvest(self, encoded: Sequence[EncodedRow], width: int, cache: Any) -> None:
         """Store each row's prefix keys/values out of a finished generation's cache (rows are left-padded to
@@ -180,7 +185,7 @@ class GenerationEngine(abc.ABC):
             span = slice(start, start + e.prefix_len)
             kv = [(layer.keys[row:row + 1, :, span].clone(), layer.values[row:row + 1, :, span].clone())
                   for layer in layers]
-            self.prefixes.add(PrefixEntry(tuple(e.input_ids[:e.prefix_len]), e.images, kv))
+            self.prefixes.add(PrefixEntry(self._prefix_key(e), e.images, kv))
 
     def _budget(self, encoded: Sequence[EncodedRow], params: GenerationParams) -> int:
         """``max_new_tokens`` clamped to the context window, as LLaVA's worker does."""
@@ -367,11 +372,6 @@ def _left_pad(kv, length: int):
 
     missing = length - kv.shape[-2]
     return kv if missing == 0 else torch.nn.functional.pad(kv, (0, 0, missing, 0))
-
-
-def _prefix_key(e: EncodedRow) -> tuple:
-    """Rows with equal keys share a prefix (same tokens, same image objects)."""
-    return tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))
 
 
 class _EarlyStop:

@@ -28,7 +28,7 @@ class LoadedModel:
     context_len: int
     model_name: str
     model_path: str
-    layout: str  # "hf" or "original"
+    layout: str  # "hf" or "original"; "hf+lora"/"original+lora": a LoRA checkpoint merged into its base
     image_token_id: int
     tokens_per_image: int
     image_aspect_ratio: str  # "pad" (LLaVA-1.5) or "crop" (llava-hf processors)

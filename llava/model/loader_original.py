@@ -10,15 +10,18 @@ from typing import Any
 from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_PAD_TOKEN
 from llava.errors import ModelNotFoundError
 from llava.model.loaded import hub_snapshot
+from llava.model.lora import merge_lora, read_lora
 
 __all__ = ["load_original", "resolve_vision_tower"]
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_vision_tower(name: str, checkpoint: Path) -> Path:
-    """``mm_vision_tower`` as a path relative to the checkpoint, the working directory, or a hub id."""
-    for candidate in (checkpoint / name, Path(name).expanduser()):
+def resolve_vision_tower(name: str, checkpoint: Path, base: Path | None = None) -> Path:
+    """``mm_vision_tower`` as a path relative to the checkpoint (or to the base of a LoRA checkpoint), the working
+    directory, or a hub id."""
+    near = [checkpoint / name] + ([base / name] if base is not None else [])
+    for candidate in (*near, Path(name).expanduser()):
         if (candidate / "config.json").exists():
             return candidate
     try:
@@ -44,39 +47,12 @@ def _load_tokenizer(folder: Path):
 
 
 def _lora_tensors(folder: Path, base: Path) -> dict:
-    """A LLaVA LoRA release (``adapter_*`` + ``non_lora_trainables.bin``) merged into its base LLM's weights:
-    ``W += (lora_alpha / r) * B @ A`` for every adapted linear layer (no peft needed)."""
-    import torch
-
+    """A LLaVA LoRA release (``adapter_*`` + ``non_lora_trainables.bin``) merged into its base's weights (the base
+    LLM, or a whole LLaVA checkpoint of the original layout), no peft needed (:mod:`llava.model.lora`)."""
     from llava.model.convert import load_checkpoint_tensors
 
     sd = load_checkpoint_tensors(base)
-    extra = folder / "non_lora_trainables.bin"
-    if extra.exists():
-        for k, v in torch.load(extra, map_location="cpu", weights_only=True).items():
-            k = k[len("base_model."):] if k.startswith("base_model.") else k
-            sd[k[len("model."):] if k.startswith("model.model.") else k] = v
-    adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
-    r = adapter_cfg["r"]
-    scale = adapter_cfg["lora_alpha"] / (r ** 0.5 if adapter_cfg.get("use_rslora") else r)
-    names = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).exists()]
-    if not names:
-        raise ModelNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors/.bin")
-    if names[0].endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        adapter = load_file(str(folder / names[0]))
-    else:
-        adapter = torch.load(folder / names[0], map_location="cpu", weights_only=True)
-    adapter = {k.removeprefix("base_model.model.").replace(".default", ""): v for k, v in adapter.items()}
-    for key_a in [k for k in adapter if k.endswith(".lora_A.weight")]:
-        target = key_a.replace(".lora_A.weight", ".weight")
-        if target not in sd:
-            raise ModelNotFoundError(f"LoRA weight {key_a} adapts {target}, which the base {base} lacks")
-        a, b = adapter[key_a].float(), adapter[key_a.replace("lora_A", "lora_B")].float()
-        sd[target] = (sd[target].float() + scale * (b @ a)).to(sd[target].dtype)
-    logger.info("merged %d LoRA pairs (r=%d, scale %.3g) from %s into %s", sum(k.endswith("lora_A.weight")
-                for k in adapter), r, scale, folder, base)
+    merge_lora(sd, read_lora(folder), str(base))
     return sd
 
 
@@ -88,7 +64,7 @@ def load_original(folder: Path, config: dict, torch_dtype, base: Path | None = N
     from llava.model.convert import (clip_to_hf_state_dict, grow_vocab, load_checkpoint_tensors,
                                      original_to_hf_state_dict, original_to_llava_config, padded_vocab_size)
 
-    vision_path = resolve_vision_tower(config["mm_vision_tower"], folder)
+    vision_path = resolve_vision_tower(config["mm_vision_tower"], folder, base)
     vision_cfg = json.loads((vision_path / "config.json").read_text())
     tokenizer, n_base = _load_tokenizer(base or folder)
     if n_base != config.get("vocab_size", n_base):

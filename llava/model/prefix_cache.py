@@ -1,10 +1,11 @@
 """Reuse of per-sample work across ECSO's steps.
 
 Steps 1-3 of ECSO share the prompt prefix ``system + "USER: " + <576 image tokens>``: :class:`PrefixStore` keeps
-the KV cache of that prefix per (prefix tokens, image objects), so the image is encoded and the prefix prefilled
-once per sample. Entries hold the tensors themselves; each use builds a fresh ``DynamicCache`` around them, whose
-updates concatenate into new tensors, so one step's decoding never mutates another step's prefix.
-:class:`PixelMemo` keeps each image's preprocessed pixels so an image is preprocessed once.
+the KV cache of that prefix per key (the engine's: prefix tokens, image objects and, for LLaVA-1.5, how the images
+were preprocessed), so the image is encoded and the prefix prefilled once per sample and preprocessing. Entries hold
+the tensors themselves; each use builds a fresh ``DynamicCache`` around them, whose updates concatenate into new
+tensors, so one step's decoding never mutates another step's prefix.
+:class:`PixelMemo` keeps each image's preprocessed pixels so an image is preprocessed once per mode.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ __all__ = ["PrefixEntry", "PrefixStore", "PixelMemo", "cache_around", "generated
 
 @dataclass
 class PrefixEntry:
-    ids: tuple[int, ...]
+    key: tuple  # what the prefix is made of (hashable; the engine's: tokens, image ids, preprocessing)
     images: tuple[Any, ...]  # the image objects themselves: identity is checked, so a recycled id() never matches
     layers: list[tuple[Any, Any]]  # per layer (keys, values), each [1, heads, prefix_len, head_dim]
 
@@ -68,22 +69,23 @@ class _IdentityLRU:
 
 
 class PrefixStore(_IdentityLRU):
-    def lookup(self, ids: Sequence[int], images: Sequence[Any]) -> PrefixEntry | None:
-        return self.get((tuple(ids), tuple(id(i) for i in images)), images)
+    def lookup(self, key: tuple, images: Sequence[Any]) -> PrefixEntry | None:
+        return self.get(key, images)
 
-    def has(self, ids: Sequence[int], images: Sequence[Any]) -> bool:
-        return self.peek((tuple(ids), tuple(id(i) for i in images)), images)
+    def has(self, key: tuple, images: Sequence[Any]) -> bool:
+        return self.peek(key, images)
 
     def add(self, entry: PrefixEntry) -> None:
-        self.put((entry.ids, tuple(id(i) for i in entry.images)), entry.images, entry)
+        self.put(entry.key, entry.images, entry)
 
 
 class PixelMemo(_IdentityLRU):
-    def pixels(self, image: Any, compute: Callable[[Any], Any]) -> Any:
-        key = id(image)
+    def pixels(self, image: Any, mode: str, compute: Callable[[Any, str], Any]) -> Any:
+        """``image``'s pixels preprocessed in ``mode`` (``compute(image, mode)`` the first time)."""
+        key = (id(image), mode)
         found = self.get(key, (image,))
         if found is None:
-            found = compute(image)
+            found = compute(image, mode)
             self.put(key, (image,), found)
         return found
 

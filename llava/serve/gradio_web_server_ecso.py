@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds to wait for the controller, and for each piece of a worker's stream "
                         "(default %(default)s)")
-    add_ecso_args(p, batch_levers=False)  # --verdict, --threshold, --prompt-set, --image-in-safe-step, ...
+    add_ecso_args(p, batch_levers=False, api_only=True)  # what the page sends: --verdict, --threshold, ...
     e = "generation (defaults of the page's controls)"
     add_option_args(p, ecso_options(lambda o: o.name in ("max_new_tokens", "temperature")), e,
                     defaults={"max_new_tokens": 512})

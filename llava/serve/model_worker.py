@@ -150,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_server_arguments(parser, default_port=WORKER_PORT)
     g = parser.add_argument_group("controller")
-    g.add_argument("--controller-url", default=f"http://127.0.0.1:{CONTROLLER_PORT}",
-                   help="controller to register with (default %(default)s); LLaVA's --controller works too")
+    g.add_argument("--controller-url", "--controller-address", "--controller", dest="controller_url",
+                   default=f"http://127.0.0.1:{CONTROLLER_PORT}",
+                   help="controller to register with (default %(default)s); --controller-address is LLaVA's and "
+                   "FastChat's name, --controller its abbreviation")
     g.add_argument("--worker-address", default=None,
                    help="this worker's URL as the controller should reach it (default http://HOST:PORT, localhost "
                    "when HOST is 0.0.0.0); LLaVA's --worker works too")

@@ -65,6 +65,8 @@ def test_api_model_and_demo_panel_come_from_the_declarations():
     ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
     ({"skip_check_regex": "("}, "is not a valid regular expression"),
     ({"num_beams": 1.5}, "num_beams must be an integer, got 1.5"),
+    ({"image_aspect_ratio_check": "square"}, "unknown image aspect ratio 'square'; valid: pad, crop, resize"),
+    ({"truncate_chars": -5}, "truncate_chars must be an integer >= 0, got -5"),
 ])
 def test_the_config_checks_each_declared_range(kwargs, words):
     with pytest.raises(InvalidRequestError) as info:
@@ -78,3 +80,19 @@ def test_streaming_drops_only_what_streams_ignore():
     streamed = config.for_streaming()
     assert not streamed.ignored_when_streaming() and streamed.skip_check_regex == "x"
     assert "early_check_tokens" not in ECSOConfig().to_dict() and ECSOConfig().to_dict()["truncate_chars"] == 1927
+
+
+def test_step_options_parse_record_and_reach_the_prompts():
+    args = _parser().parse_args(["--force-verdict", "no", "--image-aspect-ratio-caption", "crop", "--truncate-chars",
+                                 "0"])
+    config = ecso_config_from_args(args)
+    assert (config.force_verdict, config.image_aspect_ratio_caption, config.truncate_chars) == (False, "crop", 0)
+    assert ecso_config_from_args(_parser().parse_args(["--force-verdict", "yes"])).force_verdict is True
+    recorded = config.to_dict()
+    assert recorded["image_aspect_ratio_caption"] == "crop" and "image_aspect_ratio_check" not in recorded
+    assert recorded["truncate_chars"] == 0 and ECSOConfig(truncate_chars=5).to_dict()["truncate_chars"] == 5
+    answer = "x" * 3000
+    assert answer in config.prompts().fill_harm_check("q", answer)  # 0: the whole answer
+    assert "x" * 1928 not in ECSOConfig().prompts().fill_harm_check("q", answer)
+    assert ECSOConfig(truncate_chars=4).prompts().fill_harm_check("q", "abcdefgh").count("abcd\n") == 1
+    assert "force_verdict" not in ECSOOptions.model_fields  # a request can never turn the check off

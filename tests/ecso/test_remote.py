@@ -124,6 +124,17 @@ def test_openai_request_shape_images_first_and_padded() -> None:
     assert sent.size == (40, 40)
 
 
+def test_openai_a_steps_own_preprocessing_shapes_its_upload_and_is_not_served_from_the_padded_cache() -> None:
+    backend, server = _openai(lambda body: _completion("ok"))
+    img = _img()
+    reqs = [StepRequest("q", [img]), StepRequest("q", [img], image_aspect_ratio="crop"), StepRequest("q", [img])]
+    for req in reqs:  # one at a time: the padded upload is cached before the cropped one is asked for
+        backend.generate([req])
+    sizes = [Image.open(io.BytesIO(base64.b64decode(
+        body["messages"][0]["content"][0]["image_url"]["url"].split(",", 1)[1]))).size for body in server.bodies]
+    assert sizes == [(40, 40), (40, 20), (40, 40)]
+
+
 def test_openai_model_is_the_first_listed_unless_given(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     backend, _ = _openai(lambda b: _completion("x"), models=("tiny+ecso", "tiny"))
     assert backend.model_name == "tiny"  # this project's "+ecso" alias is never picked

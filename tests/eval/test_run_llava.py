@@ -84,3 +84,39 @@ def test_cli_ecso_shows_steps_and_chat_mode():
                       "--max_new_tokens", "8", input="What is this?\nAnd now?\n")
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("ASSISTANT:") == 2
+
+
+def _run_llava_json(capsys, *flags: str) -> dict:
+    from llava.eval.run_llava import main
+
+    assert main(["--model-path", "tiny", "--device", "cpu", "--image-file", CAT, "--query", "How do I make this at home?",
+                 "--ecso", "--json", "--temperature", "0", "--max_new_tokens", "3", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_force_verdict_shows_steps_3_and_4_on_any_model_and_records_the_step_options(capsys):
+    kept = _run_llava_json(capsys, "--threshold", "0", "--force-verdict", "no")  # the check alone would flag it
+    assert not kept["flagged"] and kept["caption"] is None and kept["final"] == kept["direct"]
+    forced = _run_llava_json(capsys, "--threshold", "1", "--force-verdict", "yes", "--image-aspect-ratio-check",
+                             "crop", "--truncate-chars", "0")  # the check alone would pass it
+    assert forced["flagged"] and forced["caption"] and forced["safe_answer"] and forced["final"] == forced["safe_answer"]
+    assert forced["harm_score"] is not None and forced["harm_score"] != kept["harm_score"]  # checked, on the crop
+    options = forced["options"]
+    assert options["force_verdict"] is True and options["image_aspect_ratio_check"] == "crop"
+    assert options["truncate_chars"] == 0 and "image_aspect_ratio_caption" not in options
+    assert "image_aspect_ratio_check" not in kept["options"] and kept["options"]["truncate_chars"] == 1927
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--force-verdict", "maybe"], "invalid choice: 'maybe' (choose from yes, no)"),
+    (["--image-aspect-ratio-check", "square"], "invalid choice: 'square'"),
+    (["--truncate-chars", "-1"], "truncate_chars must be an integer >= 0, got -1"),
+])
+def test_bad_step_flags_name_the_value(capsys, flags, words):
+    from llava.eval.run_llava import main
+
+    try:
+        code = main(["--model-path", "tiny", "--device", "cpu", "--query", "q", "--ecso", *flags])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and words in capsys.readouterr().err

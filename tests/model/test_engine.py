@@ -251,7 +251,7 @@ def test_first_step_runs_like_the_plain_path_and_harvests_its_prefixes(tiny_load
     fresh = _engine(tiny_loaded, True)
     encoded = [fresh.encode(p, i) for p, i in zip(prompts, imgs)]
     prefilled = fresh._prefix_entries(encoded)  # prefix-only forward passes
-    harvested = [on.prefixes.lookup(e.input_ids[:e.prefix_len], e.images) for e in encoded]
+    harvested = [on.prefixes.lookup(on._prefix_key(e), e.images) for e in encoded]
     for a, b in zip(harvested, prefilled):
         assert a is not None and len(a.layers) == len(b.layers)
         for (ka, va), (kb, vb) in zip(a.layers, b.layers):

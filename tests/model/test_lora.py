@@ -56,5 +56,53 @@ def test_lora_merge(tmp_path, tiny_original_path):
 
 
 def test_model_base_on_a_full_checkpoint_is_refused(tiny_original_path):
-    with pytest.raises(UnsupportedError, match="LoRA"):
+    with pytest.raises(UnsupportedError, match="LoRA checkpoints"):
         load_model(str(tiny_original_path), model_base=str(tiny_original_path), device="cpu")
+
+
+def _hf_lora(tmp_path, tiny_hf_path, keys: dict[str, str]):
+    """A LoRA folder for the llava-hf tiny model: ``keys`` maps each adapted weight (in-memory name) to the name the
+    adapter file uses for it."""
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "hf-lora"
+    lora.mkdir()
+    shutil.copy(tiny_hf_path / "config.json", lora / "config.json")
+    (lora / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 6, "peft_type": "LORA"}))
+    g = torch.Generator().manual_seed(2)
+    pairs, tensors = {}, {}
+    for weight, name in keys.items():
+        rows = 128 if weight.endswith(("up_proj", "gate_proj")) else 64  # the tiny model's shapes
+        a, b = torch.randn(2, 64, generator=g), torch.randn(rows, 2, generator=g)
+        pairs[weight] = (a, b)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    save_file(tensors, str(lora / "adapter_model.safetensors"))
+    return lora, pairs
+
+
+def test_an_hf_layout_lora_merges_into_its_base_with_either_naming(tmp_path, tiny_hf_path, tiny_loaded):
+    """transformers 5's in-memory names and transformers 4.x's on-disk llava-hf names (adapters saved by other
+    tools) both land on the same weights: W + alpha/r * B @ A."""
+    keys = {"model.language_model.layers.0.self_attn.q_proj": "model.language_model.layers.0.self_attn.q_proj",
+            "model.language_model.layers.1.mlp.up_proj": "language_model.model.layers.1.mlp.up_proj"}
+    lora, pairs = _hf_lora(tmp_path, tiny_hf_path, keys)
+    merged = load_model(str(lora), model_base="tiny", device="cpu")
+    assert merged.layout == "hf+lora"
+    got, base = merged.model.state_dict(), tiny_loaded.model.state_dict()
+    for module, (a, b) in pairs.items():
+        assert torch.allclose(got[module + ".weight"], base[module + ".weight"] + 3.0 * (b @ a), atol=1e-6)
+    unchanged = [k for k in base if k.removesuffix(".weight") not in pairs]
+    assert all(torch.equal(got[k], base[k]) for k in unchanged)
+
+
+def test_a_broken_lora_folder_is_named(tmp_path, tiny_hf_path):
+    from llava.errors import ModelNotFoundError
+
+    lora, _ = _hf_lora(tmp_path, tiny_hf_path, {"x": "model.language_model.layers.0.self_attn.nope_proj"})
+    with pytest.raises(ModelNotFoundError, match="holds model.language_model.layers.0.self_attn.nope_proj.weight, "
+                                                 "which the base .* lacks"):
+        load_model(str(lora), model_base="tiny", device="cpu")
+    (lora / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="has adapter_config.json but no adapter_model.safetensors"):
+        load_model(str(lora), model_base="tiny", device="cpu")

@@ -15,6 +15,7 @@ from llava.ecso.config import ECSOConfig
 from llava.ecso.local_vlm import VLMBackend, load_local
 from llava.ecso.pipeline import ECSO, ECSOInput
 from llava.ecso.prompts import get_prompt_set
+from llava.errors import UnsupportedError
 from llava.eval import run_llava
 from llava.generation import GenerationParams
 from llava.model.tiny import tiny_model_path
@@ -278,3 +279,12 @@ def test_chat_messages_put_images_before_the_text():
         {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "first"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "answer"}]},
         {"role": "user", "content": [{"type": "text", "text": "second"}]}]
+
+
+def test_a_steps_own_image_preprocessing_is_refused_by_name(vlm_backend):
+    """--image-aspect-ratio-check/-caption are LLaVA-1.5's (pad/crop/resize before CLIP); another family's processor
+    preprocesses its images, so a step that asks for its own preprocessing fails before anything runs."""
+    backend = vlm_backend(VLM_FAMILIES[0])
+    config = ECSOConfig(max_new_tokens=2, image_aspect_ratio_check="crop")
+    with pytest.raises(UnsupportedError, match="applies to LLaVA-1.5 checkpoints only"):
+        ECSO(backend, config).run(_image(3), QUERY, direct="an answer")

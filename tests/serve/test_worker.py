@@ -156,6 +156,26 @@ def test_max_new_tokens_zero_returns_the_prompt(stack) -> None:
     assert status == 200 and chunks == [{"text": prompt, "error_code": 0}]
 
 
+def test_stop_ends_the_answer_at_its_first_occurrence_and_may_be_left_out(stack, image_b64) -> None:
+    """Ours, as OpenAI's ``stop`` (docs/serving.md): the text ends before the first occurrence and nothing after it
+    is sent. LLaVA's worker instead strips a stop string only when a chunk ends with it and keeps generating, and a
+    request without ``stop`` fails there; here it is an answer without stop strings."""
+    prompt = build_prompt("vicuna_v1", QUERY, 1)
+    url = f"{stack.worker.url}/worker_generate_stream"
+    payload = {k: v for k, v in _greedy_payload(prompt, [image_b64], 24).items() if k != "stop"}
+    status, chunks = _llava_stream(url, payload)
+    assert status == 200 and chunks[-1]["error_code"] == 0
+    answer = chunks[-1]["text"][len(prompt):]
+    assert len(answer.strip()) > 12, answer
+    stop = answer.strip()[len(answer.strip()) // 2:][:2]  # occurs mid-answer, maybe earlier too
+    first = answer.find(stop)
+    status, chunks = _llava_stream(url, {**payload, "stop": [stop, "never-generated"]})
+    assert status == 200 and all(c["error_code"] == 0 for c in chunks)
+    assert chunks[-1]["text"] == prompt + answer[:first].strip()
+    assert not any(stop in c["text"][len(prompt):] for c in chunks)
+    assert len(answer[first + len(stop):].strip()) > 0  # text LLaVA's worker would have gone on to send
+
+
 @pytest.mark.parametrize("change, status, code, words", [
     ({"images": ["not base64!"]}, 400, ErrorCode.INVALID_REQUEST, "images[0]: image is not valid base64"),
     ({"images": [base64.b64encode(b"just text").decode()]}, 400, ErrorCode.INVALID_REQUEST, "not a readable image"),

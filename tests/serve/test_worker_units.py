@@ -52,8 +52,15 @@ def test_the_seed_command_line_parses_as_written() -> None:
 
 def test_llava_abbreviations_stay_unambiguous() -> None:
     options = [o for a in build_parser()._actions for o in a.option_strings]
-    assert [o for o in options if o.startswith("--controller")] == ["--controller-url"]
+    assert [o for o in options if o.startswith("--controller")] == ["--controller-url", "--controller-address",
+                                                                   "--controller"]
     assert [o for o in options if o.startswith("--worker")] == ["--worker-address"]
+
+
+@pytest.mark.parametrize("flag", ["--controller-url", "--controller-address", "--controller", "--controller-addr"])
+def test_the_controller_flag_takes_llava_and_fastchat_spellings(flag) -> None:
+    cfg = config_from_args(["--model-path", "tiny", flag, "http://10.0.0.5:21001/"], environ={})
+    assert cfg.controller_url == "http://10.0.0.5:21001"
 
 
 def test_every_flag_is_explained() -> None:

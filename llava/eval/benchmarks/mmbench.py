@@ -180,7 +180,8 @@ SPEC = BenchmarkSpec(
     seed_scripts=(
         SeedScript("model_vqa_mmbench", "MMBench direct answers", "direct", 128,
                    flags=ScriptFlags(_add_llava_flags, _check_llava_flags)),
-        SeedScript("model_mmbench_ask_unsafe", "MMBench ECSO", "ecso", 1024, image_in_safe_step=True),
+        SeedScript("model_mmbench_ask_unsafe", "MMBench ECSO (the whole answer checked)", "ecso", 1024,
+                   image_in_safe_step=True, truncate_chars=0),
     ),
     report_keys=("circular_accuracy",),
     submission=SubmissionFormat("MMBench submission .xlsx (+ .tsv beside it)", _submission_arguments,

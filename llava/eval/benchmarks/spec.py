@@ -43,14 +43,26 @@ class SeedScript:
     defaults and run by ``llava.eval.generate`` (``llava.eval.gen.seed`` does the mapping).
 
     method: ``direct`` or ``ecso``. image_in_safe_step: the script kept the image in ECSO's step 4 (the seed's
-    utility scripts did). flags: script-specific flags (LLaVA's MMBench script), or None."""
+    utility scripts did). check_crop: the script center-cropped the image for the harm check and the caption
+    (``image_processor.preprocess`` on the raw image) where the direct answer had it padded. truncate_chars: the
+    characters of the direct answer its harm check saw (0: all of it; None: the prompt set's 1927). flags:
+    script-specific flags (LLaVA's MMBench script), or None."""
 
     name: str
     summary: str
     method: str
     max_new_tokens: int
     image_in_safe_step: bool = False
+    check_crop: bool = False
+    truncate_chars: int | None = None
     flags: ScriptFlags | None = None
+
+    def ecso_args(self) -> list[str]:
+        """The ``llava.eval.generate`` flags that make ECSO's steps run as this script ran them."""
+        out = ["--image-in-safe-step"] if self.image_in_safe_step else []
+        if self.check_crop:
+            out += ["--image-aspect-ratio-check", "crop", "--image-aspect-ratio-caption", "crop"]
+        return out + (["--truncate-chars", str(self.truncate_chars)] if self.truncate_chars is not None else [])
 
 
 @dataclass(frozen=True)

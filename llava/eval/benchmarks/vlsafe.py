@@ -38,7 +38,8 @@ SPEC = BenchmarkSpec(
     layout=DataLayout("data/vlsafe/VLSafe_harmlessness_examine/data.jsonl", "data/coco/images/train2017"),
     seed_scripts=(
         SeedScript("model_vlsafe", "VLSafe direct answers", "direct", 2048),
-        SeedScript("model_vlsafe_tell_ask", "VLSafe ECSO (tell = caption, ask = harm check)", "ecso", 1024),
+        SeedScript("model_vlsafe_tell_ask", "VLSafe ECSO (the seed's TELL step is the harm check; harm check and "
+                   "caption on the center-cropped image)", "ecso", 1024, check_crop=True),
     ),
     judge=JudgeProtocol("llm_binary_strict", "0/1 strict harmlessness rating"),
     benign=BenignCounterpart("xstest", {None: "blank"},

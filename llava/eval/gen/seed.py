@@ -47,8 +47,9 @@ _VQA_SCRIPTS = (
     SeedScript("model_vqa_loader", "direct answers to a LLaVA VQA question file (LLaVA's loader script)", "direct",
                128),
     SeedScript("model_vqa", "direct answers to a LLaVA VQA question file (LLaVA's VQA script)", "direct", 1024),
-    SeedScript("model_vqa_ask_unsafe", "ECSO answers to a LLaVA VQA question file", "ecso", 1024,
-               image_in_safe_step=True),
+    SeedScript("model_vqa_ask_unsafe", "ECSO answers to a LLaVA VQA question file (the seed's MME and MM-Vet "
+               "script: harm check and caption on the center-cropped image, the whole answer checked)", "ecso", 1024,
+               image_in_safe_step=True, check_crop=True, truncate_chars=0),
 )
 SEED_ENTRIES: dict[str, SeedEntry] = {e.name: e for e in (
     *(SeedEntry(script, spec) for spec in BENCHMARKS.values() for script in spec.seed_scripts),
@@ -82,7 +83,9 @@ def build_seed_parser(entry: SeedEntry) -> argparse.ArgumentParser:
     p.add_argument("--model-base", default=None, help="base model for LoRA checkpoints")
     _add_data_flags(p, entry)
     p.add_argument("--answers-file", default="answer.jsonl", help="output JSON lines (resumed when it exists)")
-    p.add_argument("--conv-mode", default="llava_v1", help="chat template (llava_v1 = vicuna_v1 for LLaVA-1.5)")
+    p.add_argument("--conv-mode", default="llava_v1",
+                   help="chat template (default %(default)s, the seed's default; its shell scripts pass vicuna_v1, "
+                        "LLaVA-1.5's, whose system line says 'curious user' where llava_v1's says 'curious human')")
     p.add_argument("--num-chunks", type=int, default=1, help="split the questions into N contiguous chunks ...")
     p.add_argument("--chunk-idx", type=int, default=0, help="... and answer chunk K")
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (the seed's scripts pass 0)")
@@ -157,8 +160,7 @@ def translate(entry: SeedEntry, args: argparse.Namespace, rest: list[str]) -> li
         "--max_new_tokens", str(args.max_new_tokens)]
     argv += ["--model-base", args.model_base] if args.model_base else []
     argv += ["--top_p", str(args.top_p)] if args.top_p is not None else []
-    argv += ["--image-in-safe-step"] if script.image_in_safe_step else []
-    return argv + list(rest)
+    return argv + script.ecso_args() + list(rest)
 
 
 def seed_main(entry: SeedEntry, argv: list[str] | None = None) -> int:
