@@ -6,6 +6,8 @@ machine does not have (tests/doc_commands.py: ``# needs: ...``, ``# runs until s
 * The unmarked commands run, offline, on the tiny model: each block's commands in order, in a fresh folder that
   holds links to the checkout's top-level entries (``data/``, ``assets/``, ``scripts/`` ...), with this interpreter
   first on ``PATH`` as ``python``. Blocks run two at a time; tiny models are built once per test session.
+  ``pip install`` lines are not run (they would change the test's environment; the quick start's are run by
+  tests/test_readme.py in a venv of its own).
 * The unmarked ``python`` snippets run in such a folder, each in a fresh namespace; ``# with: tiny worker`` gives a
   snippet a tiny model worker at ``OPENAI_BASE_URL``. Marked snippets are compiled.
 * README.md's quick start and full-evaluation recipe are run by tests/test_readme.py, which checks what they print.
@@ -49,8 +51,14 @@ def _snippets() -> list[DocCommand]:
     return [s for doc in DOCS for s in doc_snippets(doc)]
 
 
+def _installs(c: DocCommand) -> bool:
+    """``pip install ...``: never run here (it would change the environment the tests run in)."""
+    return any(w[:2] == ["pip", "install"] or w[:4] == ["python", "-m", "pip", "install"]
+               for w in _simple_commands(c.text))
+
+
 def _runnable(c: DocCommand) -> bool:
-    return not (c.marked(NEEDS) or c.marked(RUNS_UNTIL_STOPPED) or _owned(c))
+    return not (c.marked(NEEDS) or c.marked(RUNS_UNTIL_STOPPED) or _owned(c) or _installs(c))
 
 
 def _simple_commands(text: str) -> list[list[str]]:
@@ -77,9 +85,8 @@ def _simple_commands(text: str) -> list[list[str]]:
 
 def _parser_of(module: str):
     mod = importlib.import_module(module)
-    if hasattr(mod, "build_parser"):
-        return mod.build_parser()
-    return importlib.import_module(f"{module}.cli").build_parser()
+    built = (mod if hasattr(mod, "build_parser") else importlib.import_module(f"{module}.cli")).build_parser()
+    return built[0] if isinstance(built, tuple) else built  # some return (parser, what it needs to read back)
 
 
 def _check_words(words: list[str], where: str) -> None:

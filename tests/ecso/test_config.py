@@ -85,9 +85,9 @@ def test_streaming_drops_only_what_streams_ignore():
 def test_step_options_parse_record_and_reach_the_prompts():
     args = _parser().parse_args(["--force-verdict", "no", "--image-aspect-ratio-caption", "crop", "--truncate-chars",
                                  "0"])
-    config = ecso_config_from_args(args)
+    config = ecso_config(args)
     assert (config.force_verdict, config.image_aspect_ratio_caption, config.truncate_chars) == (False, "crop", 0)
-    assert ecso_config_from_args(_parser().parse_args(["--force-verdict", "yes"])).force_verdict is True
+    assert ecso_config(_parser().parse_args(["--force-verdict", "yes"])).force_verdict is True
     recorded = config.to_dict()
     assert recorded["image_aspect_ratio_caption"] == "crop" and "image_aspect_ratio_check" not in recorded
     assert recorded["truncate_chars"] == 0 and ECSOConfig(truncate_chars=5).to_dict()["truncate_chars"] == 5
