@@ -211,6 +211,8 @@ def test_not_flagged_is_green_and_the_direct_answer_is_final(stack, page, artifa
     threshold = page.locator("#threshold input[type=number]")
     threshold.fill("1")
     threshold.press("Enter")
+    threshold.blur()
+    expect(page.locator("#threshold input[type=range]")).to_have_value("1")  # the page's state has it before the run
     page.get_by_role("button", name="Run ECSO").click()
     expect(page.locator("#status")).to_contain_text("Not flagged: the direct answer is the final answer")
     assert re.search(r"P\(yes\) 0\.\d{3} < threshold 1: not flagged", panel(page, "verdict")), panel(page, "verdict")
