@@ -171,7 +171,8 @@ class LocalBackend(EngineBackend):
         return {**super().describe(), "conv_mode": self.conv_mode}
 
     def status(self) -> dict[str, Any]:
-        return {"conv_mode": self.conv_mode, "model_family": "llava", "prompt_format": "LLaVA conversation template"}
+        return {"conv_mode": self.conv_mode, "model_family": "llava", "prompt_format": "LLaVA conversation template",
+                "random_weights": self.engine.loaded.is_tiny}
 
     def prepare_templated(self, prompt: str, images: Sequence[Image.Image]) -> Prepared:
         encoded = self.engine.encode(prompt, images)  # checks the <image> count and the context length

@@ -74,7 +74,7 @@ class VLMBackend(EngineBackend):
         """The LLaVA template its LLaVA-protocol prompts are parsed with, its family, and that prompts are rendered
         with the processor's chat template."""
         return {"conv_mode": self.conv_mode, "model_family": self.engine.loaded.family.name,
-                "prompt_format": PROMPT_FORMAT}
+                "prompt_format": PROMPT_FORMAT, "random_weights": self.engine.loaded.is_tiny}
 
     def prepare_templated(self, prompt: str, images: Sequence[Image.Image]) -> Prepared:
         """A LLaVA-protocol prompt: parsed back into a chat (``conv_mode``), rendered with the chat template."""

@@ -7,7 +7,9 @@ Starts the controller, then the worker and the demo side by side, each as ``pyth
 own process group, and waits until each is ready (``/health``; the worker also listed by the controller's
 ``/list_models``; the demo page answering). Then it prints the URLs and watches: Ctrl-C (SIGINT) or SIGTERM stops
 all three (exit status 0); a service that exits on its own stops the others, with a message naming it, and exit
-status 1. So does a service that is not ready within ``--startup-timeout``.
+status 1. So does a service that is not ready within ``--startup-timeout``. A port that is already taken is named,
+with the flag that changes it, before anything starts. Periodic requests (heartbeats, health and status probes) are
+logged at debug level only, so the "ready" lines stay on screen.
 
 Flags this command does not know are passed to the worker (``--device``, ``--dtype``, ``--conv-mode``, ...). The
 API key goes to the children in the ``ECSO_API_KEY`` environment variable, never on their command lines.
@@ -20,6 +22,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,11 +32,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WEB_PORT, WORKER_PORT
+from llava.cli_args import is_tiny_model
+from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, TINY_MAX_NEW_TOKENS, WEB_PORT, WORKER_PORT
 from llava.http_client import API_KEY_ENV, auth_headers, is_loopback, resolve_api_key
 from llava.serve.server import configure_logging
 
-__all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "build_parser", "config_from_args", "main"]
+__all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "port_in_use", "build_parser", "config_from_args", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,12 +162,38 @@ class Launcher:
 
     def demo_argv(self) -> list[str]:
         c = self.config
+        short = ["--max-new-tokens", str(TINY_MAX_NEW_TOKENS)] if is_tiny_model(c.model_path) else []  # random text
         return ["--host", c.host, "--port", str(c.web_port), "--controller-url", c.controller_url,
-                "--model-list-mode", "reload", "--log-level", c.log_level, *c.demo_args]
+                "--model-list-mode", "reload", "--log-level", c.log_level, *short, *c.demo_args]
+
+    def busy_ports(self) -> list[str]:
+        """One line per service whose port is taken on ``host``, naming the port, the flag that changes it and a
+        free port to try."""
+        c = self.config
+        wanted = [("the controller", c.controller_port, "--controller-port"),
+                  ("the worker", c.worker_port, "--worker-port")]
+        if c.demo:
+            wanted.append(("the demo page", c.web_port, "--web-port"))
+        taken = {port for _, port, _ in wanted}
+        found = []
+        for what, port, flag in wanted:
+            if port_in_use(c.host, port):
+                free = next(p for p in range(port + 1, 65536) if p not in taken and not port_in_use(c.host, p))
+                taken.add(free)
+                found.append(f"port {port} on {c.host} ({what}) is in use: choose another with {flag}, e.g. "
+                             f"{flag} {free}")
+        return found
 
     def run(self) -> int:
         """Start everything, print the URLs, watch until stopped. Returns the exit status (0 on a requested stop)."""
         c = self.config
+        busy = self.busy_ports()
+        if busy:
+            for line in busy:
+                logger.error("%s", line)
+            logger.error("nothing was started")
+            self._http.close()
+            return 1
         try:
             self._start("controller", "llava.serve.controller", self.controller_argv())
             self._wait("controller", lambda: self._get_ok(f"{c.controller_url}/health"))
@@ -290,6 +320,23 @@ class Launcher:
 
 class _Stopped(Exception):
     """A stop was requested (SIGINT/SIGTERM) while starting or watching."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not bind ``host:port`` now (the probe binds as uvicorn does, with SO_REUSEADDR, so a
+    port in TIME_WAIT counts as free)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return False  # the service itself will say what is wrong with the host
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return True
+    return False
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -33,8 +33,8 @@ import anyio.to_thread
 import httpx
 from fastapi import FastAPI, Request
 
-from llava.cli_args import add_backend_args, add_ecso_args, add_model_args
-from llava.constants import CONTROLLER_PORT, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
+from llava.cli_args import add_backend_args, add_ecso_args, add_model_args, is_tiny_model
+from llava.constants import CONTROLLER_PORT, TINY_MAX_NEW_TOKENS, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
 from llava.ecso.backends import AsyncServingBackend, ServingBackend
 from llava.ecso.config import ecso_config_from_args
 from llava.ecso.local_vlm import backend_for_engine
@@ -167,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("limits")
     g.add_argument("--limit-model-concurrency", type=positive_int, default=5,
                    help="model jobs run at once; more wait (queue_length = waiting + running) (default %(default)s)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=512,
+    g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="new tokens when a request does not say (OpenAI without max_tokens, ECSO without "
-                   "options.max_new_tokens) (default %(default)s)")
+                   f"options.max_new_tokens) (default 512; {TINY_MAX_NEW_TOKENS} for a tiny random-weight --model-path)")
     g.add_argument("--max-request-bytes", type=positive_int, default=64 * 1024 * 1024,
                    help="largest request body, base64 images included; larger ones get 413 (default %(default)s)")
     g.add_argument("--max-image-pixels", type=positive_int, default=ImageLimits().max_pixels,
@@ -214,6 +214,8 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     args = parser.parse_args(argv)
     if not args.model_path and args.backend == "local":
         parser.error("--model-path is required (a checkpoint folder, a hub id, or 'tiny' for the test model)")
+    if args.max_new_tokens is None:  # also the default of ECSO runs (the option shares the name)
+        args.max_new_tokens = TINY_MAX_NEW_TOKENS if is_tiny_model(args.model_path) else 512
     try:
         ecso = ecso_config_from_args(args)
         remote = None

@@ -45,6 +45,8 @@ __all__ = [
     "add_server_arguments",
     "configure_logging",
     "uvicorn_log_config",
+    "PERIODIC_PATHS",
+    "PeriodicAccessFilter",
     "run_app",
 ]
 
@@ -296,11 +298,35 @@ def configure_logging(level: str = "info") -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def uvicorn_log_config(log_ips: bool = False) -> dict[str, Any]:
-    """uvicorn's logging configuration; without ``log_ips`` its access lines leave out the client address."""
+# Paths that services and the launcher call on a timer (heartbeats, health and status probes): their successful
+# access lines are logged at debug level only, so they do not bury what a person needs to see.
+PERIODIC_PATHS = frozenset({"/receive_heart_beat", "/health", "/worker_get_status", "/list_models"})
+
+
+class PeriodicAccessFilter(logging.Filter):
+    """Drops uvicorn's access line of a successful request to one of ``PERIODIC_PATHS`` unless the service logs at
+    debug level; errors on those paths, and every other request, are kept."""
+
+    def __init__(self, level: str = "info") -> None:
+        super().__init__()
+        self.debug = level.lower() == "debug"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if self.debug or len(args) < 5:
+            return True
+        path, status = str(args[2]).split("?", 1)[0], args[4]
+        return not (path in PERIODIC_PATHS and isinstance(status, int) and status < 400)
+
+
+def uvicorn_log_config(log_ips: bool = False, log_level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging configuration; without ``log_ips`` its access lines leave out the client address; periodic
+    requests' access lines only at debug level (:class:`PeriodicAccessFilter`)."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     if not log_ips:
         config["formatters"]["access"]["fmt"] = '%(levelprefix)s "%(request_line)s" %(status_code)s'
+    config.setdefault("filters", {})["periodic"] = {"()": PeriodicAccessFilter, "level": log_level}
+    config["handlers"]["access"].setdefault("filters", []).append("periodic")
     return config
 
 
@@ -312,4 +338,4 @@ def run_app(app: FastAPI, *, host: str, port: int, api_key: str | None, log_leve
         logger.warning("serving on %s:%d without an API key: anyone who can reach this port can use the service "
                        "(and register workers); set --api-key or %s", host, port, API_KEY_ENV)
     app.state.log_ips = log_ips
-    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips, log_level))
