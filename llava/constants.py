@@ -15,6 +15,8 @@ __all__ = [
     "WORKER_HEART_BEAT_INTERVAL",
     "CONTROLLER_HEART_BEAT_EXPIRATION",
     "ECSO_ALIAS_SUFFIX",
+    "TINY_MARKER",
+    "TINY_MAX_NEW_TOKENS",
     "OPENAI_API_KEY_ENV",
     "DEMO_AUTH_ENV",
     "CLIP_MEAN",
@@ -41,6 +43,11 @@ WEB_PORT = 7860
 # "<model>+ecso": the name under which a model worker's OpenAI API answers with ECSO; clients never pick it by
 # themselves when they look for "the" model of an endpoint.
 ECSO_ALIAS_SUFFIX = "+ecso"
+
+# The file that marks a folder ``llava.model.tiny`` built (a random-weight test model), and the answer length entry
+# points default to for such models (their text is random).
+TINY_MARKER = "ecso_tiny.json"
+TINY_MAX_NEW_TOKENS = 32
 
 # The environment variable an OpenAI-compatible endpoint's key is read from by default (never a command line).
 OPENAI_API_KEY_ENV = "OPENAI_API_KEY"

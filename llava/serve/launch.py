@@ -7,15 +7,14 @@ Starts the controller, then the worker and the demo side by side, each as ``pyth
 own process group, and waits until each is ready (``/health``; the worker also listed by the controller's
 ``/list_models``; the demo page answering). Then it prints the URLs and watches: Ctrl-C (SIGINT) or SIGTERM stops
 all three (exit status 0); a service that exits on its own stops the others, with a message naming it, and exit
-status 1. So does a service that is not ready within ``--startup-timeout``.
+status 1. So does a service that is not ready within ``--startup-timeout``. A port that is already taken is named,
+with the flag that changes it, before anything starts. Periodic requests (heartbeats, health and status probes) are
+logged at debug level only, so the "ready" lines stay on screen.
 
 Flags this command does not know are passed to the worker (``--device``, ``--dtype``, ``--conv-mode``, ...).
 
-Secure with zero configuration: unless ``--api-key`` or ``ECSO_API_KEY`` gives one (or ``--no-api-key`` is passed),
-a random key is generated for the run, so no other local process can register as a worker or use the API without
-it; it is written to a private file (mode 0600, named in the ready message, removed at exit) for API clients. The
-key goes to the children in ``ECSO_API_KEY`` and the demo's logins (``--auth`` in ``--demo-args``) in
-``ECSO_DEMO_AUTH``: secrets are never on a command line nor in this command's logs.
+Keyed with zero configuration: without ``--api-key``/``ECSO_API_KEY`` (or ``--no-api-key``) a random key is made
+for the run (:mod:`llava.serve.launch_secrets`). Keys and the demo's logins reach the children in the environment.
 """
 from __future__ import annotations
 
@@ -27,9 +26,9 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,12 +36,13 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, DEMO_AUTH_ENV, WEB_PORT, WORKER_PORT
+from llava.cli_args import is_tiny_model
+from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, DEMO_AUTH_ENV, TINY_MAX_NEW_TOKENS, WEB_PORT, WORKER_PORT
 from llava.http_client import API_KEY_ENV, auth_headers, is_loopback, resolve_api_key
+from llava.serve.launch_secrets import split_demo_auth, write_private_key
 from llava.serve.server import configure_logging
 
-__all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "build_parser", "config_from_args", "split_demo_auth",
-           "main"]
+__all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "port_in_use", "build_parser", "config_from_args", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +162,8 @@ class Launcher:
 
     def _write_key_file(self) -> None:
         """A generated key goes to a file only this user can read (removed at exit), for API clients."""
-        if not (self.config.api_key and self.config.api_key_generated):
-            return
-        self._key_dir = tempfile.mkdtemp(prefix="ecso-launch-")  # mode 0700
-        self.key_file = os.path.join(self._key_dir, "api_key")
-        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.config.api_key + "\n")
+        if self.config.api_key and self.config.api_key_generated:
+            self._key_dir, self.key_file = write_private_key(self.config.api_key)
 
     def _remove_key_file(self) -> None:
         if self._key_dir:
@@ -188,12 +183,38 @@ class Launcher:
 
     def demo_argv(self) -> list[str]:
         c = self.config
+        short = ["--max-new-tokens", str(TINY_MAX_NEW_TOKENS)] if is_tiny_model(c.model_path) else []  # random text
         return ["--host", c.host, "--port", str(c.web_port), "--controller-url", c.controller_url,
-                "--model-list-mode", "reload", "--log-level", c.log_level, *c.demo_args]
+                "--model-list-mode", "reload", "--log-level", c.log_level, *short, *c.demo_args]
+
+    def busy_ports(self) -> list[str]:
+        """One line per service whose port is taken on ``host``, naming the port, the flag that changes it and a
+        free port to try."""
+        c = self.config
+        wanted = [("the controller", c.controller_port, "--controller-port"),
+                  ("the worker", c.worker_port, "--worker-port")]
+        if c.demo:
+            wanted.append(("the demo page", c.web_port, "--web-port"))
+        taken = {port for _, port, _ in wanted}
+        found = []
+        for what, port, flag in wanted:
+            if port_in_use(c.host, port):
+                free = next(p for p in range(port + 1, 65536) if p not in taken and not port_in_use(c.host, p))
+                taken.add(free)
+                found.append(f"port {port} on {c.host} ({what}) is in use: choose another with {flag}, e.g. "
+                             f"{flag} {free}")
+        return found
 
     def run(self) -> int:
         """Start everything, print the URLs, watch until stopped. Returns the exit status (0 on a requested stop)."""
         c = self.config
+        busy = self.busy_ports()
+        if busy:
+            for line in busy:
+                logger.error("%s", line)
+            logger.error("nothing was started")
+            self._http.close()
+            return 1
         try:
             self._write_key_file()
             self._start("controller", "llava.serve.controller", self.controller_argv())
@@ -227,10 +248,7 @@ class Launcher:
             lines.append(f"  demo        {c.web_url}")
         lines += [f"  controller  {c.controller_url}", f"  worker      {c.worker_url} (model {', '.join(models)})"]
         if self.key_file:
-            lines.append(f"  API key     generated for this run, in {self.key_file} (removed at exit): "
-                         f"export {API_KEY_ENV}=$(cat {self.key_file})")
-        elif not c.api_key:
-            lines.append("  API key     none (--no-api-key): any local process can use the API and register workers")
+            lines.append(f"  API key     in {self.key_file} (removed at exit): export {API_KEY_ENV}=$(cat {self.key_file})")
         lines.append("Press Ctrl-C to stop all of them.")
         self._out("\n".join(lines))
 
@@ -329,6 +347,23 @@ class _Stopped(Exception):
     """A stop was requested (SIGINT/SIGTERM) while starting or watching."""
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not bind ``host:port`` now (the probe binds as uvicorn does, with SO_REUSEADDR, so a
+    port in TIME_WAIT counts as free)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return False  # the service itself will say what is wrong with the host
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return True
+    return False
+
+
 def _signal_group(pgid: int, sig: int) -> bool:
     """Send ``sig`` to process group ``pgid``; False when the group is gone."""
     try:
@@ -393,23 +428,6 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     except ValueError as exc:
         parser.error(str(exc))
 
-
-def split_demo_auth(args: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The demo's flags without ``--auth USER:PASSWORD`` (or ``--auth=...``), and those logins."""
-    rest: list[str] = []
-    logins: list[str] = []
-    items = iter(args)
-    for arg in items:
-        if arg == "--auth":
-            value = next(items, None)
-            if value is None:
-                raise ValueError("--demo-args: --auth needs USER:PASSWORD")
-            logins.append(value)
-        elif arg.startswith("--auth="):
-            logins.append(arg.split("=", 1)[1])
-        else:
-            rest.append(arg)
-    return tuple(rest), tuple(logins)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

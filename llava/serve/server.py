@@ -29,7 +29,9 @@ from llava.serve.protocol.openai import OpenAIError, OpenAIErrorResponse
 from llava.serve.server_http import (
     KEEP_ALIVE_TIMEOUT,
     MAX_CONNECTIONS,
+    PERIODIC_PATHS,
     HeaderTimeoutProtocol,
+    PeriodicAccessFilter,
     uvicorn_log_config,
 )
 
@@ -52,6 +54,9 @@ __all__ = [
     "positive_seconds",
     "add_server_arguments",
     "configure_logging",
+    "uvicorn_log_config",
+    "PERIODIC_PATHS",
+    "PeriodicAccessFilter",
     "run_app",
 ]
 
@@ -386,5 +391,5 @@ def run_app(app: FastAPI, *, host: str, port: int, api_key: str | None, log_leve
         logger.warning("serving on %s:%d without an API key: anyone who can reach this port can use the service "
                        "(and register workers); set --api-key or %s", host, port, API_KEY_ENV)
     app.state.log_ips = log_ips
-    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips),
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips, log_level),
                 http=HeaderTimeoutProtocol, timeout_keep_alive=KEEP_ALIVE_TIMEOUT, limit_concurrency=MAX_CONNECTIONS)

@@ -13,7 +13,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["HEADER_TIMEOUT", "KEEP_ALIVE_TIMEOUT", "MAX_CONNECTIONS", "RedactQueryFilter", "HeaderTimeoutProtocol",
-           "uvicorn_log_config"]
+           "PERIODIC_PATHS", "PeriodicAccessFilter", "uvicorn_log_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,36 @@ class HeaderTimeoutProtocol(H11Protocol):
         super().connection_lost(exc)
 
 
-def uvicorn_log_config(log_ips: bool = False) -> dict[str, Any]:
-    """uvicorn's logging configuration; without ``log_ips`` its access lines leave out the client address."""
+# Paths that services and the launcher call on a timer (heartbeats, health and status probes): their successful
+# access lines are logged at debug level only, so they do not bury what a person needs to see.
+PERIODIC_PATHS = frozenset({"/receive_heart_beat", "/health", "/worker_get_status", "/list_models"})
+
+
+class PeriodicAccessFilter(logging.Filter):
+    """Drops uvicorn's access line of a successful request to one of ``PERIODIC_PATHS`` unless the service logs at
+    debug level; errors on those paths, and every other request, are kept."""
+
+    def __init__(self, level: str = "info") -> None:
+        super().__init__()
+        self.debug = level.lower() == "debug"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if self.debug or len(args) < 5:
+            return True
+        path, status = str(args[2]).split("?", 1)[0], args[4]
+        return not (path in PERIODIC_PATHS and isinstance(status, int) and status < 400)
+
+
+def uvicorn_log_config(log_ips: bool = False, log_level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging configuration; without ``log_ips`` its access lines leave out the client address; periodic
+    requests' access lines only at debug level (:class:`PeriodicAccessFilter`); query strings never
+    (:class:`RedactQueryFilter`)."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     if not log_ips:
         config["formatters"]["access"]["fmt"] = '%(levelprefix)s "%(request_line)s" %(status_code)s'
-    config.setdefault("filters", {})["redact_query"] = {"()": RedactQueryFilter}
-    config["handlers"]["access"]["filters"] = ["redact_query"]
+    filters = config.setdefault("filters", {})
+    filters["periodic"] = {"()": PeriodicAccessFilter, "level": log_level}
+    filters["redact_query"] = {"()": RedactQueryFilter}
+    config["handlers"]["access"]["filters"] = ["periodic", "redact_query"]
     return config

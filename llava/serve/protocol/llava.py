@@ -85,6 +85,8 @@ class WorkerStatus(BaseModel):
     prompt_format: str | None = Field(None, description="what renders prompts: 'LLaVA conversation template' "
                                       "(conv_mode) or 'processor chat template' (the model's own; LLaVA-protocol "
                                       "prompts, in conv_mode, are parsed back into a chat first)")
+    random_weights: bool | None = Field(None, description="the model is a random-weight test model (its text is "
+                                                          "random); clients show it")
 
 
 class RegisterWorkerRequest(BaseModel):
