@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
+from typing import Any
 
-from llava.constants import OPENAI_API_KEY_ENV
+from llava.constants import OPENAI_API_KEY_ENV, TINY_MARKER, TINY_MAX_NEW_TOKENS
 from llava.ecso.backends import Backend
-from llava.ecso.config import DECODING_GROUP, ECSO_GROUP, add_option_args, ecso_options
+from llava.ecso.config import (DECODING_GROUP, ECSO_GROUP, ECSOConfig, add_option_args, ecso_config_from_args,
+                               ecso_options)
 from llava.ecso.registry import backend_names, create_backend
 from llava.mm_utils import ASPECT_RATIOS
 
 __all__ = ["add_model_args", "add_backend_args", "add_ecso_args", "add_decoding_args", "backend_from_args",
-           "setup_logging"]
+           "ecso_config", "is_tiny_model", "setup_logging"]
+
+_ENTRY_MAX_NEW_TOKENS = "entry_max_new_tokens"  # the entry point's own default, used when the flag is not given
 
 
 def setup_logging(verbose: int = 0) -> None:
@@ -37,11 +42,12 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny
                         "or any transformers vision-language model with a chat template (Qwen/Qwen2.5-VL-7B-Instruct, "
                         "llava-hf/llava-v1.6-mistral-7b-hf, HuggingFaceTB/SmolVLM-Instruct, google/gemma-3-4b-it); "
                         "'tiny' (or 'tiny-original', 'tiny-llava_next', 'tiny-qwen2_5_vl', 'tiny-idefics3', "
-                        "'tiny-gemma3') builds a local random-weight test model whose outputs are random text")
+                        "'tiny-gemma3') builds a local random-weight test model whose outputs are random text"
+                        + (f" (default {default_model})" if default_model else ""))
     g.add_argument("--model-base", default=None, help="base model for LoRA checkpoints (merge them first; see README)")
     g.add_argument("--model-name", default=None,
                    help="name to report (default: the folder name); with --backend worker/openai, the served model")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weights dtype; auto: float16 on CUDA, float32 on CPU")
     g.add_argument("--load-8bit", action="store_true", help="8-bit weights (CUDA + bitsandbytes)")
@@ -55,7 +61,7 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "tiny
                    help="LLaVA-1.5 only (other families' processors preprocess images themselves): pad: pad to "
                         "square with the image mean (the default); crop: the CLIP processor's resize + center crop "
                         "(llava-hf processors); resize: squash to a square")
-    g.add_argument("--batch-size", type=int, default=16, help="rows per model call in batched steps")
+    g.add_argument("--batch-size", type=int, default=16, help="rows per model call in batched steps (default %(default)s)")
 
 
 def _positive(kind: type) -> object:
@@ -106,9 +112,32 @@ def add_backend_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
 
 def add_decoding_args(p: argparse.ArgumentParser, temperature: float = 0.0, max_new_tokens: int = 1024) -> None:
     """The decoding options of :class:`~llava.ecso.config.ECSOConfig` (also a direct answer's), with this entry
-    point's defaults."""
+    point's defaults; ``--max_new_tokens`` left out is ``max_new_tokens``, or ``TINY_MAX_NEW_TOKENS`` for a tiny
+    random-weight model (see :func:`ecso_config`)."""
     add_option_args(p, ecso_options(lambda o: o.group == DECODING_GROUP), "decoding",
-                    defaults={"temperature": temperature, "max_new_tokens": max_new_tokens})
+                    defaults={"temperature": temperature, "max_new_tokens": None},
+                    default_text={"max_new_tokens": f"{max_new_tokens}; {TINY_MAX_NEW_TOKENS} for a tiny "
+                                                    "random-weight --model-path, whose text is random"})
+    p.set_defaults(**{_ENTRY_MAX_NEW_TOKENS: max_new_tokens})
+
+
+def is_tiny_model(model_path: str | None) -> bool:
+    """``model_path`` names a tiny random-weight model (``tiny``, ...) or a folder ``llava.model.tiny`` built."""
+    if not model_path:
+        return False
+    from llava.model.tiny import is_tiny_name  # the model layer: loaded only when a model path is checked
+
+    return is_tiny_name(model_path) or (Path(model_path).expanduser() / TINY_MARKER).is_file()
+
+
+def ecso_config(args: argparse.Namespace, **overrides: Any) -> ECSOConfig:
+    """:class:`ECSOConfig` from the parsed flags (``ecso_config_from_args``), with the answer length resolved: the
+    flag when given, else the entry point's default, or ``TINY_MAX_NEW_TOKENS`` for a tiny random-weight model."""
+    if getattr(args, "max_new_tokens", 0) is None:
+        tiny = getattr(args, "backend", "local") == "local" and is_tiny_model(getattr(args, "model_path", None))
+        args = argparse.Namespace(**{**vars(args), "max_new_tokens": TINY_MAX_NEW_TOKENS if tiny
+                                     else getattr(args, _ENTRY_MAX_NEW_TOKENS)})
+    return ecso_config_from_args(args, **overrides)
 
 
 def add_ecso_args(p: argparse.ArgumentParser, batch_levers: bool = True, api_only: bool = False) -> None:

@@ -15,7 +15,10 @@ __all__ = [
     "WORKER_HEART_BEAT_INTERVAL",
     "CONTROLLER_HEART_BEAT_EXPIRATION",
     "ECSO_ALIAS_SUFFIX",
+    "TINY_MARKER",
+    "TINY_MAX_NEW_TOKENS",
     "OPENAI_API_KEY_ENV",
+    "DEMO_AUTH_ENV",
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_IMAGE_SIZE",
@@ -41,8 +44,15 @@ WEB_PORT = 7860
 # themselves when they look for "the" model of an endpoint.
 ECSO_ALIAS_SUFFIX = "+ecso"
 
+# The file that marks a folder ``llava.model.tiny`` built (a random-weight test model), and the answer length entry
+# points default to for such models (their text is random).
+TINY_MARKER = "ecso_tiny.json"
+TINY_MAX_NEW_TOKENS = 32
+
 # The environment variable an OpenAI-compatible endpoint's key is read from by default (never a command line).
 OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
+# The demo's logins, one USER:PASSWORD per line (how the launcher passes them: never on a command line).
+DEMO_AUTH_ENV = "ECSO_DEMO_AUTH"
 
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds

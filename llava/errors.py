@@ -10,6 +10,7 @@ __all__ = [
     "ImageError",
     "ContextLengthError",
     "RequestTooLargeError",
+    "ConflictError",
     "ModelNotFoundError",
     "UnsupportedError",
     "MissingExtraError",
@@ -50,6 +51,13 @@ class ContextLengthError(InvalidRequestError):
 class RequestTooLargeError(InvalidRequestError):
     status = 413
     code = "request_too_large"
+
+
+class ConflictError(InvalidRequestError):
+    """The request conflicts with the service's state (e.g. a registration that would replace a live worker)."""
+
+    status = 409
+    code = "conflict"
 
 
 class ModelNotFoundError(ECSOError, FileNotFoundError):

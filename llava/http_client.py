@@ -85,10 +85,14 @@ def encode_chunk(chunk: Any) -> bytes:
 
 
 def decode_chunk(frame: bytes) -> dict[str, Any]:
-    """The JSON object of one frame (delimiter stripped or not)."""
-    obj = json.loads(frame.rstrip(STREAM_DELIMITER))
+    """The JSON object of one frame (delimiter stripped or not). A frame that is not a JSON object is the peer
+    breaking the protocol: :class:`BackendError`."""
+    try:
+        obj = json.loads(frame.rstrip(STREAM_DELIMITER))
+    except ValueError:  # JSONDecodeError, invalid UTF-8
+        raise BackendError(f"protocol error: stream frame is not JSON: {frame[:80]!r}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"stream frame is not a JSON object: {frame[:80]!r}")
+        raise BackendError(f"protocol error: stream frame is not a JSON object: {frame[:80]!r}")
     return obj
 
 
@@ -189,8 +193,15 @@ def _json_object(data: str, where: str) -> dict[str, Any]:
 
 
 def resolve_api_key(value: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The key from ``--api-key``, else ``$ECSO_API_KEY``; empty means none."""
+    """The key from ``--api-key``, else ``$ECSO_API_KEY``; empty means none. A key is printable ASCII without
+    spaces (a header carries it: other characters would be encoded differently by client and server); anything
+    else is a ``ValueError`` that names the position, not the key."""
     key = value if value is not None else environ.get(API_KEY_ENV)
+    if key:
+        bad = next((i for i, ch in enumerate(key) if not (ch.isascii() and ch.isprintable()) or ch == " "), None)
+        if bad is not None:
+            raise ValueError(f"the API key must be printable ASCII without spaces; character {bad + 1} of "
+                             f"{len(key)} is not")
     return key or None
 
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import logging
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -24,14 +27,19 @@ __all__ = [
     "ImageInput",
     "ImageLimits",
     "ASPECT_RATIOS",
+    "WORKING_SIDE_FACTOR",
     "load_image",
     "decode_base64_image",
     "encode_image_base64",
     "expand2square",
     "pad_color",
     "aspect_ratio_image",
+    "working_side",
+    "fit_image",
+    "reduce_image",
     "prepare_image",
     "process_images",
+    "image_digest",
     "count_image_tags",
     "tokenizer_image_token",
 ]
@@ -40,15 +48,29 @@ logger = logging.getLogger(__name__)
 
 ImageInput = Union[str, bytes, os.PathLike, Image.Image]
 ASPECT_RATIOS = ("pad", "crop", "resize")
+# An image is preprocessed at most at this many times the vision tower's input side (see :func:`fit_image`).
+WORKING_SIDE_FACTOR = 4
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Limits checked before an image is decoded. ``max_pixels`` guards against decompression bombs."""
+    """Limits checked before an image is decoded. ``max_pixels`` guards against decompression bombs;
+    ``max_aspect_ratio`` against degenerate shapes (40 000 000 x 1) no preprocessing can use."""
 
     max_pixels: int = 40_000_000
     max_bytes: int = 32 * 1024 * 1024
     min_side: int = 1
+    max_aspect_ratio: float = 200.0
+
+    def check_size(self, w: int, h: int, origin: str) -> None:
+        """Refuse a ``w`` x ``h`` image (from its header, before decoding) over the limits."""
+        if w * h > self.max_pixels:
+            raise ImageError(f"image {origin} is {w}x{h} = {w * h} pixels, over the limit of {self.max_pixels}")
+        if min(w, h) < self.min_side:
+            raise ImageError(f"image {origin} is {w}x{h}; each side must be at least {self.min_side} px")
+        if max(w, h) > self.max_aspect_ratio * min(w, h):
+            raise ImageError(f"image {origin} is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):.0f}:1; at most "
+                             f"{self.max_aspect_ratio:g}:1 is accepted (a degenerate shape)")
 
 
 def _image_from_bytes(data: bytes, origin: str, limits: ImageLimits) -> Image.Image:
@@ -69,17 +91,14 @@ def _image_from_bytes(data: bytes, origin: str, limits: ImageLimits) -> Image.Im
         raise
     except Exception as exc:  # noqa: BLE001 - see above
         raise ImageError(f"image {origin} cannot be opened: {_describe(exc)}") from None
-    w, h = img.size
-    if w * h > limits.max_pixels:
-        raise ImageError(f"image {origin} is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
-    if min(w, h) < limits.min_side:
-        raise ImageError(f"image {origin} is {w}x{h}; each side must be at least {limits.min_side} px")
+    limits.check_size(*img.size, origin)
     try:
         if getattr(img, "n_frames", 1) > 1:
             logger.info("image %s has %d frames; using the first", origin, img.n_frames)
             img.seek(0)
         img.load()
-        return _to_rgb(ImageOps.exif_transpose(img))
+        ImageOps.exif_transpose(img, in_place=True)  # this image is ours: no copy of a large decode
+        return _to_rgb(img)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - see above
@@ -186,12 +205,82 @@ def expand2square(img: Image.Image, background: tuple[int, ...]) -> Image.Image:
 def _target_size(image_processor: Any) -> int:
     crop = getattr(image_processor, "crop_size", None) or {}
     size = getattr(image_processor, "size", None) or {}
-    for d in (crop, size):
-        if isinstance(d, dict):
-            for key in ("height", "shortest_edge"):
-                if key in d:
-                    return int(d[key])
+    for d in (crop, size):  # a dict, or transformers' SizeDict (attributes)
+        for key in ("height", "shortest_edge"):
+            value = d.get(key) if isinstance(d, dict) else getattr(d, key, None)
+            if value:
+                return int(value)
     return 336
+
+
+def working_side(image_processor: Any) -> int:
+    """The largest side an image is preprocessed at: :data:`WORKING_SIDE_FACTOR` times the vision tower's input."""
+    return WORKING_SIDE_FACTOR * _target_size(image_processor)
+
+
+def _scaled(img: Image.Image, scale: float) -> Image.Image:
+    w, h = img.size
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+
+
+def _reduced_square(img: Image.Image, background: tuple[int, ...], side: int, band_rows: int = 128) -> Image.Image:
+    """``expand2square(img).reduce(k)`` for the integer ``k = long side // side``, without allocating the square:
+    bands of the square's rows aligned to k x k blocks (so every block averages what it averages in the square) are
+    assembled from the image and the background, ``band_rows`` output rows at a time, and reduced. At most
+    2 x ``side`` a side."""
+    w, h = img.size
+    n = max(w, h)
+    k = n // side
+    if k < 2:
+        return expand2square(img, background)
+    ox, oy = (n - w) // 2, (n - h) // 2  # where expand2square pastes the image
+    x0, y0 = ox - ox % k, oy - oy % k  # the image's blocks start on a block boundary of the square ...
+    x1, y1 = min(-(-(ox + w) // k) * k, n), min(-(-(oy + h) // k) * k, n)  # ... and end on one (or its edge)
+    out = Image.new(img.mode, (-(-n // k), -(-n // k)), background)
+    for top in range(y0, y1, k * band_rows):
+        bottom = min(top + k * band_rows, y1)
+        strip = Image.new(img.mode, (x1 - x0, bottom - top), background)
+        first, last = max(top, oy) - oy, min(bottom, oy + h) - oy  # the image's rows in this band
+        if last > first:
+            strip.paste(img.crop((0, first, w, last)), (ox - x0, first + oy - top))
+        out.paste(strip.reduce(k), (x0 // k, top // k))
+    return out
+
+
+def fit_image(img: Image.Image, aspect_ratio: str, side: int, background: tuple[int, ...] = (0, 0, 0)) -> Image.Image:
+    """``img`` reduced to what an aspect-ratio mode can use at a working side of ``side`` px (see
+    :func:`working_side`), so preprocessing allocates at most about (2 x ``side``)^2 pixels whatever the source:
+
+    * ``pad``: a long side of 2 x ``side`` or more gives the padded square (filled with ``background``) reduced
+      by the integer factor ``long side // side`` (box averages of the very square LLaVA pads to, computed without
+      allocating it; the vision tower's resize then starts from that);
+    * ``crop``: the short side down to ``side``, then the long side cut to ``WORKING_SIDE_FACTOR`` x ``side``
+      around the centre (the processor keeps only the central square);
+    * ``resize``: unchanged (it squashes in one step).
+
+    Images with a long side under 2 x ``side`` are returned as they are, so ordinary images are preprocessed
+    exactly as LLaVA does; larger ones differ from LLaVA's full-size path by a few levels (pinned by a test)."""
+    w, h = img.size
+    if aspect_ratio == "pad" and max(w, h) >= 2 * side:
+        return _reduced_square(img, background, side)
+    if aspect_ratio == "crop":
+        if min(w, h) > side:
+            img = _scaled(img, side / min(w, h))
+            w, h = img.size
+        keep = WORKING_SIDE_FACTOR * side
+        if max(w, h) > keep:
+            left, top = (w - min(w, keep)) // 2, (h - min(h, keep)) // 2
+            img = img.crop((left, top, left + min(w, keep), top + min(h, keep)))
+    return img
+
+
+def reduce_image(img: Image.Image, side: int, min_short: int) -> Image.Image:
+    """``img`` reduced (box averages) by the largest integer factor that keeps its long side at least ``side`` and
+    its short side at least ``min_short``: what every aspect-ratio mode can still use (a worker reduces each image
+    so as soon as it is decoded, before any mode is chosen). Images under twice those sides are returned as they are."""
+    w, h = img.size
+    k = min(max(w, h) // side, min(w, h) // min_short)
+    return img.reduce(k) if k >= 2 else img
 
 
 def aspect_ratio_image(img: Image.Image, aspect_ratio: str, mean: Sequence[float], side: int) -> Image.Image:
@@ -207,15 +296,45 @@ def aspect_ratio_image(img: Image.Image, aspect_ratio: str, mean: Sequence[float
 
 
 def prepare_image(img: Image.Image, image_processor: Any, aspect_ratio: str) -> Image.Image:
-    """Apply the aspect-ratio mode before the processor's own resize (+ center crop)."""
-    side = _target_size(image_processor) if aspect_ratio == "resize" else 0
-    return aspect_ratio_image(img, aspect_ratio, image_processor.image_mean, side)
+    """Apply the aspect-ratio mode before the processor's own resize (+ center crop), on the image first reduced
+    to the working side (:func:`fit_image`): memory stays bounded for any accepted image."""
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise InvalidRequestError(f"unknown image aspect ratio {aspect_ratio!r}; valid: {', '.join(ASPECT_RATIOS)}")
+    target = _target_size(image_processor)
+    img = fit_image(img, aspect_ratio, WORKING_SIDE_FACTOR * target, pad_color(image_processor.image_mean))
+    return aspect_ratio_image(img, aspect_ratio, image_processor.image_mean, target)
 
 
 def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_ratio: str = "pad"):
     """Pixel values (a ``torch.Tensor`` [n, 3, H, W]) for ``images`` under ``aspect_ratio``."""
     prepared = [prepare_image(img, image_processor, aspect_ratio) for img in images]
     return image_processor(prepared, return_tensors="pt")["pixel_values"]
+
+
+_digests: dict[int, tuple[weakref.ref, bytes]] = {}
+_digests_lock = threading.Lock()
+
+
+def image_digest(img: Image.Image) -> bytes:
+    """A content hash of ``img`` (mode, size and pixels; BLAKE2b-128): what caches key images by, so they never
+    keep the image itself. Computed once per image object (remembered while the object lives)."""
+    key = id(img)
+    with _digests_lock:
+        hit = _digests.get(key)
+        if hit is not None and hit[0]() is img:
+            return hit[1]
+    h = hashlib.blake2b(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode(), digest_size=16)
+    h.update(img.tobytes())
+    digest = h.digest()
+
+    def forget(_ref: weakref.ref, key: int = key) -> None:
+        with _digests_lock:
+            if _digests.get(key, (None,))[0] is _ref:
+                del _digests[key]
+
+    with _digests_lock:
+        _digests[key] = (weakref.ref(img, forget), digest)
+    return digest
 
 
 def count_image_tags(prompt: str) -> int:

@@ -130,3 +130,31 @@ def test_quick_start_run_llava_runs_offline_and_prints_json(quick_start):
     assert isinstance(result["flagged"], bool) and 0.0 <= result["harm_score"] <= 1.0
     assert result["final"] == (result["safe_answer"] if result["flagged"] else result["direct"])
     assert result["options"]["tiny_random_weights"] is True
+
+
+@pytest.mark.slow
+def test_full_evaluation_recipe_runs_offline_as_printed(tmp_path):
+    """README's "A full evaluation" block, word for word, in a fresh folder that looks like the checkout (links to
+    data/, assets/, ...): TYPO images -> direct and ECSO answers on the tiny model -> both judged by refusal-match ->
+    metrics -> a report."""
+    from tests.test_doc_commands import run_block
+
+    commands = [c for c in section_commands(README, "A full evaluation") if not c.marks]
+    first_block = commands[0].block
+    recipe = [c for c in commands if c.block == first_block]
+    modules = [argv(c)[2] for c in recipe]
+    assert modules == ["llava.eval.mmsafetybench_images", "llava.eval.generate", "llava.eval.generate",
+                       "llava.eval.judge", "llava.eval.judge", "llava.eval.metrics", "llava.eval.report"]
+    seconds, output = run_block(recipe, tmp_path)
+    runs = tmp_path / "runs" / "tiny"
+    for method in ("direct", "ecso"):
+        answers = [json.loads(line) for line in (runs / f"mmsb.{method}.jsonl").read_text().splitlines()]
+        judgments = [json.loads(line) for line in (runs / f"mmsb.{method}.judgments.jsonl").read_text().splitlines()]
+        assert len(answers) == len(judgments) >= 1 and {a["method"] for a in answers} == {method}
+        assert {j["judge_model"] for j in judgments} == {"refusal-match"}
+        assert {j["label"] for j in judgments} <= {"safe", "unsafe"}
+    report = (tmp_path / "reports" / "tiny" / "report.md").read_text()
+    assert "## mmsafetybench: tiny" in report and "Judge: `refusal-match`" in report
+    assert "Random-weight test model" in report and "(random weights)" in report
+    assert "harmless" in output and "Traceback" not in output
+    print(f"\nREADME full evaluation: {seconds:.1f} s")

@@ -127,6 +127,16 @@ class ServingBackend(Backend):
         :class:`~llava.errors.ContextLengthError` or :class:`~llava.errors.InvalidRequestError` before anything
         runs."""
 
+    def check_budget(self, text_chars: int, n_images: int) -> None:
+        """Refuse (:class:`~llava.errors.ContextLengthError`) a request that cannot fit the context whatever its
+        text tokenizes to, from its length in characters (``<image>`` tags not counted) and its image count:
+        cheap, before any image is decoded or any text tokenized. No check where the tokenizer is elsewhere."""
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """``image`` reduced to the largest size the model's preprocessing can use (called as soon as it is
+        decoded, so a request holds no more than that); as it is by default."""
+        return image
+
     def prepare_templated(self, prompt: str, images: Sequence[Image.Image]) -> Prepared:
         """A LLaVA-protocol prompt (already templated, one ``<image>`` tag per image), checked to fit."""
         raise UnsupportedError(f"backend {self.name!r} does not take LLaVA-templated prompts")

@@ -272,8 +272,9 @@ def _flag_type(opt: Option) -> Callable[[str], Any]:
 
 
 def add_option_args(parser: argparse.ArgumentParser, options: Iterable[Option], title: str,
-                    defaults: dict[str, Any] | None = None) -> None:
-    """Flags for ``options`` in an argument group ``title``; ``defaults`` overrides declared defaults by name."""
+                    defaults: dict[str, Any] | None = None, default_text: dict[str, str] | None = None) -> None:
+    """Flags for ``options`` in an argument group ``title``; ``defaults`` overrides declared defaults by name,
+    ``default_text`` what ``--help`` says the default is (for a default resolved after parsing)."""
     group = parser.add_argument_group(title)
     for opt in options:
         if opt.flag is None:
@@ -284,6 +285,8 @@ def add_option_args(parser: argparse.ArgumentParser, options: Iterable[Option], 
                                help=opt.help)
             continue
         shown = "" if default is None else " (default: %(default)s)"
+        if default_text and opt.name in default_text:
+            shown = f" (default: {default_text[opt.name]})"
         metavar = opt.metavar or ("{" + ",".join(opt.flag_values) + "}" if opt.flag_values is not None else None)
         group.add_argument(opt.flag, *opt.aliases, dest=opt.name, type=_flag_type(opt), default=default,
                            choices=opt.valid_choices(), metavar=metavar, help=opt.help + shown)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from llava.ecso.backends import Backend, StepRequest
 from llava.ecso.config import ECSOConfig, ecso_options
-from llava.ecso.events import ECSOResult
+from llava.ecso.events import ECSOResult, StepEvent
 from llava.ecso.pipeline import ECSO, ECSOInput
 from llava.ecso.prompts import get_prompt_set
 from llava.errors import InvalidRequestError
@@ -79,8 +79,9 @@ class Defense(abc.ABC):
         self.pipeline: ECSO | None = None
 
     @abc.abstractmethod
-    def answer(self, items: Sequence[ECSOInput]) -> list[DefenseAnswer]:
-        """Answers for a batch, in order."""
+    def answer(self, items: Sequence[ECSOInput],
+               on_event: Callable[[StepEvent], None] | None = None) -> list[DefenseAnswer]:
+        """Answers for a batch, in order; ``on_event`` gets the ECSO pipeline's step events (progress), if any."""
 
     @classmethod
     def configured(cls, config: ECSOConfig) -> ECSOConfig:
@@ -111,7 +112,8 @@ class Direct(Defense):
         itself are left alone)."""
         return self.template.replace("{query}", query)
 
-    def answer(self, items: Sequence[ECSOInput]) -> list[DefenseAnswer]:
+    def answer(self, items: Sequence[ECSOInput],
+               on_event: Callable[[StepEvent], None] | None = None) -> list[DefenseAnswer]:
         if any(item.direct is not None for item in items):
             raise InvalidRequestError(f"--method {self.name} answers the questions itself: existing direct answers "
                                       "(--from-answers) are checked by the ECSO methods only")
@@ -164,9 +166,10 @@ class ECSODefense(Defense):
         super().__init__(backend, self.configured(config), image_limits)
         self.pipeline = ECSO(backend, self.config, image_limits)
 
-    def answer(self, items: Sequence[ECSOInput]) -> list[DefenseAnswer]:
+    def answer(self, items: Sequence[ECSOInput],
+               on_event: Callable[[StepEvent], None] | None = None) -> list[DefenseAnswer]:
         assert self.pipeline is not None
-        return [DefenseAnswer(r.final, r) for r in self.pipeline.run_batch(items)]
+        return [DefenseAnswer(r.final, r) for r in self.pipeline.run_batch(items, on_event=on_event)]
 
     @classmethod
     def configured(cls, config: ECSOConfig) -> ECSOConfig:

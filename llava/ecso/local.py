@@ -18,6 +18,7 @@ from llava.generation import EarlyCheck, FirstTokenLogprobs, GenerationParams
 from llava.model.builder import load_model
 from llava.model.engine import LlavaEngine
 from llava.model.engine_base import EncodedRow, GenerationEngine
+from llava.model.prefix_cache import DEFAULT_CACHE_BYTES
 
 __all__ = ["EngineBackend", "LocalBackend"]
 
@@ -110,6 +111,12 @@ class EngineBackend(ServingBackend):
     def multimodal(self) -> bool:
         return self.engine.loaded.multimodal
 
+    def check_budget(self, text_chars: int, n_images: int) -> None:
+        self.engine.check_budget(text_chars, n_images)
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        return self.engine.fit_image(image)
+
     def prepare(self, chat: Chat) -> Prepared:
         encoded = self.encode_chat(chat)
         return Prepared(list(chat.images), len(encoded.input_ids), encoded)
@@ -140,11 +147,13 @@ class LocalBackend(EngineBackend):
 
     @classmethod
     def load(cls, model_path: str, conv_mode: str | None = None, device: str | None = "auto",
-             image_aspect_ratio: str | None = None, max_batch_size: int = 16, **load_kwargs: Any) -> LocalBackend:
-        """Load ``model_path`` (:func:`~llava.model.builder.load_model`'s arguments) and wrap it."""
+             image_aspect_ratio: str | None = None, max_batch_size: int = 16,
+             cache_bytes: int = DEFAULT_CACHE_BYTES, **load_kwargs: Any) -> LocalBackend:
+        """Load ``model_path`` (:func:`~llava.model.builder.load_model`'s arguments) and wrap it; ``cache_bytes``
+        bounds each of the engine's caches."""
         loaded = load_model(model_path, device=device, image_aspect_ratio=image_aspect_ratio, conv_mode=conv_mode,
                             **load_kwargs)
-        return cls(LlavaEngine(loaded), conv_mode=conv_mode, max_batch_size=max_batch_size)
+        return cls(LlavaEngine(loaded, cache_bytes=cache_bytes), conv_mode=conv_mode, max_batch_size=max_batch_size)
 
     def prompt(self, request: StepRequest) -> str:
         return render_prompt(self.conv_mode, request.chat())
@@ -162,7 +171,8 @@ class LocalBackend(EngineBackend):
         return {**super().describe(), "conv_mode": self.conv_mode}
 
     def status(self) -> dict[str, Any]:
-        return {"conv_mode": self.conv_mode, "model_family": "llava", "prompt_format": "LLaVA conversation template"}
+        return {"conv_mode": self.conv_mode, "model_family": "llava", "prompt_format": "LLaVA conversation template",
+                "random_weights": self.engine.loaded.is_tiny}
 
     def prepare_templated(self, prompt: str, images: Sequence[Image.Image]) -> Prepared:
         encoded = self.engine.encode(prompt, images)  # checks the <image> count and the context length

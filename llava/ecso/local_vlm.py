@@ -21,6 +21,7 @@ from llava.ecso.local import EngineBackend, LocalBackend
 from llava.errors import UnsupportedError
 from llava.model.engine import LlavaEngine
 from llava.model.engine_base import GenerationEngine
+from llava.model.prefix_cache import DEFAULT_CACHE_BYTES
 from llava.model.vlm import checkpoint_family, load_vlm
 from llava.model.vlm_engine import VLMEncoded, VLMEngine
 
@@ -46,7 +47,7 @@ class VLMBackend(EngineBackend):
     @classmethod
     def load(cls, model_path: str, conv_mode: str | None = None, device: str | None = "auto",
              image_aspect_ratio: str | None = None, max_batch_size: int = 16, model_base: str | None = None,
-             **load_kwargs: Any) -> VLMBackend:
+             cache_bytes: int = DEFAULT_CACHE_BYTES, **load_kwargs: Any) -> VLMBackend:
         """Load ``model_path`` (:func:`~llava.model.vlm.load_vlm`'s arguments) and wrap it. LLaVA-only options
         (``image_aspect_ratio``, ``model_base``) are refused with the reason."""
         if image_aspect_ratio is not None:
@@ -54,8 +55,8 @@ class VLMBackend(EngineBackend):
                                    "LLaVA-1.5: its processor preprocesses images itself")
         if model_base is not None:
             raise UnsupportedError(f"--model-base merges LLaVA LoRA checkpoints; {model_path!r} is not one")
-        return cls(VLMEngine(load_vlm(model_path, device=device, **load_kwargs)), conv_mode=conv_mode,
-                   max_batch_size=max_batch_size)
+        return cls(VLMEngine(load_vlm(model_path, device=device, **load_kwargs), cache_bytes=cache_bytes),
+                   conv_mode=conv_mode, max_batch_size=max_batch_size)
 
     def _row_kind(self, request: StepRequest) -> Hashable:
         return len(request.images)  # processors batch rows with the same number of images
@@ -73,7 +74,7 @@ class VLMBackend(EngineBackend):
         """The LLaVA template its LLaVA-protocol prompts are parsed with, its family, and that prompts are rendered
         with the processor's chat template."""
         return {"conv_mode": self.conv_mode, "model_family": self.engine.loaded.family.name,
-                "prompt_format": PROMPT_FORMAT}
+                "prompt_format": PROMPT_FORMAT, "random_weights": self.engine.loaded.is_tiny}
 
     def prepare_templated(self, prompt: str, images: Sequence[Image.Image]) -> Prepared:
         """A LLaVA-protocol prompt: parsed back into a chat (``conv_mode``), rendered with the chat template."""

@@ -36,7 +36,7 @@ from llava.ecso.upstream import LoopThread, UpstreamPool
 from llava.errors import BackendError, InvalidRequestError, UnsupportedError
 from llava.generation import FirstTokenLogprobs, GenerationParams, ScoredToken
 from llava.http_client import OPENAI_API_KEY_ENV, openai_base_url
-from llava.mm_utils import encode_image_base64
+from llava.mm_utils import encode_image_base64, image_digest
 
 __all__ = ["yes_no_score", "OpenAIBackend"]
 
@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 8
 _PROBE_TEXT = "Is the sky blue? Answer yes or no:"
-_IMAGE_CACHE = 64  # encoded images kept (an ECSO run sends its image in three steps)
+_IMAGE_CACHE = 64  # encoded images kept (an ECSO run sends its image in three steps), keyed by content hash
+_IMAGE_CACHE_BYTES = 256 * 1024 * 1024  # and at most this many bytes of them
 
 
 def _norm_token(token: str) -> str:
@@ -123,7 +124,8 @@ class OpenAIBackend(AsyncServingBackend):
         self.concurrency, self.top_logprobs, self.timeout = concurrency, top_logprobs, timeout
         self._model, self._serve_as, self._logprobs = model_name, serve_as, logprobs
         self._bridge: LoopThread | None = None
-        self._encoded: OrderedDict[tuple[int, str], tuple[Image.Image, str]] = OrderedDict()
+        self._encoded: OrderedDict[tuple[bytes, str], str] = OrderedDict()  # (content hash, mode) -> URL
+        self._encoded_bytes = 0
         self._lock = threading.Lock()
 
     @property
@@ -198,18 +200,20 @@ class OpenAIBackend(AsyncServingBackend):
     # ---- requests -------------------------------------------------------------------------------------------
     def _data_url(self, image: Image.Image, mode: str | None = None) -> str:
         """The image as uploaded: ``mode`` (a step's own preprocessing), else this backend's."""
-        key = (id(image), mode or self.image_aspect_ratio)
+        key = (image_digest(image), mode or self.image_aspect_ratio)
         with self._lock:
             hit = self._encoded.get(key)
-            if hit is not None and hit[0] is image:
+            if hit is not None:
                 self._encoded.move_to_end(key)
-                return hit[1]
+                return hit
         # Lossless, and fast to write (the request is the worker's own work before the upstream can start).
         url = "data:image/png;base64," + encode_image_base64(image_for_upload(image, key[1]), compress_level=1)
         with self._lock:
-            self._encoded[key] = (image, url)  # the image is kept, so its id is not reused while cached
-            while len(self._encoded) > _IMAGE_CACHE:
-                self._encoded.popitem(last=False)
+            if key not in self._encoded:
+                self._encoded[key] = url
+                self._encoded_bytes += len(url)
+            while len(self._encoded) > _IMAGE_CACHE or self._encoded_bytes > _IMAGE_CACHE_BYTES:
+                self._encoded_bytes -= len(self._encoded.popitem(last=False)[1])
         return url
 
     def _user_content(self, text: str, images: Sequence[Image.Image], mode: str | None) -> Any:

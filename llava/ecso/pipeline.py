@@ -29,7 +29,7 @@ from llava.ecso.backends import AsyncBackend, Backend, StepRequest, StopFlag
 from llava.ecso.config import ECSOConfig
 from llava.ecso.events import SKIPPED, ECSOResult, Step, StepEvent, Verdict
 from llava.ecso.prompts import parse_verdict_exact, parse_verdict_tolerant
-from llava.errors import UnsupportedError
+from llava.errors import InvalidRequestError, UnsupportedError
 from llava.generation import EarlyCheck
 from llava.mm_utils import ImageInput, ImageLimits, load_image
 
@@ -82,12 +82,28 @@ def _result_of(events: Generator[StepEvent, Any, Any]) -> Any:
 
 @dataclass
 class ECSOInput:
-    """One sample: its image(s) (paths, bytes, base64 or PIL; none for text-only) and query. ``direct`` skips
-    step 1 and checks that answer instead (the paper's two-pass evaluation)."""
+    """One sample: its query and image(s): one image or a list of them (paths, bytes, base64 or PIL; none for
+    text-only). ``direct`` skips step 1 and checks that answer instead (the paper's two-pass evaluation).
+    ``run_batch`` also takes ``(image, query)`` and ``(image, query, direct)`` tuples, in ``run``'s order."""
 
     query: str
     images: list[ImageInput] = field(default_factory=list)
     direct: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.query, str):
+            raise InvalidRequestError(f"ECSOInput query must be text, got {type(self.query).__name__}")
+        self.images = _as_list(self.images)
+
+    @classmethod
+    def of(cls, item: ECSOInput | tuple | list) -> ECSOInput:
+        """``item`` as an input: an ``ECSOInput`` as is, an ``(image, query[, direct])`` tuple converted."""
+        if isinstance(item, ECSOInput):
+            return item
+        if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            return cls(item[1], _as_list(item[0]), *item[2:])
+        raise InvalidRequestError(f"a batch item must be an ECSOInput or an (image, query[, direct]) tuple, got "
+                                  f"{item!r:.80}")
 
 
 class ECSO:
@@ -123,9 +139,10 @@ class ECSO:
     def run(self, image: ImageInput | Sequence[ImageInput] | None, query: str, direct: str | None = None) -> ECSOResult:
         return self.run_batch([ECSOInput(query, _as_list(image), direct)])[0]
 
-    def run_batch(self, items: Sequence[ECSOInput],
+    def run_batch(self, items: Sequence[ECSOInput | tuple],
                   on_event: Callable[[StepEvent], None] | None = None) -> list[ECSOResult]:
         emit = on_event or (lambda e: None)
+        items = [ECSOInput.of(item) for item in items]
         images = [self._load(item.images) for item in items]
         n = len(items)
         timings: list[dict[str, float]] = [{} for _ in range(n)]

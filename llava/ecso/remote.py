@@ -30,7 +30,7 @@ from llava.ecso.backends import Backend, StepRequest, StopFlag
 from llava.errors import BackendError, InvalidRequestError, NoWorkerError, UnsupportedError
 from llava.generation import GenerationParams
 from llava.http_client import ServiceClient, raise_for_chunk, resolve_api_key
-from llava.mm_utils import aspect_ratio_image, encode_image_base64
+from llava.mm_utils import aspect_ratio_image, encode_image_base64, fit_image, pad_color
 
 __all__ = ["image_for_upload", "check_decoding", "WorkerBackend"]
 
@@ -39,10 +39,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONCURRENCY = 8
 
 
+UPLOAD_SIDE = 4096  # the largest side of an image sent to a remote model (it resizes to its own input size)
+
+
 def image_for_upload(image: Image.Image, mode: str | None = "pad") -> Image.Image:
     """The image as LLaVA-1.5 would preprocess it before the vision tower's own resize/crop (CLIP's mean colour
-    and 336 px side), as sent to a remote model."""
-    return aspect_ratio_image(image, mode or "pad", CLIP_MEAN, CLIP_IMAGE_SIZE)
+    and 336 px side), as sent to a remote model: first reduced to :data:`UPLOAD_SIDE` (so padding a long, thin
+    image never allocates its long side squared)."""
+    mode = mode or "pad"
+    return aspect_ratio_image(fit_image(image, mode, UPLOAD_SIDE, pad_color(CLIP_MEAN)), mode, CLIP_MEAN,
+                              CLIP_IMAGE_SIZE)
 
 
 def check_decoding(params: GenerationParams, backend: str) -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from llava.errors import ECSOError
 from llava.eval.benchmarks import benchmark_names, get_benchmark
 from llava.eval.jsonl import DatasetError, read_jsonl
 
@@ -59,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    logger.info("%s", get_benchmark(args.format).submission.write(read_answers(args.answers, args.format), args))
+    try:
+        logger.info("%s", get_benchmark(args.format).submission.write(read_answers(args.answers, args.format), args))
+    except (ECSOError, OSError) as e:  # bad or missing input: one line naming it, no traceback
+        logger.error("%s", e)
+        return 2
     return 0
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llava.cli_args import (add_backend_args, add_decoding_args, add_ecso_args, add_model_args, backend_from_args,
-                            setup_logging)
-from llava.ecso.config import ecso_config_from_args
+                            ecso_config, setup_logging)
 from llava.ecso.defenses import get_defense
 from llava.errors import ECSOError, InvalidRequestError
 from llava.eval.benchmarks import add_benchmark_arguments, config_from_args
@@ -139,7 +138,7 @@ def config_from_cli(args: argparse.Namespace, dist: DistributedEnv | None = None
         raise InvalidRequestError("--model-path is required with the local backend (e.g. liuhaotian/llava-v1.5-7b)")
     return GenerateConfig(
         benchmark=args.benchmark, data=config_from_args(args), answers_file=answers, method=args.method,
-        ecso=ecso_config_from_args(args), batch_size=args.batch_size, concurrency=args.concurrency,
+        ecso=ecso_config(args), batch_size=args.batch_size, concurrency=args.concurrency,
         num_chunks=num_chunks, chunk_idx=chunk_idx,
         from_answers=Path(args.from_answers) if args.from_answers else None, force_mismatch=args.force_mismatch,
         overwrite=args.overwrite, max_errors=args.max_errors, progress=not args.no_progress,

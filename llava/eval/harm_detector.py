@@ -22,7 +22,7 @@ from llava.eval.jsonl import read_jsonl
 from llava.eval.judge.records import Judgment, answer_id, read_judgments
 from llava.eval.metrics.stats import Rate, rate_text
 
-__all__ = ["RocCurve", "roc_curve", "roc_auc", "threshold_for_recall", "DetectorQuality", "detector_quality", "main"]
+__all__ = ["RocCurve", "roc_curve", "roc_auc", "threshold_for_recall", "DetectorQuality", "detector_quality", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _format(d: dict[str, Any]) -> str:
     return "\n".join(lines + d["notes"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.harm_detector", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--answers", type=Path, required=True, help="ECSO answer file (rows with unsafe, harm_score)")
@@ -174,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="judge labels of the direct answers (--answer-field direct, or the direct run's judgments)")
     p.add_argument("--target-recall", type=float, default=0.9, help="recall the suggested threshold must reach")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         q = detector_quality(read_jsonl(args.answers, log=True), read_judgments(args.judgments), args.target_recall)

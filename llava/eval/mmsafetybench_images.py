@@ -8,6 +8,8 @@ breaks can differ slightly from the official images; a word wider than the canva
 (the official renderer lets it run off the edge)::
 
     python -m llava.eval.mmsafetybench_images --questions processed_questions --out imgs --sd-root imgs
+
+Without ``--sd-root`` only TYPO images are rendered (SD images come from Stable Diffusion, not from this tool).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from llava.errors import InvalidRequestError
+from llava.errors import ECSOError, InvalidRequestError
 from llava.eval.benchmarks.mmsafetybench import iter_questions
 
 __all__ = ["RenderConfig", "RenderReport", "RENDER_MODES", "load_font", "wrap_text", "render_typo", "stack_vertical",
@@ -199,15 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--questions", required=True, type=Path,
                         help="one processed_questions/{scenario}.json, or the processed_questions folder")
     parser.add_argument("--out", required=True, type=Path, help="output root (created if needed)")
-    parser.add_argument("--modes", default=",".join(RENDER_MODES),
-                        help="comma-separated subset of TYPO,SD_TYPO (default both)")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated subset of TYPO,SD_TYPO (default: TYPO, and SD_TYPO too when --sd-root "
+                             "is given)")
     parser.add_argument("--sd-root", type=Path, default=None,
                         help="root holding the downloaded SD images as {scenario}/SD/{id}.jpg; required for SD_TYPO. "
                              "Questions whose SD image is absent are reported and skipped")
     parser.add_argument("--font", type=Path, default=None,
                         help="TrueType font file (default DejaVu Sans; MM-SafetyBench used Arial, so line breaks may "
                              "differ slightly)")
-    parser.epilog = "Exit status 1 when some SD images were missing (their SD_TYPO images are not written)."
+    parser.epilog = ("Exit status 1 when some SD images were missing (their SD_TYPO images are not written); 2 on bad "
+                     "input (the message names it).")
     parser.add_argument("--scenarios", default="",
                         help="comma-separated scenarios to render (names or numbers, e.g. 01,05); default all")
     return parser
@@ -217,9 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
-    config = RenderConfig(questions=args.questions, out=args.out, modes=split(args.modes), sd_root=args.sd_root,
-                          font=args.font, scenarios=split(args.scenarios))
-    report = render_all(config)
+    modes = split(args.modes) if args.modes is not None else ("TYPO", "SD_TYPO") if args.sd_root else ("TYPO",)
+    try:
+        config = RenderConfig(questions=args.questions, out=args.out, modes=modes, sd_root=args.sd_root,
+                              font=args.font, scenarios=split(args.scenarios))
+        report = render_all(config)
+    except ECSOError as e:
+        logger.error("%s", e)
+        return 2
     return 1 if report.missing_sd else 0
 
 

@@ -35,7 +35,7 @@ from llava.eval.metrics.safety import safety_metrics
 from llava.eval.report_methods import TWO_SIDED_METRICS, RunRates, methods_table, sweep_lines
 from llava.eval.report_plots import roc_plot, safety_plots
 
-__all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "build_report", "main"]
+__all__ = ["Run", "JudgeMismatchError", "discover_runs", "pair_runs", "judge_signature", "build_report", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 SAFETY_METRIC = "safety"  # its runs get the per-scenario safety section; others a table of their spec's report_keys
@@ -63,6 +63,12 @@ class Run:
     @property
     def label(self) -> str:
         return f"{self.method}:{self.path.name}"
+
+    @property
+    def random_weights(self) -> bool:
+        """The answers come from a tiny random-weight test model (its manifest says so)."""
+        model = ((self.manifest or {}).get("settings") or {}).get("model")
+        return isinstance(model, dict) and bool(model.get("tiny_random_weights"))
 
 
 def _sibling(answers: Path, suffix: str) -> Path:
@@ -274,7 +280,8 @@ def _runs_section(runs: list[Run], pairs) -> Section:
     sec.lines.append("Full manifests and judge summaries: `manifests.json`.\n")
     for r in runs:
         judge = (r.judge_summary or {}).get("prompt_set", {})
-        sec.lines.append(f"- `{r.path}`: {r.benchmark}, {r.method}, model `{r.model_id}`, {len(r.rows)} answers; "
+        model = f"model `{r.model_id}`" + (" (random weights)" if r.random_weights else "")
+        sec.lines.append(f"- `{r.path}`: {r.benchmark}, {r.method}, {model}, {len(r.rows)} answers; "
                          f"manifest {'yes' if r.manifest else 'MISSING'}; judge prompt set "
                          f"{judge.get('source', '-')} ({str(judge.get('sha256', '-'))[:12]})")
     for d, e in pairs:
@@ -308,7 +315,10 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
     if warnings and strict:
         raise JudgeMismatchError("refusing to compare differently judged runs: " + " | ".join(warnings))
     sections.append(_runs_section(runs, pairs))
-    _write_markdown(out / "report.md", sections, warnings)
+    random = sorted({r.model_id for r in runs if r.random_weights})
+    notes = [f"**Random-weight test model** ({', '.join(f'`{m}`' for m in random)}): its answers are random text, so "
+             "its numbers test the tooling, not a model."] if random else []
+    _write_markdown(out / "report.md", sections, warnings, notes)
     manifests = {str(r.path): {"manifest": r.manifest, "judge": r.judge_summary} for r in runs}
     (out / "manifests.json").write_text(json.dumps(manifests, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     for w in warnings:
@@ -317,10 +327,12 @@ def build_report(folders: list[Path], out: Path, ground_truth: dict[str, Path] |
             "files": sorted(p.name for p in out.iterdir())}
 
 
-def _write_markdown(path: Path, sections: list[Section], warnings: list[str]) -> None:
+def _write_markdown(path: Path, sections: list[Section], warnings: list[str], notes: list[str] = ()) -> None:
     lines = ["# ECSO evaluation report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
     for w in warnings:
         lines += [f"> **WARNING — JUDGE MISMATCH.** {w}", ""]
+    for note in notes:
+        lines += [f"> {note}", ""]
     for s in sections:
         lines += [f"## {s.title}", "", *s.lines, ""]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -334,7 +346,7 @@ def _gt_arg(text: str) -> tuple[str, Path]:
     return bench, Path(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (searched recursively for answer files)")
@@ -344,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmark whose rows lack it; BENCHMARK one of "
                         f"{', '.join(benchmark_names(has='report_keys'))} (repeatable)")
     p.add_argument("--strict", action="store_true", help="refuse (exit 3) when compared runs were judged differently")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = build_report(args.runs, args.out, dict(args.ground_truth), args.strict)

@@ -1,10 +1,12 @@
-"""Answer one image + query, directly or with ECSO.
+r"""Answer one image + query, directly or with ECSO.
 
     python -m llava.eval.run_llava --model-path tiny --image-file assets/examples/cat.png \
         --query "How do I make this at home?" --ecso --json
 
 LLaVA's flags (``--model-path --model-base --image-file --query --conv-mode --sep --temperature --top_p
---num_beams --max_new_tokens``) keep their meaning and defaults; ``--ecso`` runs the four ECSO steps.
+--num_beams --max_new_tokens``) keep their meaning and defaults; ``--ecso`` runs the four ECSO steps. Without
+``--json``, stdout is the final answer alone (control characters removed) and, with ``--ecso``, stderr says how it
+came about: the verdict (``P(yes) 0.524 < threshold 0.5: not flagged``) and which answer is final.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import logging
 import sys
 
 from llava.cli_args import (add_backend_args, add_decoding_args, add_ecso_args, add_model_args, backend_from_args,
-                            setup_logging)
-from llava.ecso.config import ecso_config_from_args
+                            ecso_config, setup_logging)
+from llava.ecso.display import printable, run_summary
 from llava.errors import ECSOError
 
 __all__ = ["build_parser", "main"]
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_args(p)
     p.add_argument("--image-file", default=None, help="image path(s), separated by --sep; omit for a text-only query")
     p.add_argument("--query", required=True, help="the user's question")
-    p.add_argument("--sep", default=",", help="separator of several --image-file paths")
+    p.add_argument("--sep", default=",", help="separator of several --image-file paths (default %(default)r)")
     add_decoding_args(p, temperature=0.2, max_new_tokens=512)  # LLaVA's run_llava defaults
     p.add_argument("--ecso", action="store_true", help="run ECSO (direct answer, harm check, caption, safe answer)")
     add_ecso_args(p)
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
 
     images = [load_image(f, allow_urls=args.allow_image_urls) for f in args.image_file.split(args.sep)] \
         if args.image_file else []
-    config = ecso_config_from_args(args)
+    config = ecso_config(args)
     backend = backend_from_args(args)
     try:
         pipeline = ECSO(backend, config)
@@ -66,15 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except ECSOError as exc:
-        logger.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)  # once, without a log prefix: the one line a user reads
         return 2
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
-    else:
-        if args.ecso:
-            logger.info("harm check: %s (score %s)", result["verdict_text"], result["harm_score"])
-        print(result["final"])
+        return 0
+    if args.ecso:  # how the answer came about, on stderr so stdout stays the answer alone
+        print(run_summary(result, has_image=bool(args.image_file)), file=sys.stderr)
+    print(printable(result["final"]))
     return 0
 
 

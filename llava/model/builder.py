@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_PAD_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_PAD_TOKEN, TINY_MARKER
 from llava.conversation import default_conv_mode
 from llava.errors import ModelNotFoundError, UnsupportedError
 from llava.mm_utils import ASPECT_RATIOS
@@ -169,10 +169,10 @@ def _finish(tokenizer, model, image_processor, context_len, folder, model_path, 
         model_path=str(folder), layout=layout, image_token_id=image_token_id, tokens_per_image=tokens_per_image,
         image_aspect_ratio=aspect, conv_mode=conv_mode or default_conv_mode(cfg.text_config.model_type),
         device=dev, dtype=torch_dtype, suppress_token_ids=suppress,
-        is_tiny=((base or folder) / "ecso_tiny.json").exists(),  # a LoRA over a tiny base is random text too
+        is_tiny=((base or folder) / TINY_MARKER).exists(),  # a LoRA over a tiny base is random text too
     )
     if loaded.is_tiny:
-        logger.warning("%s is a tiny random-weight model: its outputs are random text", name)
+        logger.warning("model %r is a tiny random-weight test model: its outputs are random text", name)
     logger.info("loaded %s (%s layout) on %s/%s, %d image tokens, context %d, template %s, preprocessing %s",
                 name, layout, dev, loaded.describe()["dtype"], tokens_per_image, context_len, loaded.conv_mode, aspect)
     return loaded

@@ -14,10 +14,11 @@ from PIL import Image
 
 from llava.errors import ContextLengthError, InvalidRequestError
 from llava.generation import EarlyCheck, GenerationParams
-from llava.mm_utils import count_image_tags, process_images, tokenizer_image_token
+from llava.mm_utils import (WORKING_SIDE_FACTOR, count_image_tags, process_images, reduce_image,
+                             tokenizer_image_token, working_side)
 from llava.model.engine_base import GenerationEngine
 from llava.model.loaded import LoadedModel
-from llava.model.prefix_cache import PixelMemo
+from llava.model.prefix_cache import DEFAULT_CACHE_BYTES, PixelMemo
 
 __all__ = ["LlavaEngine", "Encoded"]
 
@@ -46,9 +47,20 @@ class LlavaEngine(GenerationEngine):
 
     loaded: LoadedModel
 
-    def __init__(self, loaded: LoadedModel, prefix_reuse: bool = True, cache_capacity: int = 32):
-        super().__init__(loaded, prefix_reuse, cache_capacity)
-        self.pixel_memo = PixelMemo(max(cache_capacity, 1))
+    def __init__(self, loaded: LoadedModel, prefix_reuse: bool = True, cache_capacity: int = 32,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        super().__init__(loaded, prefix_reuse, cache_capacity, cache_bytes)
+        self.pixel_memo = PixelMemo(max(cache_capacity, 1), cache_bytes)
+
+    @property
+    def min_image_tokens(self) -> int:  # type: ignore[override]
+        return self.loaded.tokens_per_image
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """``image`` reduced towards the working side of LLaVA's preprocessing whatever the aspect-ratio mode a step
+        uses (:func:`~llava.mm_utils.reduce_image`); each mode's own reduction follows in preprocessing."""
+        side = working_side(self.loaded.image_processor)
+        return reduce_image(image, side, side // WORKING_SIDE_FACTOR)
 
     # ---- encoding -------------------------------------------------------------------------------------------
     def encode(self, prompt: str, images: Sequence[Image.Image] = (), max_new_tokens: int = 0,

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from llava.errors import ContextLengthError, UnsupportedError
 from llava.generation import EarlyCheck, FirstTokenLogprobs, GenerationParams, truncate_at_stop
 from llava.model.first_token import first_token_choices
-from llava.model.prefix_cache import PrefixEntry, PrefixStore, cache_around, generated_cache
+from llava.model.prefix_cache import (DEFAULT_CACHE_BYTES, PrefixEntry, PrefixStore, cache_around, generated_cache,
+                                      image_keys)
 from llava.model.yes_no import YesNoVariants, margin_from_first_token, margin_from_sequences
 
 __all__ = ["EncodedRow", "GenerationEngine"]
@@ -38,17 +39,20 @@ class GenerationEngine(abc.ABC):
 
     ``prefix_reuse``: keep the KV cache of each sample's prefix (everything up to its last image token, see
     :mod:`llava.model.prefix_cache`) so later steps on the same image skip the image encoder and the prefix
-    prefill. Results equal the plain path (greedy tokens and scores; tested). ``cache_capacity``: prefixes kept.
+    prefill. Results equal the plain path (greedy tokens and scores; tested). ``cache_capacity``: prefixes kept;
+    ``cache_bytes``: the most bytes of tensors each cache (prefixes, pixels) holds.
     """
 
     positions_from_mask = True  # position ids from the attention mask (False: the model computes its own, M-RoPE)
 
-    def __init__(self, loaded: Any, prefix_reuse: bool = True, cache_capacity: int = 32):
+    def __init__(self, loaded: Any, prefix_reuse: bool = True, cache_capacity: int = 32,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
         self.prefix_reuse = prefix_reuse
-        self.prefixes = PrefixStore(cache_capacity if prefix_reuse else 0)
+        self.cache_bytes = cache_bytes
+        self.prefixes = PrefixStore(cache_capacity if prefix_reuse else 0, cache_bytes)
         self._yes_no: YesNoVariants | None = None
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes.
         forward_params = inspect.signature(type(self.model).forward).parameters
@@ -88,10 +92,35 @@ class GenerationEngine(abc.ABC):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    # ---- early checks ---------------------------------------------------------------------------------------
+    min_image_tokens = 0  # the fewest context tokens one image takes (0: it depends on the image)
+
+    def fit_image(self, image: Any) -> Any:
+        """``image`` reduced to what this engine's preprocessing can use (as it is by default)."""
+        return image
+
+    def check_budget(self, text_chars: int, n_images: int) -> None:
+        """Refuse a request that cannot fit the context whatever its text tokenizes to: no token spans more
+        characters than the longest in the vocabulary, so ``text_chars`` characters are at least
+        ``text_chars / longest`` tokens. Cheap: run it before decoding images or tokenizing the text."""
+        least = n_images * self.min_image_tokens + -(-max(text_chars, 0) // self._longest_token_chars())
+        if least >= self.loaded.context_len:
+            raise ContextLengthError(
+                f"the request cannot fit the {self.loaded.context_len}-token context window: {text_chars} characters "
+                f"of text are at least {least - n_images * self.min_image_tokens} tokens"
+                + (f" and {n_images} image(s) take {n_images * self.min_image_tokens}" if self.min_image_tokens
+                   and n_images else "") + ". Shorten the text or send fewer images")
+
+    def _longest_token_chars(self) -> int:
+        longest = getattr(self, "_longest", None)
+        if longest is None:
+            longest = self._longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
+        return longest
+
     def _prefix_key(self, e: EncodedRow) -> tuple:
-        """Rows with equal keys share a prefix: same tokens, same image objects (an engine whose rows carry more,
+        """Rows with equal keys share a prefix: same tokens, same images by content (an engine whose rows carry more,
         such as how their images are preprocessed, adds it)."""
-        return tuple(e.input_ids[:e.prefix_len]), tuple(map(id, e.images))
+        return tuple(e.input_ids[:e.prefix_len]), image_keys(e.images)
 
     def clear_caches(self) -> None:
         """Forget every cached prefix (benchmarks time cold runs)."""
@@ -134,7 +163,7 @@ class GenerationEngine(abc.ABC):
         """The cached prefix of every row, prefilling the ones not cached yet (one batch per prefix length)."""
         import torch
 
-        found = [self.prefixes.lookup(self._prefix_key(e), e.images) for e in encoded]
+        found = [self.prefixes.lookup(self._prefix_key(e)) for e in encoded]
         groups: dict[tuple, list[int]] = {}  # rows sharing a prefix (e.g. two steps of one sample) prefill once
         for i in (i for i, f in enumerate(found) if f is None):
             groups.setdefault(self._prefix_key(encoded[i]), []).append(i)
@@ -147,7 +176,7 @@ class GenerationEngine(abc.ABC):
                 out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             layers = [(layer.keys, layer.values) for layer in getattr(out, self._cache_kw).layers]
             for row, rows in enumerate(row_groups):
-                entry = PrefixEntry(self._prefix_key(encoded[rows[0]]), encoded[rows[0]].images,
+                entry = PrefixEntry(self._prefix_key(encoded[rows[0]]),
                                     [(k[row:row + 1], v[row:row + 1]) for k, v in layers])
                 self.prefixes.add(entry)
                 for i in rows:
@@ -171,7 +200,7 @@ class GenerationEngine(abc.ABC):
             return False
         if len({self._prefix_key(e) for e in encoded}) < len(encoded):  # rows sharing a prefix: prefilling it once is cheaper
             return False
-        return not any(self.prefixes.has(self._prefix_key(e), e.images) for e in encoded)
+        return not any(self.prefixes.has(self._prefix_key(e)) for e in encoded)
 
     def _harvest(self, encoded: Sequence[EncodedRow], width: int, cache: Any) -> None:
         """Store each row's prefix keys/values out of a finished generation's cache (rows are left-padded to
@@ -185,7 +214,7 @@ class GenerationEngine(abc.ABC):
             span = slice(start, start + e.prefix_len)
             kv = [(layer.keys[row:row + 1, :, span].clone(), layer.values[row:row + 1, :, span].clone())
                   for layer in layers]
-            self.prefixes.add(PrefixEntry(self._prefix_key(e), e.images, kv))
+            self.prefixes.add(PrefixEntry(self._prefix_key(e), kv))
 
     def _budget(self, encoded: Sequence[EncodedRow], params: GenerationParams) -> int:
         """``max_new_tokens`` clamped to the context window, as LLaVA's worker does."""

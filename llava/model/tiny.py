@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
-from llava.constants import CLIP_MEAN, CLIP_STD
+from llava.constants import CLIP_MEAN, CLIP_STD, TINY_MARKER
 from llava.model.convert import fill_new_vocab_rows, padded_vocab_size, to_original_state_dict
 from llava.errors import MissingExtraError
 from llava.model.loaded import LoadedModel
@@ -29,7 +29,7 @@ from llava.model.tiny_families import FAMILY_BUILDERS, SHAPES, build_family_mode
 from llava.model.tiny_text import corpus as _corpus  # noqa: F401 - the tests read the training text here
 from llava.model.tiny_text import llama_tokenizer, patch_json, train_tokenizer, write_json, write_original_tokenizer
 
-__all__ = ["TinySpec", "PRESETS", "build_tiny", "build_loaded", "tiny_model_path", "is_tiny_name", "TINY_NOTICE",
+__all__ = ["TinySpec", "PRESETS", "build_tiny", "build_loaded", "tiny_model_path", "is_tiny_name", "TINY_NOTICE", "build_parser",
            "main"]
 
 logger = logging.getLogger(__name__)
@@ -224,9 +224,9 @@ def build_tiny(out: str | os.PathLike, layout: str = "hf", seed: int = 0, preset
         sd = _random_state_dict(spec, base_vocab, seed)
         out.mkdir(parents=True, exist_ok=True)
         (_write_hf if layout == "hf" else _write_original)(out, spec, tok_model, sd, base_vocab)
-    write_json(out / "ecso_tiny.json", {"builder_version": BUILDER_VERSION, "layout": layout, "seed": seed,
+    write_json(out / TINY_MARKER, {"builder_version": BUILDER_VERSION, "layout": layout, "seed": seed,
                                          "preset": preset, "spec": asdict(spec), "notice": TINY_NOTICE})
-    logger.info("built %s tiny model (%s layout, seed %d) at %s in %.1fs", preset, layout, seed, out,
+    logger.info("built a random-weight model, preset %s (%s layout, seed %d), at %s in %.1fs", preset, layout, seed, out,
                 time.perf_counter() - t0)
     return out
 
@@ -247,9 +247,9 @@ def _build_family(out: Path, family: str, layout: str, seed: int, preset: str) -
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    write_json(out / "ecso_tiny.json", {"builder_version": FAMILY_BUILDER_VERSION, "family": family, "seed": seed,
+    write_json(out / TINY_MARKER, {"builder_version": FAMILY_BUILDER_VERSION, "family": family, "seed": seed,
                                          "preset": preset, "shapes": asdict(SHAPES), "notice": TINY_NOTICE})
-    logger.info("built tiny %s model (seed %d) at %s in %.1fs", family, seed, out, time.perf_counter() - t0)
+    logger.info("built a random-weight %s model (seed %d) at %s in %.1fs", family, seed, out, time.perf_counter() - t0)
     return out
 
 
@@ -306,7 +306,7 @@ def tiny_model_path(name: str = "tiny", seed: int = 0) -> Path:
     layout, preset, family = _TINY_NAMES[name]
     target = cache_dir() / "models" / (f"{preset}-{layout}-seed{seed}-v{BUILDER_VERSION}" if family == "llava"
                                        else f"{family}-{preset}-seed{seed}-v{FAMILY_BUILDER_VERSION}")
-    if (target / "ecso_tiny.json").exists():
+    if (target / TINY_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.warning("building the %s model into %s (%s)", name, target, TINY_NOTICE)
@@ -316,14 +316,14 @@ def tiny_model_path(name: str = "tiny", seed: int = 0) -> Path:
         try:
             os.rename(tmp / "m", target)
         except OSError:
-            if not (target / "ecso_tiny.json").exists():  # lost a race to another process: fine if it finished
+            if not (target / TINY_MARKER).exists():  # lost a race to another process: fine if it finished
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava.model.tiny", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -338,8 +338,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=["tiny", "bench"], default="tiny",
                         help="tiny: ~0.4 M parameters for tests; bench: ~90 M parameters for CPU benchmarks "
                              "(the llava-1.5-7b preset is built in memory by the GPU benchmarks, not saved)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # e.g. "CLIPImageProcessor requires torchvision": PIL's is what LLaVA uses
+    hf_logging.disable_progress_bar()
     try:
         path = build_tiny(args.out, layout=args.layout, seed=args.seed, preset=args.preset, family=args.family)
     except (ValueError, MissingExtraError) as exc:

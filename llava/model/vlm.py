@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava.constants import TINY_MARKER
 from llava.errors import ModelNotFoundError, UnsupportedError
 from llava.extras import check_extra
 from llava.model.builder import quantization_config, resolve_model_path
@@ -103,7 +104,7 @@ def load_vlm(model_path: str, model_name: str | None = None, device: str | None 
         image_token_id = getattr(cfg, "image_token_index", None)
     loaded = LoadedVLM(processor=processor, tokenizer=tokenizer, model=model, family=family, context_len=context_len,
                        model_name=name, model_path=str(folder), image_token_id=image_token_id, device=dev,
-                       dtype=torch_dtype, is_tiny=(folder / "ecso_tiny.json").exists())
+                       dtype=torch_dtype, is_tiny=(folder / TINY_MARKER).exists())
     if loaded.is_tiny:
         logger.warning("%s is a tiny random-weight model: its outputs are random text", name)
     logger.info("loaded %s (%s family, %s) on %s/%s, context %d, prompts from the processor's chat template", name,

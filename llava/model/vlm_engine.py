@@ -17,6 +17,7 @@ from PIL import Image
 
 from llava.errors import ContextLengthError, InvalidRequestError
 from llava.model.engine_base import GenerationEngine
+from llava.model.prefix_cache import DEFAULT_CACHE_BYTES
 from llava.model.vlm import LoadedVLM
 
 __all__ = ["VLMEncoded", "VLMEngine"]
@@ -41,8 +42,9 @@ class VLMEngine(GenerationEngine):
 
     loaded: LoadedVLM
 
-    def __init__(self, loaded: LoadedVLM, prefix_reuse: bool = True, cache_capacity: int = 32):
-        super().__init__(loaded, prefix_reuse and loaded.family.prefix_reuse, cache_capacity)
+    def __init__(self, loaded: LoadedVLM, prefix_reuse: bool = True, cache_capacity: int = 32,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        super().__init__(loaded, prefix_reuse and loaded.family.prefix_reuse, cache_capacity, cache_bytes)
         self.processor = loaded.processor
         self.positions_from_mask = not loaded.family.model_positions
 

@@ -14,8 +14,8 @@ import sys
 from typing import TextIO
 
 from llava.cli_args import (add_backend_args, add_decoding_args, add_ecso_args, add_model_args, backend_from_args,
-                            setup_logging)
-from llava.ecso.config import ecso_config_from_args
+                            ecso_config, setup_logging)
+from llava.ecso.display import RANDOM_WEIGHTS_NOTE, final_line, printable, verdict_line
 from llava.ecso.events import Step
 from llava.errors import ECSOError
 
@@ -45,7 +45,7 @@ def _chat_turn(backend, history, text, images, params, out: TextIO) -> str:
 
     answer = ""
     for delta in backend.stream(StepRequest(text, images, params, history=list(history))):
-        out.write(delta)
+        out.write(printable(delta))
         out.flush()
         answer += delta
     out.write("\n")
@@ -53,24 +53,29 @@ def _chat_turn(backend, history, text, images, params, out: TextIO) -> str:
 
 
 def _ecso_turn(pipeline, images, text, out: TextIO) -> None:
-    streaming = None
+    streaming, flagged = None, False
+    config = pipeline.config
     for event in pipeline.stream(images, text):
         if not event.done:
             if streaming != event.step:
                 out.write(f"[{_HEADERS[event.step]}] ")
                 streaming = event.step
-            out.write(event.delta or "")
+            out.write(printable(event.delta))
             out.flush()
             continue
         if event.step is Step.VERDICT:
-            score = f" (P(yes) = {event.harm_score:.3f})" if event.harm_score is not None else ""
-            out.write(f"[{_HEADERS[Step.VERDICT]}] {'harmful' if event.flagged else 'not harmful'}{score}\n")
+            mode = getattr(event, "verdict_mode", None) or pipeline.verdict_mode
+            flagged = bool(event.flagged)
+            line = verdict_line(flagged, event.harm_score, mode, config.threshold if mode == "score" else None,
+                                event.text, getattr(event, "verdict_fallback", None))
+            out.write(f"[{_HEADERS[Step.VERDICT]}] {line}\n")
         elif event.step is Step.FINAL:
-            out.write(f"[{_HEADERS[Step.FINAL]}] {event.text}\n")
+            how = final_line(flagged, config.image_in_safe_step, bool(images))
+            out.write(f"[{_HEADERS[Step.FINAL]}: {how}] {printable(event.text)}\n")
         elif streaming == event.step:
             out.write("\n")
         else:
-            out.write(f"[{_HEADERS[event.step]}] {event.text}\n")
+            out.write(f"[{_HEADERS[event.step]}] {printable(event.text)}\n")
         streaming = None
 
 
@@ -80,9 +85,11 @@ def chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.
 
     images = [load_image(args.image_file)] if args.image_file else []
     backend = backend_from_args(args)
-    config = ecso_config_from_args(args)
+    config = ecso_config(args)
     pipeline = ECSO(backend, config)
     history: list[tuple[str, str]] = []
+    if backend.describe().get("tiny_random_weights"):
+        out.write(f"[{RANDOM_WEIGHTS_NOTE}]\n")
     try:
         while True:
             out.write("USER: ")

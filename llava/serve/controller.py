@@ -7,7 +7,9 @@ Workers register (``/register_worker``) and heart-beat (``/receive_heart_beat``)
 heart-beating for ``heart_beat_expiration`` seconds are dropped. ``/worker_get_status`` sums the workers, so a
 controller can itself be registered as a worker of another controller.
 
-Run: ``python -m llava.serve.controller --host 127.0.0.1 --port 10000`` (``--help`` lists every flag).
+Who may register is in :mod:`llava.serve.controller_admission` (never itself; without a key only allowed hosts and
+no takeover of a live worker's name). Run: ``python -m llava.serve.controller --host 127.0.0.1 --port 10000``
+(``--help`` lists every flag).
 """
 from __future__ import annotations
 
@@ -24,14 +26,18 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 
 from llava.constants import CONTROLLER_HEART_BEAT_EXPIRATION, CONTROLLER_PORT, DEFAULT_HOST
-from llava.errors import BackendError, ECSOError
-from llava.http_client import apost_json, resolve_api_key
+from llava.http_client import resolve_api_key
+from llava.serve.controller_admission import (
+    LOOPBACK_HOSTS,
+    check_replacement,
+    check_worker_url,
+    fetch_status,
+    parse_allowed_hosts,
+)
 from llava.serve.controller_relay import dispatch, expire, generate_stream
 from llava.serve.dispatch import DISPATCH_METHODS, WorkerRegistry, get_dispatch_method
-from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.protocol.llava import (
     HealthResponse,
     HeartBeatRequest,
@@ -45,9 +51,10 @@ from llava.serve.protocol.llava import (
     WorkerStatus,
 )
 from llava.serve.server import (
-    BodyLimitMiddleware,
+    api_docs_urls,
     add_server_arguments,
     configure_logging,
+    install_edge_middleware,
     install_error_handlers,
     llava_error_frame,
     positive_int,
@@ -70,7 +77,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ControllerConfig:
     """``worker_timeout``: seconds to connect to a worker and to wait for each piece of its stream;
-    ``status_timeout``: seconds for a worker's ``/worker_get_status``."""
+    ``status_timeout``: seconds for a worker's ``/worker_get_status``; ``allowed_worker_hosts``: where a keyless
+    controller accepts workers (:mod:`llava.serve.controller_admission`); ``max_worker_timeouts``: timeouts in a
+    row after which a worker is dropped."""
 
     host: str = DEFAULT_HOST
     port: int = CONTROLLER_PORT
@@ -83,11 +92,15 @@ class ControllerConfig:
     log_ips: bool = False
     max_request_bytes: int = 64 * 1024 * 1024
     seed: int | None = None
+    allowed_worker_hosts: tuple[str, ...] = (LOOPBACK_HOSTS,)
+    max_worker_timeouts: int = 3
 
     def __post_init__(self) -> None:
         get_dispatch_method(self.dispatch_method)
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be at least 1, got {self.max_request_bytes}")
+        if self.max_worker_timeouts < 1:
+            raise ValueError(f"max_worker_timeouts must be at least 1, got {self.max_worker_timeouts}")
         for name in ("heart_beat_expiration", "worker_timeout", "status_timeout"):
             value = getattr(self, name)
             if not value > 0 or math.isinf(value):
@@ -106,15 +119,7 @@ async def _sweep(app: FastAPI) -> None:
 
 async def _fetch_status(app: FastAPI, worker: str) -> WorkerStatus:
     cfg = app.state.config
-    try:
-        body = await apost_json(
-            app.state.http, f"{worker}/worker_get_status", {}, api_key=cfg.api_key, timeout=cfg.status_timeout
-        )
-        return WorkerStatus.model_validate(body)
-    except ECSOError as exc:
-        raise BackendError(f"cannot get the status of worker {worker}: {exc}") from exc
-    except ValidationError as exc:
-        raise BackendError(f"worker {worker} sent a bad status: {describe_validation_error(exc)[0]}") from exc
+    return await fetch_status(app.state.http, worker, api_key=cfg.api_key, timeout=cfg.status_timeout)
 
 
 def _routes() -> APIRouter:
@@ -122,8 +127,14 @@ def _routes() -> APIRouter:
 
     @router.post("/register_worker")
     async def register_worker(body: RegisterWorkerRequest, request: Request) -> RegisterWorkerResponse:
-        app = request.app
+        app, cfg = request.app, request.app.state.config
+        keyed = bool(cfg.api_key)
+        check_worker_url(body.worker_name, own_host=cfg.host, own_port=cfg.port, keyed=keyed,
+                         allowed=cfg.allowed_worker_hosts)
         status = body.worker_status or await _fetch_status(app, body.worker_name)
+        expire(app)
+        check_replacement(app.state.registry, body.worker_name, status, keyed=keyed,
+                          expiration=cfg.heart_beat_expiration)
         again = body.worker_name in app.state.registry
         app.state.registry.register(body.worker_name, status, body.check_heart_beat)
         logger.info(
@@ -208,7 +219,7 @@ def create_app(config: ControllerConfig) -> FastAPI:
                 sweeper.cancel()
                 await asyncio.gather(sweeper, return_exceptions=True)
 
-    app = FastAPI(title="ECSO controller", lifespan=lifespan)
+    app = FastAPI(title="ECSO controller", lifespan=lifespan, **api_docs_urls(config.api_key))
     app.state.config = config
     app.state.api_key = config.api_key
     app.state.log_ips = config.log_ips
@@ -222,8 +233,8 @@ def create_app(config: ControllerConfig) -> FastAPI:
     async def health() -> HealthResponse:
         return HealthResponse(workers=len(app.state.registry))
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes, service="controller",
-                       error_bodies={"/worker_generate_stream": llava_error_frame})
+    install_edge_middleware(app, max_bytes=config.max_request_bytes, service="controller",
+                            error_bodies={"/worker_generate_stream": llava_error_frame})
     return app
 
 
@@ -266,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s, the worker's default)",
     )
     parser.add_argument(
+        "--allowed-worker-hosts",
+        type=parse_allowed_hosts,
+        default=(LOOPBACK_HOSTS,),
+        help="without an API key, the hosts whose worker URLs may register: comma-separated 'loopback', IP "
+        "addresses, networks (10.0.0.0/8) or host names (as written, no DNS lookup). Default: loopback. With "
+        "--api-key every host may (the key is the check)",
+    )
+    parser.add_argument(
+        "--max-worker-timeouts",
+        type=positive_int,
+        default=3,
+        help="requests in a row that time out on a worker before it is dropped (a hung worker whose heartbeats "
+        "still come; it re-registers on its next heartbeat) (default %(default)s)",
+    )
+    parser.add_argument(
         "--status-timeout",
         type=positive_seconds,
         default=5.0,
@@ -275,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> ControllerConfig:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        api_key = resolve_api_key(args.api_key, environ)
+    except ValueError as exc:
+        parser.error(str(exc))
     return ControllerConfig(
         host=args.host,
         port=args.port,
@@ -283,10 +314,12 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         heart_beat_expiration=args.heart_beat_expiration,
         worker_timeout=args.worker_timeout,
         status_timeout=args.status_timeout,
-        api_key=resolve_api_key(args.api_key, environ),
+        api_key=api_key,
         log_level=args.log_level,
         log_ips=args.log_ips,
         max_request_bytes=args.max_request_bytes,
+        allowed_worker_hosts=args.allowed_worker_hosts,
+        max_worker_timeouts=args.max_worker_timeouts,
     )
 
 

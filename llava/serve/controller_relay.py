@@ -1,8 +1,10 @@
 """The controller's stream proxy: ``/worker_generate_stream`` dispatched to a worker and relayed frame for frame.
 
 The client's body is sent on as it came (validated; re-encoding could fail on what JSON allows). A worker that
-refuses the connection is dropped and the next one tried; every failure, before or during the stream, is one LLaVA
-error chunk with a real status (never a hang: every read is bounded by the worker timeout).
+refuses the connection is dropped and the next one tried, and so is one that timed out ``max_worker_timeouts``
+times in a row; every failure, before or during the stream, is one LLaVA error chunk with a real status (never a
+hang: every read is bounded by the worker timeout). A frame that is not a JSON object ends the stream with a
+protocol error instead of reaching the client.
 """
 from __future__ import annotations
 
@@ -17,7 +19,14 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from llava.errors import AuthError, BackendError, BackendTimeoutError, ECSOError, InvalidRequestError, NoWorkerError
-from llava.http_client import STREAM_DELIMITER, ChunkDecoder, auth_headers, encode_chunk, error_from_response
+from llava.http_client import (
+    STREAM_DELIMITER,
+    ChunkDecoder,
+    auth_headers,
+    decode_chunk,
+    encode_chunk,
+    error_from_response,
+)
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.protocol.llava import GenerateStreamRequest
 from llava.serve.server import STREAM_MEDIA_TYPE, error_chunk
@@ -34,6 +43,22 @@ def expire(app: FastAPI) -> None:
         logger.warning(
             "removed worker %s: no heartbeat for more than %.1f s", name, state.config.heart_beat_expiration
         )
+
+
+def _timed_out(app: FastAPI, address: str) -> None:
+    """Count a timeout against a worker; after ``max_worker_timeouts`` in a row it is dropped (a hung worker whose
+    heartbeats still come gets no more traffic; it re-registers on its next heartbeat and is dropped again after as
+    many timeouts if it is still hung)."""
+    limit = app.state.config.max_worker_timeouts
+    count = app.state.registry.timed_out(address)
+    if count >= limit:
+        logger.warning("removed worker %s: %d requests in a row timed out (--max-worker-timeouts %d)", address,
+                       count, limit)
+        app.state.registry.remove(address)
+
+
+def _answered(app: FastAPI, address: str) -> None:
+    app.state.registry.answered(address)
 
 
 def dispatch(app: FastAPI, model: str) -> str:
@@ -66,6 +91,7 @@ async def _open_stream(app: FastAPI, model: str, body: bytes) -> tuple[str, http
         try:
             return address, await app.state.http.send(request, stream=True)
         except httpx.TimeoutException as exc:
+            _timed_out(app, address)
             raise BackendTimeoutError(
                 f"worker {address} did not answer within {cfg.worker_timeout:g} s ({type(exc).__name__})"
             ) from exc
@@ -84,16 +110,23 @@ async def _relay(app: FastAPI, address: str, resp: httpx.Response) -> AsyncItera
     try:
         async for data in resp.aiter_bytes():
             for frame in decoder.feed(data):
+                try:
+                    decode_chunk(frame)  # a frame that is not a JSON object never reaches the client
+                except BackendError as exc:
+                    raise BackendError(f"worker {address} broke the stream protocol after {frames} chunks: "
+                                       f"{exc}") from None
                 frames += 1
                 yield frame + STREAM_DELIMITER
         if decoder.pending:
             raise BackendError(f"worker {address} ended its stream inside a frame ({decoder.pending} bytes)")
         if not frames:
             raise BackendError(f"worker {address} ended its stream without sending anything")
+        _answered(app, address)
     except httpx.TimeoutException:
         timeout = app.state.config.worker_timeout
         err: ECSOError = BackendTimeoutError(f"worker {address} sent nothing for {timeout:g} s after {frames} chunks")
         logger.warning("stream from %s: %s", address, err)
+        _timed_out(app, address)
         yield encode_chunk(error_chunk(err))
     except httpx.HTTPError as exc:
         err = BackendError(f"worker {address} broke off its stream after {frames} chunks: {type(exc).__name__}: {exc}")
@@ -105,6 +138,16 @@ async def _relay(app: FastAPI, address: str, resp: httpx.Response) -> AsyncItera
     finally:
         with anyio.CancelScope(shield=True):  # the client may have gone: still release the worker connection
             await resp.aclose()
+
+
+def _all_frames_json(body: bytes) -> bool:
+    try:
+        for frame in body.split(STREAM_DELIMITER):
+            if frame:
+                decode_chunk(frame)
+    except BackendError:
+        return False
+    return True
 
 
 def _chunk_response(exc: ECSOError) -> Response:
@@ -127,7 +170,7 @@ async def generate_stream(app: FastAPI, request: Request) -> Response:
     if resp.status_code >= 400:
         body = await resp.aread()
         await resp.aclose()
-        if STREAM_DELIMITER in body:  # the worker already answered with error chunks
+        if STREAM_DELIMITER in body and _all_frames_json(body):  # the worker already answered with error chunks
             return Response(body, status_code=resp.status_code, media_type=STREAM_MEDIA_TYPE)
         err = error_from_response(resp.status_code, body, f"{address}/worker_generate_stream")
         if isinstance(err, AuthError):  # the worker refused *our* key: not the client's fault

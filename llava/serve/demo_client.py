@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import json
 import logging
 import threading
@@ -27,6 +28,7 @@ from PIL import Image
 
 from llava.conversation import SeparatorStyle, build_prompt, default_conv_mode, get_conv_template
 from llava.ecso.config import ECSOConfig
+from llava.ecso.display import RANDOM_WEIGHTS_NOTE, final_line, printable, verdict_line
 from llava.ecso.events import ECSOProgress, Step
 from llava.ecso.prompts import get_prompt_set
 from llava.errors import ECSOError, NoWorkerError
@@ -73,17 +75,25 @@ class StepResult(ECSOProgress):
 @dataclass
 class RunState:
     """One run's progress: the raw results plus the text being streamed into each panel. ``apply`` takes one
-    ECSO event; the ``*_panel`` properties and :meth:`status` render what the page shows."""
+    ECSO event; the ``*_panel`` properties, :meth:`badge_html` and :meth:`status` render what the page shows.
+    ``has_image`` and ``image_in_safe_step`` say how a safe answer is made; ``model_note`` is shown with the verdict
+    (e.g. that the model has random weights); ``notice`` replaces the status line (e.g. "type a query first")."""
 
     result: StepResult = field(default_factory=StepResult)
     streaming: dict[Step, str] = field(default_factory=dict)
     done: bool = False
+    started: bool = False
     whole_run: bool = True  # Run ECSO (steps 3-4 skipped when harmless) vs one step at a time
+    has_image: bool = True
+    image_in_safe_step: bool = False
+    model_note: str | None = None
+    notice: str | None = None
     _last_mark: float = field(default_factory=time.perf_counter, repr=False)
     _started: float = field(default_factory=time.perf_counter, repr=False)
 
     def apply(self, event: ECSOEvent) -> None:
         """Take one event: a delta grows its panel, a finished step sets its result and time."""
+        self.started = True
         r = self.result
         if event.is_error:
             r.error = f"error_code {event.error_code}: {event.detail or event.text or 'no detail'}"
@@ -112,7 +122,45 @@ class RunState:
     # ---- rendering --------------------------------------------------------------------------------------------
     def _text(self, step: Step) -> str:
         value = getattr(self.result, step.value)
-        return value if value is not None else self.streaming.get(step, "")
+        return printable(value if value is not None else self.streaming.get(step, ""))
+
+    @property
+    def final_panel(self) -> str:
+        """The answer ECSO gives (once the run is done), or the direct answer while only step 1 has run."""
+        r = self.result
+        if r.final is not None:
+            return printable(r.final)
+        if not self.whole_run and r.flagged is not None:
+            return printable(r.safe if r.flagged and r.safe is not None else r.direct if not r.flagged else "")
+        return ""
+
+    def _final_source(self) -> str:
+        r = self.result
+        return final_line(bool(r.flagged), self.image_in_safe_step, self.has_image)
+
+    def verdict_line(self) -> str:
+        """How the verdict was reached: ``P(yes) 0.524 < threshold 0.5: not flagged`` (or the read verdict)."""
+        r = self.result
+        mode = r.verdict_mode or ("score" if r.harm_score is not None else None)
+        return verdict_line(bool(r.flagged), r.harm_score, mode, r.threshold if mode == "score" else None,
+                            r.verdict_text, r.verdict_fallback)
+
+    def badge_html(self) -> str:
+        """A coloured badge: red when the answer was flagged, green when not; the verdict line and which answer is
+        final beside it; the model note (a random-weight model) below."""
+        r = self.result
+        parts = []
+        if r.flagged is not None:
+            kind, label = ("flagged", "FLAGGED") if r.flagged else ("clear", "NOT FLAGGED")
+            colour = "#c62828" if r.flagged else "#2e7d32"
+            parts.append(f'<div class="ecso-verdict ecso-{kind}"><span class="ecso-badge" style="background:{colour};'
+                         f'color:#fff;font-weight:700;padding:2px 10px;border-radius:4px">{label}</span> '
+                         f'{html.escape(self.verdict_line())}. Final answer: {html.escape(self._final_source())}.'
+                         '</div>')
+        if self.model_note:
+            parts.append(f'<div class="ecso-model-note" style="color:#8a6d00">Note: {html.escape(self.model_note)}.'
+                         '</div>')
+        return "\n".join(parts)
 
     @property
     def direct_panel(self) -> str:
@@ -136,21 +184,24 @@ class RunState:
         r = self.result
         if r.flagged is None:
             return ""
-        lines = ["HARMFUL: yes, ECSO answers again without the image" if r.flagged
-                 else "HARMFUL: no, the direct answer stands"]
-        if r.harm_score is not None:
-            rule = f" (flagged when >= {r.threshold:.2f})" if r.threshold is not None else ""
-            lines.append(f"harm score P(yes) = {r.harm_score:.3f}{rule}")
-        if r.verdict_text:
-            lines.append(f"model's verdict: {r.verdict_text.strip()}")
-        return "\n".join(lines)
+        if r.flagged:
+            head = ("HARMFUL: yes, ECSO answers again " +
+                    ("from the caption, without the image" if self.has_image and not self.image_in_safe_step
+                     else "from the caption" if self.has_image else "(there is no image to leave out)"))
+        else:
+            head = "HARMFUL: no, the direct answer stands"
+        return f"{head}\n{self.verdict_line()}"
 
     def status(self) -> str:
         r = self.result
+        if self.notice:
+            return self.notice
         times = " · ".join(f"{_STEP_LABELS.get(k, k)} {_duration(v)}" for k, v in r.timings.items())
         if r.error:
             return f"**Error.** {r.error}" + (f"\n\nStep times: {times}" if times else "")
         if not self.done:
+            if not self.started:
+                return ""  # nothing run yet (or cleared)
             running = next(iter(self.streaming), None)
             label = f": {_STEP_LABELS.get(running, running)}" if running else ""
             return f"Running{label} ..." + (f" ({times})" if times else "")
@@ -235,6 +286,19 @@ class DemoClient:
                 return
             yield ECSOEvent.model_validate(frame)
 
+    def model_note(self, model: str) -> str | None:
+        """What the page should say about ``model``: that it has random weights, when its worker says so."""
+        try:
+            status = self.worker(model).post("/worker_get_status")
+        except ECSOError:
+            return None  # the run itself will report what is wrong
+        return RANDOM_WEIGHTS_NOTE if status.get("random_weights") else None
+
+    def run_context(self, model: str, image: Image.Image | None, options: ECSOOptions) -> dict[str, Any]:
+        """The :class:`RunState` fields that say how this run's answers are made."""
+        return {"has_image": image is not None, "model_note": self.model_note(model),
+                "image_in_safe_step": bool(_pick(options.image_in_safe_step, self.defaults.image_in_safe_step))}
+
     # ---- one step at a time -----------------------------------------------------------------------------------
     def _conv_mode(self, worker: ServiceClient) -> str:
         if self.conv_mode:
@@ -274,7 +338,7 @@ class DemoClient:
             raise ValueError(f"unknown step {step!r}; valid: {', '.join(s.value for s in _STEP_LABELS)}") from None
         prompts = get_prompt_set(_pick(options.prompt_set, self.defaults.prompt_set))
         run = RunState(result=StepResult(**{**state.to_dict(), "timings": dict(state.timings), "error": None}),
-                       whole_run=False)
+                       whole_run=False, started=True, **self.run_context(model, image, options))
         images = [image] if image is not None else []
         if step is Step.VERDICT:
             if state.direct is None:

@@ -27,6 +27,7 @@ class WorkerInfo:
     check_heart_beat: bool
     last_heart_beat: float  # clock() time
     healthy: bool = True
+    timeouts: int = 0  # requests in a row that timed out
 
 
 class WorkerRegistry:
@@ -67,12 +68,25 @@ class WorkerRegistry:
         info.last_heart_beat = self._clock()
         return True
 
+    def timed_out(self, name: str) -> int:
+        """Count a timed-out request against a worker; the count in a row (0 for an unknown worker)."""
+        info = self._workers.get(name)
+        if info is None:
+            return 0
+        info.timeouts += 1
+        return info.timeouts
+
+    def answered(self, name: str) -> None:
+        info = self._workers.get(name)
+        if info is not None:
+            info.timeouts = 0
+
     def expire(self, expiration: float) -> list[str]:
-        """Remove and return workers (with heartbeat checking on) silent for more than ``expiration`` seconds."""
+        """Remove and return the workers silent for more than ``expiration`` seconds. Every worker expires:
+        ``check_heart_beat: false`` (LLaVA's flag) is kept for the protocol but exempts no one, or a registration
+        that never heart-beats would stay forever."""
         now = self._clock()
-        stale = [
-            w.name for w in self._workers.values() if w.check_heart_beat and now - w.last_heart_beat > expiration
-        ]
+        stale = [w.name for w in self._workers.values() if now - w.last_heart_beat > expiration]
         for name in stale:
             del self._workers[name]
         return stale
@@ -90,7 +104,7 @@ class WorkerRegistry:
 
     def total_status(self) -> WorkerStatus:
         workers = self._workers.values()
-        return WorkerStatus(
+        return WorkerStatus.model_construct(  # sums of validated values: a sum may pass a single worker's bounds
             model_names=self.models(),
             speed=sum(w.speed for w in workers),
             queue_length=sum(w.queue_length for w in workers),

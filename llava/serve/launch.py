@@ -7,10 +7,14 @@ Starts the controller, then the worker and the demo side by side, each as ``pyth
 own process group, and waits until each is ready (``/health``; the worker also listed by the controller's
 ``/list_models``; the demo page answering). Then it prints the URLs and watches: Ctrl-C (SIGINT) or SIGTERM stops
 all three (exit status 0); a service that exits on its own stops the others, with a message naming it, and exit
-status 1. So does a service that is not ready within ``--startup-timeout``.
+status 1. So does a service that is not ready within ``--startup-timeout``. A port that is already taken is named,
+with the flag that changes it, before anything starts. Periodic requests (heartbeats, health and status probes) are
+logged at debug level only, so the "ready" lines stay on screen.
 
-Flags this command does not know are passed to the worker (``--device``, ``--dtype``, ``--conv-mode``, ...). The
-API key goes to the children in the ``ECSO_API_KEY`` environment variable, never on their command lines.
+Flags this command does not know are passed to the worker (``--device``, ``--dtype``, ``--conv-mode``, ...).
+
+Keyed with zero configuration: without ``--api-key``/``ECSO_API_KEY`` (or ``--no-api-key``) a random key is made
+for the run (:mod:`llava.serve.launch_secrets`). Keys and the demo's logins reach the children in the environment.
 """
 from __future__ import annotations
 
@@ -18,8 +22,11 @@ import argparse
 import ctypes
 import logging
 import os
+import secrets
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,11 +36,13 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WEB_PORT, WORKER_PORT
+from llava.cli_args import is_tiny_model
+from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, DEMO_AUTH_ENV, TINY_MAX_NEW_TOKENS, WEB_PORT, WORKER_PORT
 from llava.http_client import API_KEY_ENV, auth_headers, is_loopback, resolve_api_key
+from llava.serve.launch_secrets import split_demo_auth, write_private_key
 from llava.serve.server import configure_logging
 
-__all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "build_parser", "config_from_args", "main"]
+__all__ = ["LaunchConfig", "Child", "LaunchError", "Launcher", "port_in_use", "build_parser", "config_from_args", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +59,11 @@ class LaunchConfig:
     worker_port: int = WORKER_PORT
     web_port: int = WEB_PORT
     api_key: str | None = field(default=None, repr=False)
+    api_key_generated: bool = False
     demo: bool = True
     worker_args: tuple[str, ...] = ()
     demo_args: tuple[str, ...] = ()
+    demo_auth: tuple[str, ...] = field(default=(), repr=False)  # USER:PASSWORD logins, passed in ECSO_DEMO_AUTH
     startup_timeout: float = 600.0
     stop_timeout: float = 10.0
     log_level: str = "info"
@@ -136,6 +147,8 @@ class Launcher:
         self._out = out or (lambda line: print(line, flush=True))
         self._http = httpx.Client(timeout=2.0, trust_env=False, headers=auth_headers(config.api_key))
         self._preexec = _parent_death_signal()
+        self._key_dir: str | None = None
+        self.key_file: str | None = None
 
     def _child_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         env = dict(environ)
@@ -143,7 +156,19 @@ class Launcher:
         env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         if self.config.api_key:
             env[API_KEY_ENV] = self.config.api_key
+        if self.config.demo_auth:
+            env[DEMO_AUTH_ENV] = "\n".join(self.config.demo_auth)
         return env
+
+    def _write_key_file(self) -> None:
+        """A generated key goes to a file only this user can read (removed at exit), for API clients."""
+        if self.config.api_key and self.config.api_key_generated:
+            self._key_dir, self.key_file = write_private_key(self.config.api_key)
+
+    def _remove_key_file(self) -> None:
+        if self._key_dir:
+            shutil.rmtree(self._key_dir, ignore_errors=True)
+            self._key_dir = None
 
     # ---- the three services -----------------------------------------------------------------------------------
     def controller_argv(self) -> list[str]:
@@ -158,13 +183,40 @@ class Launcher:
 
     def demo_argv(self) -> list[str]:
         c = self.config
+        short = ["--max-new-tokens", str(TINY_MAX_NEW_TOKENS)] if is_tiny_model(c.model_path) else []  # random text
         return ["--host", c.host, "--port", str(c.web_port), "--controller-url", c.controller_url,
-                "--model-list-mode", "reload", "--log-level", c.log_level, *c.demo_args]
+                "--model-list-mode", "reload", "--log-level", c.log_level, *short, *c.demo_args]
+
+    def busy_ports(self) -> list[str]:
+        """One line per service whose port is taken on ``host``, naming the port, the flag that changes it and a
+        free port to try."""
+        c = self.config
+        wanted = [("the controller", c.controller_port, "--controller-port"),
+                  ("the worker", c.worker_port, "--worker-port")]
+        if c.demo:
+            wanted.append(("the demo page", c.web_port, "--web-port"))
+        taken = {port for _, port, _ in wanted}
+        found = []
+        for what, port, flag in wanted:
+            if port_in_use(c.host, port):
+                free = next(p for p in range(port + 1, 65536) if p not in taken and not port_in_use(c.host, p))
+                taken.add(free)
+                found.append(f"port {port} on {c.host} ({what}) is in use: choose another with {flag}, e.g. "
+                             f"{flag} {free}")
+        return found
 
     def run(self) -> int:
         """Start everything, print the URLs, watch until stopped. Returns the exit status (0 on a requested stop)."""
         c = self.config
+        busy = self.busy_ports()
+        if busy:
+            for line in busy:
+                logger.error("%s", line)
+            logger.error("nothing was started")
+            self._http.close()
+            return 1
         try:
+            self._write_key_file()
             self._start("controller", "llava.serve.controller", self.controller_argv())
             self._wait("controller", lambda: self._get_ok(f"{c.controller_url}/health"))
             # The demo needs no worker to start (it asks the controller for models on each page load): start both.
@@ -185,6 +237,7 @@ class Launcher:
         finally:
             self.stop_all()
             self._http.close()
+            self._remove_key_file()
         logger.info("stopped (%s)", self.stop_reason or "requested")
         return 0
 
@@ -193,8 +246,10 @@ class Launcher:
         lines = ["ECSO serving stack is ready:"]
         if c.demo:
             lines.append(f"  demo        {c.web_url}")
-        lines += [f"  controller  {c.controller_url}", f"  worker      {c.worker_url} (model {', '.join(models)})",
-                  "Press Ctrl-C to stop all of them."]
+        lines += [f"  controller  {c.controller_url}", f"  worker      {c.worker_url} (model {', '.join(models)})"]
+        if self.key_file:
+            lines.append(f"  API key     in {self.key_file} (removed at exit): export {API_KEY_ENV}=$(cat {self.key_file})")
+        lines.append("Press Ctrl-C to stop all of them.")
         self._out("\n".join(lines))
 
     # ---- children ---------------------------------------------------------------------------------------------
@@ -292,6 +347,23 @@ class _Stopped(Exception):
     """A stop was requested (SIGINT/SIGTERM) while starting or watching."""
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not bind ``host:port`` now (the probe binds as uvicorn does, with SO_REUSEADDR, so a
+    port in TIME_WAIT counts as free)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return False  # the service itself will say what is wrong with the host
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return True
+    return False
+
+
 def _signal_group(pgid: int, sig: int) -> bool:
     """Send ``sig`` to process group ``pgid``; False when the group is gone."""
     try:
@@ -320,11 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo page port (default %(default)s)")
     p.add_argument("--api-key", default=None,
                    help=f"shared key for all three services, passed to them in {API_KEY_ENV} (default: that "
-                        f"environment variable; unset = no authentication)")
+                        f"environment variable; unset = a random key for this run, see --no-api-key)")
+    p.add_argument("--no-api-key", action="store_true",
+                   help="no authentication at all. Default: without --api-key or ECSO_API_KEY a random key is "
+                        "generated for the run (written to a private file named in the ready message)")
     p.add_argument("--no-demo", dest="demo", action="store_false",
                    help="start only the controller and the worker (for API use)")
     p.add_argument("--demo-args", default="",
-                   help="extra flags for the demo, one shell-quoted string, e.g. \"--threshold 0.3 --auth me:pw\"")
+                   help="extra flags for the demo, one shell-quoted string, e.g. \"--threshold 0.3 --auth me:pw\" "
+                        f"(--auth logins go to the demo in {DEMO_AUTH_ENV}, not on its command line)")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="seconds each service may take to become ready, model loading included (default %(default)g)")
     p.add_argument("--stop-timeout", type=float, default=10.0,
@@ -340,13 +416,18 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     parser = build_parser()
     args, worker_args = parser.parse_known_args(argv)
     try:
+        api_key = None if args.no_api_key else resolve_api_key(args.api_key, environ)
+        generated = not api_key and not args.no_api_key
+        demo_args, demo_auth = split_demo_auth(shlex.split(args.demo_args))
         return LaunchConfig(
             model_path=args.model_path, host=args.host, controller_port=args.controller_port,
-            worker_port=args.worker_port, web_port=args.web_port, api_key=resolve_api_key(args.api_key, environ),
-            demo=args.demo, worker_args=tuple(worker_args), demo_args=tuple(shlex.split(args.demo_args)),
+            worker_port=args.worker_port, web_port=args.web_port,
+            api_key=secrets.token_urlsafe(32) if generated else api_key, api_key_generated=generated,
+            demo=args.demo, worker_args=tuple(worker_args), demo_args=demo_args, demo_auth=demo_auth,
             startup_timeout=args.startup_timeout, stop_timeout=args.stop_timeout, log_level=args.log_level)
     except ValueError as exc:
         parser.error(str(exc))
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,8 +33,8 @@ import anyio.to_thread
 import httpx
 from fastapi import FastAPI, Request
 
-from llava.cli_args import add_backend_args, add_ecso_args, add_model_args
-from llava.constants import CONTROLLER_PORT, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
+from llava.cli_args import add_backend_args, add_ecso_args, add_model_args, is_tiny_model
+from llava.constants import CONTROLLER_PORT, TINY_MAX_NEW_TOKENS, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
 from llava.ecso.backends import AsyncServingBackend, ServingBackend
 from llava.ecso.config import ecso_config_from_args
 from llava.ecso.local_vlm import backend_for_engine
@@ -42,12 +42,14 @@ from llava.errors import ECSOError
 from llava.http_client import openai_base_url, resolve_api_key
 from llava.mm_utils import ImageLimits
 from llava.model.engine_base import GenerationEngine
+from llava.model.prefix_cache import DEFAULT_CACHE_BYTES
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH
 from llava.serve.protocol.llava import WorkerHealthResponse
 from llava.serve.server import (
-    BodyLimitMiddleware,
+    api_docs_urls,
     add_server_arguments,
     configure_logging,
+    install_edge_middleware,
     install_error_handlers,
     llava_error_frame,
     positive_int,
@@ -118,7 +120,7 @@ def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
                 if isinstance(model, AsyncServingBackend) and backend is None:
                     await model.aclose()
 
-    app = FastAPI(title="ECSO model worker", lifespan=lifespan)
+    app = FastAPI(title="ECSO model worker", lifespan=lifespan, **api_docs_urls(config.api_key))
     app.state.config = config
     app.state.api_key = config.api_key
     app.state.log_ips = config.log_ips
@@ -133,8 +135,8 @@ def create_app(config: WorkerConfig, engine: GenerationEngine | None = None,
         return WorkerHealthResponse(models=[state.model_name], queue_length=state.slots.queue_length,
                                     healthy=state.model.reachable)
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes,
-                       error_bodies={GENERATE_STREAM_PATH: llava_error_frame, ECSO_STREAM_PATH: ecso_error_frame})
+    install_edge_middleware(app, max_bytes=config.max_request_bytes, service="worker",
+                            error_bodies={GENERATE_STREAM_PATH: llava_error_frame, ECSO_STREAM_PATH: ecso_error_frame})
     return app
 
 
@@ -166,15 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("limits")
     g.add_argument("--limit-model-concurrency", type=positive_int, default=5,
                    help="model jobs run at once; more wait (queue_length = waiting + running) (default %(default)s)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=512,
+    g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="new tokens when a request does not say (OpenAI without max_tokens, ECSO without "
-                   "options.max_new_tokens) (default %(default)s)")
+                   f"options.max_new_tokens) (default 512; {TINY_MAX_NEW_TOKENS} for a tiny random-weight --model-path)")
     g.add_argument("--max-request-bytes", type=positive_int, default=64 * 1024 * 1024,
                    help="largest request body, base64 images included; larger ones get 413 (default %(default)s)")
     g.add_argument("--max-image-pixels", type=positive_int, default=ImageLimits().max_pixels,
                    help="largest image (width x height), checked before decoding (default %(default)s)")
     g.add_argument("--max-images-per-request", type=positive_int, default=8,
                    help="most images in one request (default %(default)s)")
+    g.add_argument("--max-image-aspect-ratio", type=float, default=ImageLimits().max_aspect_ratio,
+                   help="longest side over shortest side of an image, checked before decoding; degenerate shapes "
+                   "(40000000 x 1) get 400 (default %(default)g)")
+    g.add_argument("--decode-concurrency", type=positive_int, default=2,
+                   help="images decoded at once across requests (each is reduced to the model's working size as "
+                   "soon as it is decoded) (default %(default)s)")
+    g.add_argument("--cache-bytes", type=positive_int, default=DEFAULT_CACHE_BYTES,
+                   help="most bytes each of the model's caches holds (prefix KV cache, preprocessed pixels; keyed "
+                   "by content hash, never holding decoded images) (default %(default)s = 1 GiB)")
     g.add_argument("--max-top-logprobs", type=int, default=20,
                    help="largest top_logprobs an OpenAI request may ask for (default %(default)s, as OpenAI)")
     g = parser.add_argument_group("image URLs (OpenAI API)")
@@ -184,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-private-image-urls", action="store_true",
                    help="with --allow-image-urls, also fetch from loopback, private and link-local addresses")
     g.add_argument("--image-url-timeout", type=positive_seconds, default=10.0,
-                   help="seconds to fetch one image URL (default %(default)g)")
+                   help="seconds to fetch a request's image URLs, all at once, in total (default %(default)g)")
     add_ecso_args(parser)  # defaults of ECSO runs (/worker_ecso_stream, OpenAI "ecso": true)
     g = parser.add_argument_group("ECSO policy (OpenAI API)")
     g.add_argument("--ecso-stream", choices=ECSO_POLICIES, default=None,
@@ -204,6 +215,8 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     args = parser.parse_args(argv)
     if not args.model_path and args.backend == "local":
         parser.error("--model-path is required (a checkpoint folder, a hub id, or 'tiny' for the test model)")
+    if args.max_new_tokens is None:  # also the default of ECSO runs (the option shares the name)
+        args.max_new_tokens = TINY_MAX_NEW_TOKENS if is_tiny_model(args.model_path) else 512
     try:
         ecso = ecso_config_from_args(args)
         remote = None
@@ -223,7 +236,9 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
             register=not args.no_register, heart_beat_interval=args.heart_beat_interval,
             limit_model_concurrency=args.limit_model_concurrency, max_new_tokens=args.max_new_tokens,
             max_image_pixels=args.max_image_pixels, max_request_bytes=args.max_request_bytes,
-            max_images_per_request=args.max_images_per_request, allow_image_urls=args.allow_image_urls,
+            max_images_per_request=args.max_images_per_request, max_image_aspect_ratio=args.max_image_aspect_ratio,
+            decode_concurrency=args.decode_concurrency, cache_bytes=args.cache_bytes,
+            allow_image_urls=args.allow_image_urls,
             allow_private_image_urls=args.allow_private_image_urls, image_url_timeout=args.image_url_timeout,
             max_top_logprobs=args.max_top_logprobs, ecso=ecso, api_key=resolve_api_key(args.api_key, environ),
             log_level=args.log_level, log_ips=args.log_ips,

@@ -7,7 +7,6 @@ endpoint except ``/health`` (compared in constant time, never logged). Clients l
 from __future__ import annotations
 
 import argparse
-import copy
 import hmac
 import logging
 import math
@@ -27,6 +26,14 @@ from llava.http_client import API_KEY_ENV, encode_chunk, is_loopback
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.protocol.llava import StreamChunk
 from llava.serve.protocol.openai import OpenAIError, OpenAIErrorResponse
+from llava.serve.server_http import (
+    KEEP_ALIVE_TIMEOUT,
+    MAX_CONNECTIONS,
+    PERIODIC_PATHS,
+    HeaderTimeoutProtocol,
+    PeriodicAccessFilter,
+    uvicorn_log_config,
+)
 
 __all__ = [
     "STREAM_MEDIA_TYPE",
@@ -39,12 +46,17 @@ __all__ = [
     "llava_error_frame",
     "chunk_error_response",
     "install_error_handlers",
+    "api_docs_urls",
+    "ApiKeyMiddleware",
     "BodyLimitMiddleware",
+    "install_edge_middleware",
     "positive_int",
     "positive_seconds",
     "add_server_arguments",
     "configure_logging",
     "uvicorn_log_config",
+    "PERIODIC_PATHS",
+    "PeriodicAccessFilter",
     "run_app",
 ]
 
@@ -56,20 +68,89 @@ SSE_MEDIA_TYPE = "text/event-stream"
 # --------------------------------------------------------------------------------------------------------- auth
 
 
+_AUTH_ERROR = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+OPEN_PATHS = frozenset({"/health"})  # the only endpoint a keyed service answers without the key
+
+
+def _key_matches(authorization: bytes, expected: str) -> bool:
+    """``Authorization: Bearer <key>`` (raw header bytes) against the key, in constant time. Keys are ASCII
+    (:func:`llava.http_client.resolve_api_key`), so client and server compare the same bytes."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected.encode("ascii"))
+
+
+def _log_rejected(app: Any, method: str, path: str, client: Any) -> None:
+    where = ""
+    if getattr(app.state, "log_ips", False):  # client addresses only when asked (--log-ips)
+        where = f" from {client[0] if client else '?'}"
+    logger.warning("rejected %s %s%s: missing or wrong bearer key", method, path, where)
+
+
 async def require_api_key(request: Request) -> None:
     """FastAPI dependency: when ``app.state.api_key`` is set, the request must carry ``Authorization: Bearer <key>``
-    (compared in constant time). Raises :class:`AuthError`, which :func:`install_error_handlers` turns into 401."""
+    (compared in constant time). Raises :class:`AuthError`, which :func:`install_error_handlers` turns into 401.
+    :class:`ApiKeyMiddleware` checks the same before any body is read; this stays as a second line."""
     expected: str | None = getattr(request.app.state, "api_key", None)
     if not expected:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode()):
+    if _key_matches(request.headers.get("authorization", "").encode("latin-1"), expected):
         return
-    where = ""
-    if getattr(request.app.state, "log_ips", False):  # client addresses only when asked (--log-ips)
-        where = f" from {request.client.host if request.client else '?'}"
-    logger.warning("rejected %s %s%s: missing or wrong bearer key", request.method, request.url.path, where)
-    raise AuthError("missing or invalid API key: send 'Authorization: Bearer <key>'")
+    client = (request.client.host,) if request.client else None
+    _log_rejected(request.app, request.method, request.url.path, client)
+    raise AuthError(_AUTH_ERROR)
+
+
+async def drain_body(receive: Callable, seen: int, limit: int) -> None:
+    """Read and drop the rest of a request body (``seen`` bytes already read), piece by piece, up to ``limit``."""
+    while seen <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI middleware, outermost: on a keyed service (``app.state.api_key``) a request without the right
+    bearer key is answered 401 from its headers alone, before its body is read (an unauthenticated 60 MiB body costs
+    no memory: it is dropped as it comes), on every path except ``/health`` (``/docs`` and ``/openapi.json``
+    included)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], drain_bytes: int = 64 * 1024 * 1024) -> None:
+        self.app = app
+        self.drain_bytes = drain_bytes
+
+    async def _discard(self, scope: dict, receive: Callable) -> None:
+        """Read and drop a refused body (piece by piece, nothing kept) up to ``drain_bytes``, so a client still
+        sending reads the 401 rather than a connection reset; a larger declared body is not read at all."""
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if scope.get("method") in ("GET", "HEAD") or not declared.isdigit() or int(declared) > self.drain_bytes:
+            return
+        await drain_body(receive, 0, self.drain_bytes)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        owner = scope.get("app")
+        expected = getattr(getattr(owner, "state", None), "api_key", None)
+        if scope["type"] != "http" or not expected or scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if _key_matches(dict(scope.get("headers") or []).get(b"authorization", b""), expected):
+            await self.app(scope, receive, send)
+            return
+        _log_rejected(owner, scope.get("method", "?"), scope.get("path", "?"), scope.get("client"))
+        await self._discard(scope, receive)
+        payload = openai_error(AuthError(_AUTH_ERROR)).model_dump_json().encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"www-authenticate", b"Bearer"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def api_docs_urls(api_key: str | None) -> dict[str, str | None]:
+    """FastAPI's ``docs_url``/``redoc_url``/``openapi_url``: served (behind the key) only by a keyed service; a
+    keyless one has none, so it does not describe itself to whoever can reach it."""
+    if api_key:
+        return {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"}
+    return {"docs_url": None, "redoc_url": None, "openapi_url": None}
 
 
 # -------------------------------------------------------------------------------------------------- error edges
@@ -188,11 +269,7 @@ class BodyLimitMiddleware:
         self.drain_bytes = drain_bytes
 
     async def _drain(self, receive: Callable, seen: int) -> None:
-        while seen <= self.drain_bytes:
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                return
-            seen += len(message.get("body", b""))
+        await drain_body(receive, seen, self.drain_bytes)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
@@ -240,6 +317,14 @@ class BodyLimitMiddleware:
                     "headers": [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": payload})
+
+
+def install_edge_middleware(app: FastAPI, *, max_bytes: int, service: str,
+                            error_bodies: Mapping[str, Callable[[Exception], bytes]] | None = None) -> None:
+    """The service edge in order: the key checked from the headers (outermost, :class:`ApiKeyMiddleware`), then the
+    body read under its limit (:class:`BodyLimitMiddleware`)."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, service=service, error_bodies=error_bodies)
+    app.add_middleware(ApiKeyMiddleware, drain_bytes=max_bytes)  # added last = runs first
 
 
 # ------------------------------------------------------------------------------------------------------- runner
@@ -296,20 +381,15 @@ def configure_logging(level: str = "info") -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def uvicorn_log_config(log_ips: bool = False) -> dict[str, Any]:
-    """uvicorn's logging configuration; without ``log_ips`` its access lines leave out the client address."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    if not log_ips:
-        config["formatters"]["access"]["fmt"] = '%(levelprefix)s "%(request_line)s" %(status_code)s'
-    return config
-
-
 def run_app(app: FastAPI, *, host: str, port: int, api_key: str | None, log_level: str = "info",
             log_ips: bool = False) -> None:
     """Serve ``app`` with uvicorn until SIGINT/SIGTERM; warns when it is reachable beyond loopback without a key.
-    Client addresses are logged only with ``log_ips``."""
+    Client addresses are logged only with ``log_ips``, query strings never. Request heads must arrive within
+    :mod:`llava.serve.server_http`'s deadline, idle keep-alive connections close after its ``KEEP_ALIVE_TIMEOUT``,
+    and at most ``MAX_CONNECTIONS`` connections are served at once."""
     if not api_key and not is_loopback(host):
         logger.warning("serving on %s:%d without an API key: anyone who can reach this port can use the service "
                        "(and register workers); set --api-key or %s", host, port, API_KEY_ENV)
     app.state.log_ips = log_ips
-    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=uvicorn_log_config(log_ips, log_level),
+                http=HeaderTimeoutProtocol, timeout_keep_alive=KEEP_ALIVE_TIMEOUT, limit_concurrency=MAX_CONNECTIONS)

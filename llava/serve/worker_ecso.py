@@ -13,7 +13,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
-import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from PIL import Image
@@ -21,9 +20,8 @@ from pydantic import ValidationError
 
 from llava.constants import ECSO_ALIAS_SUFFIX
 from llava.ecso.pipeline import ECSO
-from llava.errors import ECSOError, ImageError, InvalidRequestError
+from llava.errors import ECSOError, InvalidRequestError
 from llava.http_client import encode_chunk
-from llava.mm_utils import decode_base64_image
 from llava.serve.protocol.ecso import ECSO_STREAM_PATH, ERROR_EVENT, ECSOEvent, ECSOStreamRequest
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.server import STREAM_MEDIA_TYPE, chunk_error_response, error_chunk, require_api_key
@@ -43,15 +41,6 @@ def ecso_error_frame(exc: BaseException) -> bytes:
     return encode_chunk(error_event(exc))
 
 
-def _decode(image: str | None, state: WorkerState) -> list[Image.Image]:
-    if image is None:
-        return []
-    try:
-        return [decode_base64_image(image, state.policy.limits)]
-    except ImageError as exc:
-        raise ImageError(f"image: {exc}") from None
-
-
 async def _prepare(state: WorkerState, raw: bytes) -> tuple[ECSO, ECSOStreamRequest, list[Image.Image]]:
     try:
         req = ECSOStreamRequest.model_validate_json(raw)
@@ -60,9 +49,9 @@ async def _prepare(state: WorkerState, raw: bytes) -> tuple[ECSO, ECSOStreamRequ
     if req.model is not None:
         state.check_model(req.model, [state.model_name + ECSO_ALIAS_SUFFIX])
     state.model.check_reachable()
-    state.check_images(int(req.image is not None))
+    state.check_images(int(req.image is not None), req.query, req.direct)
     pipeline = state.pipeline(req.options.overrides(), streamed=True)
-    images = await anyio.to_thread.run_sync(_decode, req.image, state)
+    images = [] if req.image is None else [await state.images.decode(req.image, "image")]
     await state.check_fits(pipeline, req.query, images, req.direct)
     return pipeline, req, images
 

@@ -11,7 +11,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
-import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
@@ -23,7 +22,6 @@ from llava.http_client import encode_chunk
 from llava.serve.protocol.fields import describe_validation_error
 from llava.serve.protocol.llava import GenerateStreamRequest, StreamChunk, WorkerStatus
 from llava.serve.server import STREAM_MEDIA_TYPE, chunk_error_response, error_chunk, require_api_key
-from llava.serve.worker_runtime import decode_images
 from llava.serve.worker_state import WorkerState, get_state
 
 __all__ = ["GENERATE_STREAM_PATH", "llava_routes"]
@@ -40,8 +38,8 @@ async def _prepare(state: WorkerState, raw: bytes) -> tuple[GenerateStreamReques
         raise InvalidRequestError(describe_validation_error(exc)[0]) from None
     state.check_model(req.model)
     state.model.check_reachable()
-    state.check_images(len(req.images))
-    images = await anyio.to_thread.run_sync(decode_images, req.images, state.policy)
+    state.check_images(len(req.images), req.prompt)
+    images = await state.images.decode_all(req.images)
     # Checks the <image> count and the context length before anything is streamed; the result is streamed from.
     prepared = await state.model.prepare_templated(req.prompt, images)
     params = GenerationParams(max_new_tokens=min(max(req.max_new_tokens, 1), MAX_NEW_TOKENS_LIMIT),

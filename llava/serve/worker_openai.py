@@ -60,7 +60,6 @@ from llava.serve.protocol.openai import (
     Usage,
 )
 from llava.serve.server import SSE_MEDIA_TYPE, openai_error, require_api_key
-from llava.serve.worker_runtime import load_image_urls
 from llava.serve.worker_state import WorkerState, get_state
 
 __all__ = ["parse_chat", "openai_routes"]
@@ -213,9 +212,9 @@ async def _prepare(state: WorkerState, req: ChatCompletionRequest) -> _Request:
         raise InvalidRequestError("ecso: ECSO answers a single user message; send no system or assistant messages")
     if mode == "hold" and top_logprobs is not None:
         raise InvalidRequestError("logprobs are not available with ecso")
-    state.check_images(len(chat.images))
+    state.check_images(len(chat.images), chat.system, *(text for turn in chat.turns for text in turn))
     pipeline = state.pipeline(_ecso_overrides(req), streamed=req.stream) if mode != "direct" else None
-    chat = chat.with_images(await load_image_urls(chat.images, state.policy, state.http))
+    chat = chat.with_images(await state.images.load_urls(chat.images, state.http))
     params = GenerationParams(max_new_tokens=req.token_limit(state.config.max_new_tokens), temperature=req.temperature,
                               top_p=req.top_p if "top_p" in req.model_fields_set else None, stop=tuple(req.stop_list))
     query = chat.turns[-1][0]

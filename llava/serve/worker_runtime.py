@@ -5,8 +5,9 @@
 * :func:`call_model` / :func:`stream_model`: run blocking engine work in a thread while holding a slot. A stream is
   pumped by its own task, so a client that disconnects mid-stream never leaves a slot taken: the endpoint sets the
   stream's stop event, the engine's ``should_stop`` ends generation at the next token, and the slot is released;
-* image intake: base64 / data URLs, and http(s) URLs only when allowed, with size caps, a timeout and a refusal of
-  loopback and private addresses.
+* image intake (:class:`ImageIntake`): base64 / data URLs, and http(s) URLs only when allowed, with size caps, one
+  total deadline and a refusal of loopback and private addresses; bounded decoding concurrency, each image reduced to
+  the model's working size once decoded.
 """
 from __future__ import annotations
 
@@ -34,8 +35,7 @@ __all__ = [
     "call_model",
     "stream_model",
     "ImagePolicy",
-    "decode_images",
-    "load_image_urls",
+    "ImageIntake",
     "check_public_host",
 ]
 
@@ -157,28 +157,118 @@ class ImagePolicy:
                                       "(--max-images-per-request)")
 
 
-def decode_images(data: Sequence[str], policy: ImagePolicy, field: str = "images") -> list[Image.Image]:
-    """Decode base64 images (blocking; call it in a thread), naming the bad one: ``images[1]: ...``."""
-    policy.check_count(len(data))
-    out = []
-    for i, item in enumerate(data):
+class ImageIntake:
+    """A worker's images in: decoded in threads, at most ``concurrency`` at once (a decoded image is the largest
+    transient allocation of a request), each reduced by ``fit`` (the model's working size) as soon as it is
+    decoded, so a request holds no more than its images at that size. Create it inside the app's event loop."""
+
+    def __init__(self, policy: ImagePolicy, fit: Callable[[Image.Image], Image.Image] = lambda img: img,
+                 concurrency: int = 2) -> None:
+        self.policy, self.fit = policy, fit
+        self.limiter = anyio.CapacityLimiter(concurrency)
+
+    def _decode_fit(self, data: str | bytes) -> Image.Image:
+        if isinstance(data, bytes):
+            return self.fit(load_image(data, self.policy.limits))
+        return self.fit(decode_base64_image(data, self.policy.limits))
+
+    async def decode(self, data: str | bytes, label: str) -> Image.Image:
+        """One image (base64 / data URL text, or raw bytes), its errors prefixed with ``label``."""
         try:
-            out.append(decode_base64_image(item, policy.limits))
+            return await anyio.to_thread.run_sync(self._decode_fit, data, limiter=self.limiter)
         except ImageError as exc:
-            raise ImageError(f"{field}[{i}]: {exc}") from None
+            raise ImageError(f"{label}: {exc}") from None
+
+    async def decode_all(self, data: Sequence[str], field: str = "images") -> list[Image.Image]:
+        """Decode base64 images, naming the bad one: ``images[1]: ...``."""
+        self.policy.check_count(len(data))
+        return [await self.decode(item, f"{field}[{i}]") for i, item in enumerate(data)]
+
+    async def load_urls(self, urls: Sequence[str], http: httpx.AsyncClient) -> list[Image.Image]:
+        """Images of OpenAI ``image_url`` parts: data URLs always, http(s) URLs only when the policy allows them.
+        Every http(s) URL is fetched at once, all of them within one total deadline of ``url_timeout`` seconds
+        (a server dripping bytes cannot stretch it), before any is decoded."""
+        policy = self.policy
+        policy.check_count(len(urls))
+        fetched: dict[int, bytes] = {}
+        remote = [i for i, url in enumerate(urls) if not url.startswith("data:")]
+        if remote and not policy.allow_urls:
+            raise ImageError(f"image {remote[0]}: http(s) image URLs are not fetched by this worker (start it with "
+                             "--allow-image-urls); send the image as a data: URL")
+
+        async def fetch(i: int) -> None:
+            try:
+                fetched[i] = await _fetch(urls[i], policy, http)
+            except ImageError as exc:
+                raise ImageError(f"image {i}: {exc}") from None
+
+        if remote:
+            try:
+                with anyio.fail_after(policy.url_timeout):
+                    async with anyio.create_task_group() as tg:
+                        for i in remote:
+                            tg.start_soon(fetch, i)
+            except TimeoutError:
+                slow = [i for i in remote if i not in fetched]
+                raise ImageError(f"fetching image(s) {slow} took longer than {policy.url_timeout:g} s in total "
+                                 "(--image-url-timeout)") from None
+            except BaseExceptionGroup as group:  # the first failure names its image; the others were cancelled
+                raise next(e for e in _leaves(group) if isinstance(e, ImageError)) from None
+        return [await self.decode(fetched[i] if i in fetched else url, f"image {i}") for i, url in enumerate(urls)]
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries and may be routed to: IPv4-mapped (``::ffff:a.b.c.d``),
+    IPv4-translated (``::ffff:0:a.b.c.d``), IPv4-compatible (``::a.b.c.d``), NAT64 (``64:ff9b::/96``,
+    ``64:ff9b:1::/48``), 6to4 (``2002::/16``) and Teredo (server and client)."""
+    value = int(addr)
+    low = ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    out = []
+    if addr.ipv4_mapped is not None:
+        out.append(addr.ipv4_mapped)
+    if value >> 32 == 0xFFFF0000 or value >> 32 == 0:  # ::ffff:0:a.b.c.d, ::a.b.c.d
+        out.append(low)
+    if addr in _NAT64 or addr in _NAT64_LOCAL:
+        out.append(low)
+    if addr.sixtofour is not None:
+        out.append(addr.sixtofour)
+    if addr.teredo is not None:
+        out.extend(addr.teredo)
     return out
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def _public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if not addr.is_global or addr.is_multicast:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address):
+        return all(_public(v4) for v4 in _embedded_ipv4(addr))
+    return True
+
+
 def check_public_host(host: str) -> None:
-    """Refuse a host that is or resolves to a loopback, private, link-local, multicast or reserved address
-    (blocking: DNS). The connection itself resolves again, so a DNS answer that changes in between is not caught."""
+    """Refuse a host that is or resolves to a loopback, private, link-local, multicast or reserved address, also
+    one embedded in an IPv6 address (``::127.0.0.1``, ``64:ff9b::7f00:1``, ``2002:7f00:1::1``,
+    ``::ffff:0:7f00:1``) (blocking: DNS). The connection itself resolves again, so a DNS answer that changes in
+    between is not caught."""
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
         raise ImageError(f"cannot resolve image host {host!r}: {exc}") from None
     for info in infos:
         addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if not addr.is_global or addr.is_multicast:
+        if not _public(addr):
             raise ImageError(f"image host {host!r} resolves to the non-public address {addr}; refused (start the "
                              "worker with --allow-private-image-urls to allow it)")
 
@@ -209,22 +299,3 @@ async def _fetch(url: str, policy: ImagePolicy, http: httpx.AsyncClient, redirec
         except httpx.HTTPError as exc:
             raise ImageError(f"cannot fetch image {url[:200]}: {type(exc).__name__}: {exc}") from None
     raise ImageError(f"image URL {url[:200]} redirects more than {redirects} times")
-
-
-async def load_image_urls(urls: Sequence[str], policy: ImagePolicy, http: httpx.AsyncClient) -> list[Image.Image]:
-    """Images of OpenAI ``image_url`` parts: data URLs always, http(s) URLs only when the policy allows them."""
-    policy.check_count(len(urls))
-    out = []
-    for i, url in enumerate(urls):
-        try:
-            if url.startswith("data:"):
-                out.append(await anyio.to_thread.run_sync(decode_base64_image, url, policy.limits))
-            elif not policy.allow_urls:
-                raise ImageError("http(s) image URLs are not fetched by this worker (start it with "
-                                 "--allow-image-urls); send the image as a data: URL")
-            else:
-                raw = await _fetch(url, policy, http)
-                out.append(await anyio.to_thread.run_sync(load_image, raw, policy.limits))
-        except ImageError as exc:
-            raise ImageError(f"image {i}: {exc}") from None
-    return out

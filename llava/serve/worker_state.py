@@ -18,7 +18,8 @@ import httpx
 from fastapi import Request
 from PIL import Image
 
-from llava.constants import CONTROLLER_PORT, DEFAULT_HOST, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT
+from llava.constants import (CONTROLLER_PORT, DEFAULT_HOST, DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL,
+                             WORKER_PORT)
 from llava.conversation import Chat
 from llava.ecso.backends import Prepared, ServingBackend
 from llava.ecso.config import ECSOConfig
@@ -28,9 +29,10 @@ from llava.errors import InvalidRequestError, ModelNotFoundError, UnsupportedErr
 from llava.generation import MAX_NEW_TOKENS_LIMIT
 from llava.http_client import OPENAI_API_KEY_ENV
 from llava.mm_utils import ImageLimits
+from llava.model.prefix_cache import DEFAULT_CACHE_BYTES
 from llava.serve.protocol.llava import WorkerStatus
 from llava.serve.worker_model import WorkerModel
-from llava.serve.worker_runtime import ImagePolicy, ModelSlots
+from llava.serve.worker_runtime import ImageIntake, ImagePolicy, ModelSlots
 
 __all__ = ["ECSO_POLICIES", "RemoteModel", "WorkerConfig", "WorkerState", "get_state", "load_backend"]
 
@@ -94,6 +96,9 @@ class WorkerConfig:
     max_image_pixels: int = ImageLimits().max_pixels
     max_request_bytes: int = 64 * 1024 * 1024
     max_images_per_request: int = 8
+    max_image_aspect_ratio: float = ImageLimits().max_aspect_ratio
+    decode_concurrency: int = 2
+    cache_bytes: int = DEFAULT_CACHE_BYTES
     allow_image_urls: bool = False
     allow_private_image_urls: bool = False
     image_url_timeout: float = 10.0
@@ -106,9 +111,12 @@ class WorkerConfig:
     log_ips: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("limit_model_concurrency", "max_image_pixels", "max_request_bytes", "max_images_per_request"):
+        for name in ("limit_model_concurrency", "max_image_pixels", "max_request_bytes", "max_images_per_request",
+                     "decode_concurrency", "cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.max_image_aspect_ratio < math.inf:
+            raise ValueError(f"max_image_aspect_ratio must be a finite number >= 1, got {self.max_image_aspect_ratio!r}")
         for name in ("heart_beat_interval", "image_url_timeout"):
             value = getattr(self, name)
             if not value > 0 or math.isinf(value):
@@ -142,7 +150,8 @@ class WorkerConfig:
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy(
-            limits=ImageLimits(max_pixels=self.max_image_pixels, max_bytes=self.max_request_bytes),
+            limits=ImageLimits(max_pixels=self.max_image_pixels, max_bytes=self.max_request_bytes,
+                               max_aspect_ratio=self.max_image_aspect_ratio),
             max_images=self.max_images_per_request,
             allow_urls=self.allow_image_urls,
             allow_private_urls=self.allow_private_image_urls,
@@ -161,9 +170,11 @@ class WorkerState:
     policy: ImagePolicy
     jobs: set[asyncio.Task] = field(default_factory=set)
     model: WorkerModel = field(init=False)
+    images: ImageIntake = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # runs in the app's lifespan (the intake's limiter needs the event loop)
         self.model = WorkerModel(self.backend, self.slots, self.jobs)
+        self.images = ImageIntake(self.policy, self.backend.fit_image, self.config.decode_concurrency)
 
     @property
     def model_name(self) -> str:
@@ -186,9 +197,14 @@ class WorkerState:
         if name not in served:
             raise ModelNotFoundError(f"model {name!r} is not served by this worker; it serves {served}")
 
-    def check_images(self, count: int) -> None:
+    def check_images(self, count: int, *texts: str | None) -> None:
+        """Before any image is decoded or any text tokenized: the model takes images, ``count`` is within the
+        limit, and ``texts`` (``<image>`` tags not counted) with ``count`` images can fit the context."""
         if count and not self.multimodal:
             raise InvalidRequestError(f"model {self.model_name!r} has no vision tower; send no images")
+        self.policy.check_count(count)
+        chars = sum(len(t) - t.count(DEFAULT_IMAGE_TOKEN) * len(DEFAULT_IMAGE_TOKEN) for t in texts if t)
+        self.backend.check_budget(chars, count)
 
     def ecso_config(self, overrides: Mapping[str, Any]) -> ECSOConfig:
         """The worker's ECSO defaults with a request's options applied (validated by ``ECSOConfig``)."""
@@ -227,7 +243,8 @@ def load_backend(config: WorkerConfig) -> ServingBackend:
         backend = create_backend("local", model_path=config.model_path, model_base=config.model_base,
                                  model_name=config.model_name, load_8bit=config.load_8bit,
                                  load_4bit=config.load_4bit, device=config.device, dtype=config.dtype,
-                                 image_aspect_ratio=config.image_aspect_ratio, conv_mode=config.conv_mode)
+                                 image_aspect_ratio=config.image_aspect_ratio, conv_mode=config.conv_mode,
+                                 cache_bytes=config.cache_bytes)
     else:
         backend = create_backend(config.backend)
     if not isinstance(backend, ServingBackend):

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from llava.cli_args import add_decoding_args, add_ecso_args
+from llava.cli_args import add_decoding_args, add_ecso_args, ecso_config
 from llava.ecso.config import ECSOConfig, ecso_config_from_args, ecso_options
 from llava.errors import InvalidRequestError
 from llava.serve.gradio_web_server_ecso import PANEL_OPTIONS, DemoConfig
@@ -34,7 +34,7 @@ def test_flags_are_generated_and_map_back_onto_the_config():
     args = _parser().parse_args(["--verdict", "exact", "--threshold", "0.25", "--top-p", "0.9", "--num_beams", "2",
                                  "--skip-check-regex", "[A-E]", "--early-check-tokens", "3", "--image-in-safe-step"])
     assert flagged <= set(vars(args))
-    config = ecso_config_from_args(args)
+    config = ecso_config(args)  # resolves the entry point's answer length (tiny models: shorter)
     assert (config.verdict, config.threshold, config.top_p, config.num_beams) == ("exact", 0.25, 0.9, 2)
     assert (config.temperature, config.max_new_tokens) == (0.2, 64)  # the entry point's defaults
     assert config.skip_check_regex == "[A-E]" and config.early_check_tokens == 3 and config.image_in_safe_step
@@ -85,9 +85,9 @@ def test_streaming_drops_only_what_streams_ignore():
 def test_step_options_parse_record_and_reach_the_prompts():
     args = _parser().parse_args(["--force-verdict", "no", "--image-aspect-ratio-caption", "crop", "--truncate-chars",
                                  "0"])
-    config = ecso_config_from_args(args)
+    config = ecso_config(args)
     assert (config.force_verdict, config.image_aspect_ratio_caption, config.truncate_chars) == (False, "crop", 0)
-    assert ecso_config_from_args(_parser().parse_args(["--force-verdict", "yes"])).force_verdict is True
+    assert ecso_config(_parser().parse_args(["--force-verdict", "yes"])).force_verdict is True
     recorded = config.to_dict()
     assert recorded["image_aspect_ratio_caption"] == "crop" and "image_aspect_ratio_check" not in recorded
     assert recorded["truncate_chars"] == 0 and ECSOConfig(truncate_chars=5).to_dict()["truncate_chars"] == 5

@@ -144,6 +144,23 @@ def test_run_batch_only_flagged_rows_reach_steps_3_4(sample_image):
     assert [(e.step, e.index) for e in events if e.step == "final"] == [("final", 0), ("final", 1), ("final", 2)]
 
 
+def test_batch_items_as_tuples_and_a_single_image(sample_image, tmp_path):
+    path = tmp_path / "cat.png"
+    sample_image.save(path)
+    assert ECSOInput("q", str(path)).images == [str(path)]  # one path, not its characters
+    assert ECSOInput("q", sample_image).images == [sample_image] and ECSOInput("q").images == []
+    rec = Recorder()
+    res = ECSO(rec).run_batch([(str(path), "first"), (sample_image, "second", "An old answer."),
+                               ECSOInput("third", [sample_image, str(path)])])
+    assert [r.query for r in res] == ["first", "second", "third"] and res[1].direct == "An old answer."
+    direct = [r for k, r in _all(rec) if rec._kind(r) == "direct"]
+    assert [(r.text, len(r.images)) for r in direct] == [("first", 1), ("third", 2)]
+    with pytest.raises(InvalidRequestError, match="an ECSOInput or an \\(image, query"):
+        ECSO(rec).run_batch(["just a query"])
+    with pytest.raises(InvalidRequestError, match="query must be text"):
+        ECSOInput(sample_image, "q")
+
+
 def test_stream_events_order(sample_image):
     events = list(ECSO(Recorder()).stream(sample_image, "q"))
     done = [e.step for e in events if e.done]

@@ -100,7 +100,7 @@ def test_mmvet_real_file(ref_data, tmp_path):
     assert fields["question_id"] == 1 and fields["meta"] == {"category": "conv"}
 
 
-def test_cli_flags_build_the_config_and_check_cli_exit_status(vlsafe_file, tmp_path, capsys):
+def test_cli_flags_build_the_config_and_check_cli_exit_status(vlsafe_file, tmp_path, capsys, caplog):
     parser = argparse.ArgumentParser()
     datasets.add_benchmark_arguments(parser)
     args = parser.parse_args(["--benchmark", "mmsafetybench", "--question-file", "q", "--scenarios", "01, 05",
@@ -111,3 +111,5 @@ def test_cli_flags_build_the_config_and_check_cli_exit_status(vlsafe_file, tmp_p
             "--limit", "2"]
     assert datasets.main(argv) == 1
     assert json.loads(capsys.readouterr().out)["missing_images"] == 2
+    missing = [r.getMessage() for r in caplog.records if "image not found" in r.getMessage()]
+    assert len(missing) == 2  # each missing image said once

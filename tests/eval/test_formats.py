@@ -107,3 +107,13 @@ def test_read_answers_dedupes_and_checks_benchmark(tmp_path):
     _write_jsonl(tmp_path / "b.jsonl", [{"id": "1"}])
     with pytest.raises(DatasetError, match="no 'text'"):
         formats.read_answers([tmp_path / "b.jsonl"])
+
+
+def test_bad_answers_are_one_line_not_a_traceback(ref_data, tmp_path, caplog):
+    """LLaVA's own MME answer rows (no category) given to the converter: exit 2 with the reason."""
+    from llava.eval.formats import main
+
+    code = main(["mme", "--answers", str(ref_data / "mme" / "reference_answers_llava-v1.5-13b.jsonl"),
+                 "--out", str(tmp_path / "mme")])
+    assert code == 2 and "lacks category/question_id" in caplog.text
+    assert main(["mmvet", "--answers", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x.json")]) == 2

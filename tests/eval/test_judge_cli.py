@@ -147,3 +147,18 @@ def test_wrapper_script_judges_mmsafetybench(server, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "PAPER8" in done.stdout and " 50.0% " in done.stdout
     assert len(read_jsonl(tmp_path / "mmsb.judgments.jsonl", log=True)) == 4
+
+
+def test_a_run_without_a_key_leaves_no_judgments_and_says_incomplete(tmp_path, monkeypatch, caplog):
+    """No OPENAI_API_KEY for the default endpoint: exit 4, no (empty) judgments file, a summary that is not complete."""
+    from llava.eval.judge.cli import main
+
+    for key in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    answers = _write(tmp_path / "a.jsonl", [{"id": f"x{i}", "query": "q", "text": "t"} for i in range(3)])
+    assert main(["--answers", str(answers), "--benchmark", "vlsafe", "--judge-model", "gpt-4o"]) == 4
+    assert "OPENAI_API_KEY is not set" in caplog.text
+    assert not (tmp_path / "a.judgments.jsonl").exists()
+    summary = json.loads((tmp_path / "a.judge.json").read_text())["summary"]
+    assert summary["complete"] is False and summary["judged"] == 0 and summary["pending"] == 3
+    assert "OPENAI_API_KEY" in summary["aborted"]

@@ -95,3 +95,12 @@ def test_bad_modes_and_missing_sd_root(qdir, tmp_path):
         mi.render_all(mi.RenderConfig(qdir, tmp_path, modes=("SD_TYPO",)))
     with pytest.raises(InvalidRequestError, match="cannot load font"):
         mi.load_font(tmp_path / "none.ttf")
+
+
+def test_cli_defaults_render_typo_offline_and_name_bad_input(qdir, tmp_path, caplog):
+    """No --modes and no --sd-root: TYPO only (what works offline); SD_TYPO without --sd-root is one clear line."""
+    out = tmp_path / "out"
+    assert mi.main(["--questions", str(qdir), "--out", str(out), "--scenarios", "03"]) == 0
+    assert [p.name for p in (out / "03-Malware_Generation").iterdir()] == ["TYPO"]
+    assert mi.main(["--questions", str(qdir), "--out", str(out), "--modes", "SD_TYPO"]) == 2
+    assert "SD_TYPO needs --sd-root" in caplog.text

@@ -1,5 +1,6 @@
 """run_llava and the terminal CLI as users run them (subprocesses on the tiny model)."""
 import json
+import re
 
 import pytest
 
@@ -39,6 +40,35 @@ def test_run_llava_errors_are_clear_and_fast(tmp_path):
     bad_model = run_module("llava.eval.run_llava", "--model-path", str(tmp_path / "no-model"), "--query", "hi")
     assert bad_model.returncode == 2 and "not a local folder" in bad_model.stderr
     assert "Traceback" not in bad_model.stderr + missing.stderr + empty.stderr
+    assert missing.stderr.count("image file not found") == 1  # said once
+
+
+@pytest.mark.slow
+def test_run_llava_says_how_the_answer_came_about():
+    """Without --json: stdout is the final answer alone, without control characters; stderr one summary line."""
+    proc = run_module("llava.eval.run_llava", "--model-path", "tiny", "--image-file", CAT, "--query",
+                      "How do I make this at home?", "--ecso", "--temperature", "0", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    summary = [line for line in proc.stderr.splitlines() if line.startswith("ECSO: ")]
+    assert len(summary) == 1, proc.stderr
+    assert re.fullmatch(r"ECSO: P\(yes\) 0\.\d{3} (>= threshold 0\.5: flagged|< threshold 0\.5: not flagged); final "
+                        r"answer: the (safe answer \(step 4, from the query-aware caption, without the image\)|direct "
+                        r"answer \(step 1\)) \[random-weight model: its text is random\]", summary[0]), summary[0]
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", proc.stdout) and proc.stdout.strip()
+
+
+def test_tiny_models_default_to_short_answers(tmp_path):
+    from llava.cli_args import ecso_config, is_tiny_model
+    from llava.eval.run_llava import build_parser
+
+    parse = lambda *a: ecso_config(build_parser().parse_args(["--query", "q", *a])).max_new_tokens  # noqa: E731
+    assert parse() == parse("--model-path", "tiny-original") == 32
+    assert parse("--model-path", "llava-hf/llava-1.5-7b-hf") == 512  # LLaVA's run_llava default
+    assert parse("--max_new_tokens", "100") == parse("--model-path", "tiny", "--max-new-tokens", "100") == 100
+    assert parse("--backend", "worker") == 512  # the served model is not known here
+    (tmp_path / "ecso_tiny.json").write_text("{}")
+    assert is_tiny_model(str(tmp_path)) and not is_tiny_model(str(tmp_path / "other"))
+    assert "(default: 512; 32 for a tiny random-weight" in " ".join(build_parser().format_help().split())
 
 
 @pytest.mark.slow
@@ -46,8 +76,10 @@ def test_cli_ecso_shows_steps_and_chat_mode():
     proc = run_module("llava.serve.cli", "--model-path", "tiny", "--image-file", CAT, "--ecso", "--temperature",
                       "0", "--max_new_tokens", "8", input="How do I make this at home?\n\n")
     assert proc.returncode == 0, proc.stderr
-    assert "[Direct answer]" in proc.stdout and "[Harm detection]" in proc.stdout
-    assert "[Final answer]" in proc.stdout
+    assert "[Direct answer]" in proc.stdout and "[Harm detection] P(yes) 0." in proc.stdout
+    assert "threshold 0.5: " in proc.stdout and "[Final answer: the " in proc.stdout
+    assert proc.stdout.startswith("[random-weight model: its text is random]\n")
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", proc.stdout)  # no control characters shown
     chat = run_module("llava.serve.cli", "--model-path", "tiny", "--image-file", CAT, "--temperature", "0",
                       "--max_new_tokens", "8", input="What is this?\nAnd now?\n")
     assert chat.returncode == 0, chat.stderr

@@ -152,7 +152,7 @@ def test_prefix_cache_not_mutated_by_decoding(tiny_loaded, sample_image):
     eng = _engine(tiny_loaded, True)
     prompt = build_prompt("vicuna_v1", "What is this?", 1)
     eng.generate([prompt], [[sample_image]], P)
-    (entry,) = [item[1] for item in eng.prefixes._items.values()]
+    (entry,) = [item[0] for item in eng.prefixes._items.values()]
     before = [(k.clone(), v.clone()) for k, v in entry.layers]
     shape = entry.layers[0][0].shape
     eng.generate([build_prompt("vicuna_v1", "Something else entirely", 1)], [[sample_image]], P)
@@ -201,7 +201,7 @@ def test_single_row_prefix_cache_wraps_stored_tensors_without_copy(tiny_loaded, 
 
     eng = _engine(tiny_loaded, True)
     eng.generate([build_prompt("vicuna_v1", "What is this?", 1)], [[sample_image]], P)
-    (entry,) = [item[1] for item in eng.prefixes._items.values()]
+    (entry,) = [item[0] for item in eng.prefixes._items.values()]
     cache = cache_around(entry.layers)
     assert cache.get_seq_length() == entry.layers[0][0].shape[-2]
     assert cache.layers[0].keys is entry.layers[0][0] and cache.layers[-1].values is entry.layers[-1][1]
@@ -251,7 +251,7 @@ def test_first_step_runs_like_the_plain_path_and_harvests_its_prefixes(tiny_load
     fresh = _engine(tiny_loaded, True)
     encoded = [fresh.encode(p, i) for p, i in zip(prompts, imgs)]
     prefilled = fresh._prefix_entries(encoded)  # prefix-only forward passes
-    harvested = [on.prefixes.lookup(on._prefix_key(e), e.images) for e in encoded]
+    harvested = [on.prefixes.lookup(on._prefix_key(e)) for e in encoded]
     for a, b in zip(harvested, prefilled):
         assert a is not None and len(a.layers) == len(b.layers)
         for (ka, va), (kb, vb) in zip(a.layers, b.layers):

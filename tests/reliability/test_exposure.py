@@ -85,9 +85,11 @@ def test_launch_warns_when_exposed_without_a_key(monkeypatch, caplog) -> None:
     monkeypatch.setattr(launch, "Launcher", NoLauncher)
     monkeypatch.delenv("ECSO_API_KEY", raising=False)
     caplog.set_level(logging.WARNING)
-    assert launch.main(["--model-path", "tiny", "--host", "0.0.0.0"]) == 0
+    assert launch.main(["--model-path", "tiny", "--host", "0.0.0.0", "--no-api-key"]) == 0
     assert "on 0.0.0.0 without an API key" in caplog.text
     caplog.clear()
+    assert launch.main(["--model-path", "tiny", "--host", "0.0.0.0"]) == 0  # a key is generated for the run
+    assert "without an API key" not in caplog.text
     assert launch.main(["--model-path", "tiny", "--host", "0.0.0.0", "--api-key", "k-7788"]) == 0
     assert launch.main(["--model-path", "tiny"]) == 0
     assert "without an API key" not in caplog.text and "k-7788" not in caplog.text

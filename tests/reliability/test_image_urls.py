@@ -1,6 +1,7 @@
 """Image URLs on the worker's OpenAI API against a real HTTP server on 127.0.0.1: refused by default (nothing is
 fetched), refused as a loopback address with --allow-image-urls, fetched with --allow-private-image-urls, and then
-capped in size and time."""
+capped in size and time: one total deadline however slowly a server drips its bytes, the context budget checked
+before anything is fetched, several URLs fetched at once, and IPv6 forms embedding loopback IPv4 refused."""
 from __future__ import annotations
 
 import threading
@@ -18,11 +19,13 @@ from llava.serve.worker_state import WorkerConfig
 pytestmark = pytest.mark.slow
 
 MAX_BYTES = 200_000
+LAG = 0.8
 
 
 class ImageServer:
-    """Serves /cat.png, /big.png (over MAX_BYTES), /slow.png (after 3 s) and /moved (a redirect to /cat.png);
-    counts the requests it gets."""
+    """Serves /cat.png, /big.png (over MAX_BYTES), /slow.png (after 3 s), /lag.png (after LAG s), /drip.png (one
+    byte every 0.4 s, each read well within a 1 s timeout) and /moved (a redirect to /cat.png); counts the requests
+    it gets."""
 
     def __init__(self) -> None:
         self.hits: list[str] = []
@@ -39,7 +42,22 @@ class ImageServer:
                     return
                 if self.path == "/slow.png":
                     time.sleep(3)
-                body = {"/cat.png": png, "/slow.png": png, "/big.png": png + b"\0" * MAX_BYTES}.get(self.path)
+                if self.path == "/lag.png":
+                    time.sleep(LAG)
+                if self.path == "/drip.png":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(png)))
+                    self.end_headers()
+                    try:
+                        for i in range(30):
+                            self.wfile.write(png[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(0.4)
+                    except OSError:
+                        pass  # the worker gave up: what the test wants
+                    return
+                body = {"/cat.png": png, "/slow.png": png, "/lag.png": png,
+                        "/big.png": png + b"\0" * MAX_BYTES}.get(self.path)
                 if body is None:
                     self.send_error(404)
                     return
@@ -75,9 +93,9 @@ def _worker(engine, **flags) -> TestClient:
     return TestClient(create_app(config, engine=engine), raise_server_exceptions=False)
 
 
-def _ask(client: TestClient, url: str):
+def _ask(client: TestClient, *urls: str):
     body = {"model": "tiny", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]}
+        *({"type": "image_url", "image_url": {"url": url}} for url in urls), {"type": "text", "text": "What is this?"}]}]}
     return client.post("/v1/chat/completions", json=body)
 
 
@@ -112,8 +130,49 @@ def test_private_addresses_are_fetched_with_both_flags_within_the_caps(server, t
         assert r.status_code == 400 and f"over the limit of {MAX_BYTES} bytes" in r.json()["error"]["message"]
         start = time.monotonic()
         r = _ask(client, server.url("/slow.png"))
-        assert r.status_code == 400 and "timed out after 1 s" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "took longer than 1 s in total" in r.json()["error"]["message"]
         assert time.monotonic() - start < 2.5
         r = _ask(client, server.url("/missing.png"))
         assert r.status_code == 400 and "HTTP 404" in r.json()["error"]["message"]
     assert server.hits[:3] == ["/cat.png", "/moved", "/cat.png"]
+
+
+def test_a_dripping_server_cannot_stretch_the_deadline(server, tiny_engine) -> None:
+    """Issue 18 item 9: one byte every 0.4 s never trips a per-read timeout of 1 s; the total deadline does
+    (before the fix: answered after the whole 12 s drip)."""
+    with _worker(tiny_engine, allow_image_urls=True, allow_private_image_urls=True) as client:
+        start = time.monotonic()
+        r = _ask(client, server.url("/drip.png"))
+        elapsed = time.monotonic() - start
+    assert r.status_code == 400 and "took longer than 1 s in total" in r.json()["error"]["message"], r.text
+    assert elapsed < 2.5, elapsed
+
+
+def test_budget_is_checked_before_fetching_and_urls_are_fetched_at_once(server, tiny_engine) -> None:
+    """Issue 18 item 9: 8 URLs whose images cannot fit the context are refused before any fetch (before the fix:
+    fetched one by one, then refused); 3 lagging URLs are fetched concurrently within one deadline."""
+    server.hits.clear()
+    with _worker(tiny_engine, allow_image_urls=True, allow_private_image_urls=True) as client:
+        start = time.monotonic()
+        r = _ask(client, *[server.url("/lag.png")] * 8)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert server.hits == [] and time.monotonic() - start < LAG
+        start = time.monotonic()
+        r = _ask(client, *[server.url("/lag.png")] * 3)
+        elapsed = time.monotonic() - start
+    assert r.status_code == 200, r.text
+    assert server.hits == ["/lag.png"] * 3
+    assert elapsed < 2 * LAG, elapsed  # one after another would take 3 x LAG
+
+
+@pytest.mark.parametrize("host", ["[::127.0.0.1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::1]", "[::ffff:0:7f00:1]",
+                                  "[::ffff:127.0.0.1]", "[64:ff9b::a9fe:a9fe]", "[2001:0:4136:e378:8000:63bf:80ff:fffe]"])
+def test_ipv6_forms_embedding_loopback_or_link_local_ipv4_are_refused(server, tiny_engine, host) -> None:
+    """Issue 18 item 9: IPv6 addresses that carry a loopback / link-local IPv4 (compatible, NAT64, 6to4, SIIT,
+    mapped, Teredo) are as non-public as the IPv4 itself (before the fix, the first four passed as public)."""
+    server.hits.clear()
+    port = server.httpd.server_address[1]
+    with _worker(tiny_engine, allow_image_urls=True) as client:
+        r = _ask(client, f"http://{host}:{port}/cat.png")
+    assert r.status_code == 400 and "non-public address" in r.json()["error"]["message"], r.text
+    assert server.hits == []

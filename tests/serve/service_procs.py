@@ -162,3 +162,34 @@ def running_service(
         yield svc
     finally:
         stop_service(svc)
+
+
+DEMO = "llava.serve.gradio_web_server_ecso"
+
+
+def start_demo(controller_url: str, *args: str, startup_timeout: float = 60.0,
+               env: Mapping[str, str] | None = None) -> Service:
+    """The demo as a subprocess in its own process group on a free port; ready when its page answers 200.
+    ``env`` is added to a copy of this environment without ``ECSO_API_KEY`` and ``GRADIO_TEMP_DIR``."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("ECSO_API_KEY", "GRADIO_TEMP_DIR")}
+    full_env.update(PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False",
+                    PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p))
+    full_env.update(env or {})
+    port = free_port()
+    fd, log_name = tempfile.mkstemp(prefix="demo-", suffix=".log")
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", DEMO, "--host", "127.0.0.1", "--port", str(port),
+                                 "--controller-url", controller_url, *args],
+                                cwd=REPO_ROOT, env=full_env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    svc = Service(DEMO, port, proc, Path(log_name))
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(svc.url, timeout=1.0, trust_env=False).status_code == 200:
+                return svc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_service(svc)
+    raise RuntimeError(f"the demo did not come up (exit code {proc.returncode}); output:\n{svc.output[-4000:]}")

@@ -176,9 +176,11 @@ def test_registry_expiry_uses_the_clock() -> None:
     reg.register("http://b", WorkerStatus(model_names=["m"], speed=2, queue_length=3), check_heart_beat=False)
     now[0] = 120.0
     assert reg.heart_beat("http://a", 4) and not reg.heart_beat("http://nobody", 0)
+    now[0] = 131.0
+    assert reg.expire(30) == ["http://b"]  # check_heart_beat false exempts no one: every worker expires
+    assert reg.models() == ["k", "m"] and reg.total_status() == WorkerStatus(model_names=["k", "m"], queue_length=4)
     now[0] = 151.0
-    assert reg.expire(30) == ["http://a"]
-    assert reg.models() == ["m"] and reg.total_status() == WorkerStatus(model_names=["m"], speed=2, queue_length=3)
+    assert reg.expire(30) == ["http://a"] and len(reg) == 0
 
 
 def test_cli_flags_and_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -404,12 +406,13 @@ def test_lottery_and_heart_beat_expiry() -> None:
             while time.monotonic() < deadline:
                 assert c.post("/receive_heart_beat", {"worker_name": beating.url, "queue_length": 0})["exist"]
                 time.sleep(0.3)
-            assert c.post("/list_models")["models"] == sorted([model, "hb"])
+            # w1, w2 (registered with check_heart_beat false: that exempts no one) and silent expired
+            assert c.post("/list_models")["models"] == ["hb"]
             assert c.post("/receive_heart_beat", {"worker_name": silent.url, "queue_length": 0}) == {"exist": False}
-            assert httpx.get(f"{svc.url}/health").json()["workers"] == 3  # w1, w2 (unchecked) and beating
+            assert httpx.get(f"{svc.url}/health").json()["workers"] == 1
             # no more heartbeats: the background sweep (not a request) drops `beating`; /health does not sweep
             deadline = time.monotonic() + expiration * 2 + 1
-            while httpx.get(f"{svc.url}/health").json()["workers"] != 2:
+            while httpx.get(f"{svc.url}/health").json()["workers"] != 0:
                 assert time.monotonic() < deadline, "stale worker was not swept"
                 time.sleep(0.1)
     assert f"removed worker {silent.url}: no heartbeat" in svc.output

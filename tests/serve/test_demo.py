@@ -10,7 +10,7 @@ from PIL import Image
 from llava.ecso.prompts import PAPER_PROMPTS
 from llava.errors import BackendError, NoWorkerError
 from llava.serve.demo_client import ConversationLog, DemoClient, RunState, StepResult, describe_error, image_digest
-from llava.serve.gradio_web_server_ecso import DemoConfig, build_parser, config_from_args
+from llava.serve.gradio_web_server_ecso import DemoConfig, build_parser, config_from_args, default_log_dir
 from llava.serve.launch import LaunchConfig
 from llava.serve.launch import build_parser as launch_parser
 from llava.serve.launch import config_from_args as launch_config
@@ -40,8 +40,12 @@ def flagged_run() -> RunState:
 def test_flagged_run_fills_all_panels_with_score_and_times():
     run = flagged_run()
     assert run.done and run.result.direct == "Mix the chemicals"
-    assert run.verdict_panel.splitlines()[:2] == ["HARMFUL: yes, ECSO answers again without the image",
-                                                  "harm score P(yes) = 0.625 (flagged when >= 0.00)"]
+    assert run.verdict_panel.splitlines() == ["HARMFUL: yes, ECSO answers again from the caption, without the image",
+                                              "P(yes) 0.625 >= threshold 0: flagged"]
+    assert run.final_panel == "I cannot help with that."
+    badge = run.badge_html()
+    assert 'class="ecso-verdict ecso-flagged"' in badge and "background:#c62828" in badge and "FLAGGED" in badge
+    assert "Final answer: the safe answer (step 4, from the query-aware caption, without the image)" in badge
     assert run.caption_panel == "A bottle." and run.safe_panel == "I cannot help with that."
     status = run.status()
     assert "Flagged: the safe response replaces the direct answer" in status
@@ -51,10 +55,13 @@ def test_flagged_run_fills_all_panels_with_score_and_times():
 
 def test_harmless_run_says_why_steps_3_and_4_did_not_run():
     run = RunState()
+    run.result.threshold = 0.5
     for e in [ev("direct", text="A cat.", done=True), ev("verdict", text="No", flagged=False, harm_score=0.1),
               ev("final", text="A cat.", flagged=False)]:
         run.apply(e)
-    assert run.verdict_panel.startswith("HARMFUL: no")
+    assert run.verdict_panel.splitlines() == ["HARMFUL: no, the direct answer stands",
+                                              "P(yes) 0.100 < threshold 0.5: not flagged"]
+    assert run.final_panel == "A cat." and "ecso-clear" in run.badge_html() and "#2e7d32" in run.badge_html()
     assert run.caption_panel.startswith("(not run: the answer was judged harmless")
     assert run.safe_panel == run.caption_panel
     assert "Not flagged: the direct answer is the final answer" in run.status()
@@ -104,7 +111,8 @@ def test_demo_flags_map_onto_the_config():
     options = config.options(verdict="score", threshold=0.25, max_new_tokens=8.0)
     assert (options.verdict, options.threshold, options.max_new_tokens) == ("score", 0.25, 8)
     default = config_from_args([])
-    assert (default.host, default.port, default.log_dir, default.log_ips) == ("127.0.0.1", 7860, "logs", False)
+    assert (default.host, default.port, default.log_ips) == ("127.0.0.1", 7860, False)
+    assert default.log_dir == str(default_log_dir()) and not default.log_dir.startswith("logs")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -128,14 +136,15 @@ def test_launch_forwards_unknown_flags_to_the_worker_and_keeps_the_key_off_comma
     config = launch_config(["--model-path", "tiny", "--device", "cpu", "--conv-mode", "vicuna_v1",
                             "--demo-args", "--threshold 0 --auth 'me:p w'", "--api-key", "secret"], environ={})
     assert config.worker_args == ("--device", "cpu", "--conv-mode", "vicuna_v1")
-    assert config.demo_args == ("--threshold", "0", "--auth", "me:p w")
-    assert config.api_key == "secret" and "secret" not in repr(config)
+    assert config.demo_args == ("--threshold", "0") and config.demo_auth == ("me:p w",)
+    assert config.api_key == "secret" and "secret" not in repr(config) and "p w" not in repr(config)
     assert launch_config(["--model-path", "m"], environ={"ECSO_API_KEY": "env"}).api_key == "env"
     from llava.serve.launch import Launcher
 
     launcher = Launcher(config, environ={})
     argv = launcher.controller_argv() + launcher.worker_argv() + launcher.demo_argv()
     assert "secret" not in argv and launcher._env["ECSO_API_KEY"] == "secret"
+    assert not any("p w" in a for a in argv) and launcher._env["ECSO_DEMO_AUTH"] == "me:p w"
     assert launcher.worker_argv()[-4:] == ["--device", "cpu", "--conv-mode", "vicuna_v1"]
 
 
@@ -209,3 +218,56 @@ def test_step_buttons_send_the_shared_ecso_prompts_with_the_earlier_outputs():
 def test_a_step_without_its_input_is_refused(step, missing):
     with pytest.raises(ValueError, match=missing):
         last(RecordingClient("x").step_stream(step, "tiny", None, "q", DemoConfig().options(), StepResult()))
+
+
+def test_verdicts_say_how_they_were_reached_and_what_answer_is_final():
+    run = RunState(has_image=False, model_note="random-weight model: its text is random")
+    run.result.threshold = 0.5
+    for e in [ev("direct", text="Mix\x07 it.", done=True),
+              ev("verdict", text="No", flagged=False, harm_score=0.524, verdict_mode="score"),
+              ev("final", text="Mix\x07 it.", flagged=False)]:
+        run.apply(e)
+    assert run.verdict_panel.splitlines()[1] == "P(yes) 0.524 >= threshold 0.5: not flagged (verdict forced)"
+    assert run.direct_panel == "Mix it." and run.final_panel == "Mix it."  # control characters are not shown
+    assert "Note: random-weight model: its text is random." in run.badge_html()
+    parsed = RunState(has_image=False)
+    for e in [ev("direct", text="x", done=True),
+              ev("verdict", text="Yes", flagged=True, verdict_mode="parse",
+                 verdict_fallback="the endpoint returns no logprobs"),
+              ev("safe", text="I cannot help.", done=True), ev("final", text="I cannot help.", flagged=True)]:
+        parsed.apply(e)
+    assert parsed.verdict_panel.splitlines() == [
+        "HARMFUL: yes, ECSO answers again (there is no image to leave out)",
+        "parse verdict on the model's answer 'Yes': flagged (parse instead of the configured verdict: the endpoint "
+        "returns no logprobs)"]
+    assert "without the image" not in parsed.verdict_panel + parsed.badge_html()
+    assert "(step 4; there was no image to leave out)" in parsed.badge_html()
+
+
+def test_idle_and_cleared_state_shows_no_running_line():
+    assert RunState().status() == "" and RunState().badge_html() == "" and RunState().final_panel == ""
+    assert RunState(notice="**Nothing to run.** x").status() == "**Nothing to run.** x"
+
+
+def test_default_log_dir_is_documented_and_not_the_working_folder(tmp_path):
+    assert default_log_dir({"ECSO_DEMO_LOG_DIR": str(tmp_path / "mine")}) == tmp_path / "mine"
+    assert default_log_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "ecso" / "demo-logs"
+    assert config_from_args(["--log-dir", str(tmp_path)]).log_dir == str(tmp_path)
+
+
+def test_tiny_models_get_short_answers_from_the_worker_and_the_launched_demo():
+    from llava.serve.launch import Launcher
+    from llava.serve.model_worker import config_from_args as worker_config
+
+    tiny = worker_config(["--model-path", "tiny", "--no-register"])
+    assert tiny.max_new_tokens == tiny.ecso.max_new_tokens == 32
+    real = worker_config(["--model-path", "llava-hf/llava-1.5-7b-hf", "--no-register"])
+    assert real.max_new_tokens == real.ecso.max_new_tokens == 512
+    assert worker_config(["--model-path", "tiny", "--max-new-tokens", "64"]).max_new_tokens == 64
+    argv = {}
+    for path in ("tiny", "/models/x"):
+        launcher = Launcher(launch_config(["--model-path", path, "--demo-args", "--threshold 0.6"]))
+        argv[path] = launcher.demo_argv()
+        launcher._http.close()
+    assert argv["tiny"][-4:] == ["--max-new-tokens", "32", "--threshold", "0.6"]  # the user's flags come last
+    assert "--max-new-tokens" not in argv["/models/x"]

@@ -9,17 +9,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import httpx
 import pytest
-from service_procs import REPO_ROOT, Service, free_port, running_service, start_service, stop_service
+from service_procs import REPO_ROOT, running_service, start_demo, start_service, stop_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -27,33 +21,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 EXAMPLES = REPO_ROOT / "assets" / "examples"
-DEMO = "llava.serve.gradio_web_server_ecso"
 TIMEOUT_MS = 60_000
-
-
-def start_demo(controller_url: str, *args: str, startup_timeout: float = 60.0) -> Service:
-    """The demo as a subprocess in its own process group on a free port; ready when its page answers 200."""
-    env = {k: v for k, v in os.environ.items() if k != "ECSO_API_KEY"}
-    env.update(PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p))
-    port = free_port()
-    fd, log_name = tempfile.mkstemp(prefix="demo-", suffix=".log")
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", DEMO, "--host", "127.0.0.1", "--port", str(port),
-                                 "--controller-url", controller_url, *args],
-                                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    svc = Service(DEMO, port, proc, Path(log_name))
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(svc.url, timeout=1.0, trust_env=False).status_code == 200:
-                return svc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_service(svc)
-    raise RuntimeError(f"the demo did not come up (exit code {proc.returncode}); output:\n{svc.output[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +77,10 @@ def open_demo(page, url: str, *, image: str | None, query: str, model: str | Non
 
     page.goto(url)
     if model is not None:  # reload mode: the page asks the controller for the models on load
-        expect(page.locator("#model input")).to_have_value(model)
+        expect(page.locator("#model input")).to_have_value(model, timeout=TIMEOUT_MS)  # a loaded box is slow
     if image is not None:
         page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / image))
-        expect(page.locator("#image img")).to_be_visible()
+        expect(page.locator("#image img")).to_be_visible(timeout=TIMEOUT_MS)
     page.locator("#query textarea").fill(query)
 
 
@@ -128,10 +96,16 @@ def test_run_ecso_streams_all_four_steps_into_their_panels(stack, page, artifact
     expect(page.locator("#status")).to_contain_text("Done.", timeout=TIMEOUT_MS)
     page.screenshot(path=str(artifacts / "demo-run-ecso.png"), full_page=True)
 
-    texts = {name: panel(page, name) for name in ("direct", "verdict", "caption", "safe")}
+    texts = {name: panel(page, name) for name in ("direct", "verdict", "caption", "safe", "final")}
     assert all(texts.values()), texts
-    assert texts["verdict"].startswith("HARMFUL: yes") and "harm score P(yes) = " in texts["verdict"]
-    assert "(flagged when >= 0.00)" in texts["verdict"]
+    assert texts["verdict"].startswith("HARMFUL: yes, ECSO answers again from the caption, without the image")
+    assert re.search(r"P\(yes\) 0\.\d{3} >= threshold 0: flagged", texts["verdict"]), texts["verdict"]
+    assert texts["final"] == texts["safe"]  # the panel with the answer ECSO gives
+    badge = page.locator("#verdict-badge .ecso-verdict")
+    expect(badge).to_have_class(re.compile("ecso-flagged"))
+    assert page.locator("#verdict-badge .ecso-badge").evaluate("e => getComputedStyle(e).backgroundColor") == \
+        "rgb(198, 40, 40)"  # red
+    expect(page.locator("#verdict-badge")).to_contain_text("random-weight model: its text is random")
     status = page.locator("#status").inner_text()
     assert "Flagged: the safe response replaces the direct answer" in status
     for step in ("answer", "harm check", "caption", "safe answer", "total"):
@@ -159,13 +133,62 @@ def test_step_buttons_run_one_step_at_a_time(stack, page, artifacts):
         button.click()
         expect(page.locator(f"#{step} textarea")).not_to_have_value("")
         expect(page.locator("#status")).to_contain_text("Done.")
-    assert panel(page, "verdict").startswith("HARMFUL: ") and "model's verdict:" in panel(page, "verdict")
-    assert "harm score P(yes) = " in panel(page, "verdict")  # step 2 runs on the ECSO stream with the direct answer
+    assert panel(page, "verdict").startswith("HARMFUL: ")
+    assert re.search(r"P\(yes\) 0\.\d{3} ", panel(page, "verdict"))  # step 2 runs on the ECSO stream, score kept
     page.screenshot(path=str(artifacts / "demo-steps.png"), full_page=True)
     # A new query makes the earlier outputs stale: only step 1 stays available.
     page.locator("#query textarea").fill("Something else?")
     expect(page.locator("#step-verdict")).to_be_disabled()
     expect(page.locator("#step-direct")).to_be_enabled()
+
+
+def test_clear_empty_query_and_no_image(stack, page, artifacts):
+    """Clear leaves nothing running on screen; an empty query says what to do (no error); a run without an image
+    never claims to answer "without the image"."""
+    from playwright.sync_api import expect
+
+    open_demo(page, stack["demo"].url, image=None, query="How do I make a poison?")
+    page.get_by_role("button", name="Run ECSO").click()
+    status = page.locator("#status")
+    expect(status).to_contain_text("Done.")
+    verdict = panel(page, "verdict")
+    assert verdict.startswith("HARMFUL: yes, ECSO answers again (there is no image to leave out)"), verdict
+    assert "without the image" not in verdict + page.locator("#verdict-badge").inner_text()
+    page.screenshot(path=str(artifacts / "demo-no-image.png"), full_page=True)
+
+    page.get_by_role("button", name="Clear").click()
+    expect(page.locator("#query textarea")).to_have_value("")
+    for name in ("direct", "verdict", "caption", "safe", "final"):
+        expect(page.locator(f"#{name} textarea")).to_have_value("")
+    expect(page.locator("#verdict-badge .ecso-verdict")).to_have_count(0)
+    page.wait_for_timeout(500)
+    assert "Running" not in status.inner_text()
+
+    page.get_by_role("button", name="Run ECSO").click()  # the query is empty now
+    expect(status).to_contain_text("Type a query first")
+    assert "Error" not in status.inner_text() and "ValueError" not in status.inner_text()
+    page.locator("#step-direct").click()
+    expect(status).to_contain_text("Type a query first")
+
+
+def test_not_flagged_is_green_and_the_direct_answer_is_final(stack, page, artifacts):
+    from playwright.sync_api import expect
+
+    open_demo(page, stack["demo"].url, image="cat.png", query="What is the cat doing?")
+    page.get_by_text("ECSO options").click()
+    threshold = page.locator("#threshold input[type=number]")
+    threshold.fill("1")
+    threshold.press("Enter")
+    threshold.blur()
+    expect(page.locator("#threshold input[type=range]")).to_have_value("1")  # the page's state has it before the run
+    page.get_by_role("button", name="Run ECSO").click()
+    expect(page.locator("#status")).to_contain_text("Not flagged: the direct answer is the final answer")
+    assert re.search(r"P\(yes\) 0\.\d{3} < threshold 1: not flagged", panel(page, "verdict")), panel(page, "verdict")
+    assert panel(page, "final") == panel(page, "direct") != ""
+    expect(page.locator("#verdict-badge .ecso-verdict")).to_have_class(re.compile("ecso-clear"))
+    assert page.locator("#verdict-badge .ecso-badge").evaluate("e => getComputedStyle(e).backgroundColor") == \
+        "rgb(46, 125, 50)"  # green
+    page.screenshot(path=str(artifacts / "demo-not-flagged.png"), full_page=True)
 
 
 def test_worker_error_event_detail_is_shown(stack, page):

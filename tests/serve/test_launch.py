@@ -132,6 +132,11 @@ def test_launch_serves_and_stops_everything_on_sigint(tmp_path, tiny_hf_path):
         done = [e.event for e in events if e.done is not False]
         assert done == ["direct", "verdict", "caption", "safe", "final"], done
         assert events[-1].flagged is True
+        # the launcher's and the services' periodic probes are not logged at info level; other requests are
+        log = launch.log()
+        assert "/get_worker_address" in log and "/worker_ecso_stream" in log
+        for periodic in ("/health", "/worker_get_status", "/list_models", "/receive_heart_beat"):
+            assert f"{periodic} HTTP/1.1\" 200" not in log, periodic  # (errors on them are kept: the 401 above)
 
         launch.proc.send_signal(signal.SIGINT)
         assert wait_exit(launch.proc, 30) == 0, launch.log()
@@ -147,3 +152,21 @@ def test_launch_stops_the_rest_and_fails_when_the_worker_dies(tmp_path, tiny_hf_
         assert wait_exit(launch.proc, 30) == 1, launch.log()
         assert f"worker (pid {children['worker']}) was killed by SIGKILL; stopping the other services" in launch.log()
         assert_all_gone(launch)
+
+
+def test_a_busy_port_is_named_with_its_flag_before_anything_starts(tmp_path, caplog):
+    import socket
+
+    from llava.serve.launch import main
+
+    controller, worker = distinct_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        web = taken.getsockname()[1]
+        code = main(["--model-path", "tiny", "--controller-port", str(controller), "--worker-port", str(worker),
+                     "--web-port", str(web)])
+    assert code == 1
+    assert f"port {web} on 127.0.0.1 (the demo page) is in use: choose another with --web-port, e.g. --web-port" in \
+        caplog.text
+    assert "nothing was started" in caplog.text and "started controller" not in caplog.text

@@ -203,8 +203,10 @@ def test_openai_response_and_chunk_shapes() -> None:
 def test_encode_chunk_is_llava_framing() -> None:
     assert encode_chunk({"text": "é", "error_code": 0}) == json.dumps({"text": "é", "error_code": 0}).encode() + b"\0"
     assert encode_chunk(StreamChunk(text="a")) == b'{"text": "a", "error_code": 0}\x00'
-    with pytest.raises(ValueError, match="not a JSON object"):
+    with pytest.raises(errors.BackendError, match="protocol error: stream frame is not a JSON object"):
         decode_chunk(b"[1]\0")
+    with pytest.raises(errors.BackendError, match="protocol error: stream frame is not JSON"):
+        decode_chunk(b"<html>\0")
 
 
 json_values = st.recursive(

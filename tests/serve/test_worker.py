@@ -132,7 +132,8 @@ def test_worker_registered_after_retrying_and_reports_status(stack: Stack) -> No
     assert "retrying in" in log and f"registered with controller {stack.controller_url}" in log
     status = httpx.post(f"{stack.worker.url}/worker_get_status", headers=auth_headers(KEY), trust_env=False).json()
     assert status == {"model_names": ["tiny"], "speed": 1.0, "queue_length": 0, "conv_mode": "vicuna_v1",
-                      "healthy": True, "model_family": "llava", "prompt_format": "LLaVA conversation template"}
+                      "healthy": True, "model_family": "llava", "prompt_format": "LLaVA conversation template",
+                      "random_weights": True}
     summed = httpx.post(f"{stack.controller_url}/worker_get_status", headers=auth_headers(KEY), trust_env=False)
     assert summed.json()["model_names"] == ["tiny"]
     health = httpx.get(f"{stack.worker.url}/health", trust_env=False).json()  # no key needed

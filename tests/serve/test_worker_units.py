@@ -22,12 +22,11 @@ from llava.serve.protocol.openai import ChatMessage
 from llava.serve.server import BodyLimitMiddleware, llava_error_frame
 from llava.serve.worker_openai import parse_chat
 from llava.serve.worker_runtime import (
+    ImageIntake,
     ImagePolicy,
     ModelSlots,
     call_model,
     check_public_host,
-    decode_images,
-    load_image_urls,
     stream_model,
 )
 from llava.serve.worker_state import WorkerConfig
@@ -247,12 +246,18 @@ def _png() -> bytes:
 
 def test_decode_images_names_the_bad_one_and_counts() -> None:
     good = encode_image_base64(Image.new("RGB", (4, 4)))
-    with pytest.raises(ImageError, match=r"images\[1\]: image is not valid base64"):
-        decode_images([good, "%%%"], ImagePolicy())
-    with pytest.raises(InvalidRequestError, match="at most 1 .--max-images-per-request"):
-        decode_images([good, good], ImagePolicy(max_images=1))
-    with pytest.raises(ImageError, match="over the limit of 10"):
-        decode_images([good], ImagePolicy(limits=ImageLimits(max_pixels=10)))
+
+    async def scenario() -> None:
+        with pytest.raises(ImageError, match=r"images\[1\]: image is not valid base64"):
+            await ImageIntake(ImagePolicy()).decode_all([good, "%%%"])
+        with pytest.raises(InvalidRequestError, match="at most 1 .--max-images-per-request"):
+            await ImageIntake(ImagePolicy(max_images=1)).decode_all([good, good])
+        with pytest.raises(ImageError, match="over the limit of 10"):
+            await ImageIntake(ImagePolicy(limits=ImageLimits(max_pixels=10))).decode_all([good])
+        halved = ImageIntake(ImagePolicy(), fit=lambda img: img.resize((2, 2)))
+        assert [im.size for im in await halved.decode_all([good])] == [(2, 2)]
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "::1", "192.168.0.9"])
@@ -281,6 +286,9 @@ def test_image_urls_policy_fetch_redirect_and_caps() -> None:
         return httpx.Response(404)
 
     async def scenario() -> None:
+        def load_image_urls(urls, policy, http):
+            return ImageIntake(policy).load_urls(urls, http)
+
         async with httpx.AsyncClient(transport=httpx.MockTransport(serve)) as http:
             with pytest.raises(ImageError, match="image 0: http.s. image URLs are not fetched"):
                 await load_image_urls(["http://img.test/cat.png"], ImagePolicy(), http)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from PIL import Image
 
 from llava.ecso.backends import Backend
 from llava.ecso.config import ECSOConfig
 from llava.ecso.defenses import create_defense
-from llava.ecso.events import ECSOResult
+from llava.ecso.events import ECSOResult, StepEvent
 from llava.ecso.pipeline import ECSOInput
 from llava.errors import ECSOError, ImageError
 from llava.eval.benchmarks import Sample, answer_fields
@@ -134,10 +134,12 @@ class Answerer:
         """Load each sample's image (thread-safe; the runner calls it ahead of generation)."""
         return load_sample_images(samples, self.image_limits, self.strict)
 
-    def answer(self, batch: PreparedBatch) -> BatchResult:
+    def answer(self, batch: PreparedBatch, on_event: Callable[[StepEvent], None] | None = None) -> BatchResult:
+        """Answer one batch; ``on_event`` gets each ECSO step's events (progress). A batch that fails is retried one
+        sample at a time, so one bad sample fails alone."""
         result = BatchResult(failures=list(batch.failures))
         try:
-            rows, flagged = self._run(batch.samples, batch.images)
+            rows, flagged = self._run(batch.samples, batch.images, on_event)
         except ECSOError as exc:
             if len(batch.samples) == 1:
                 logger.warning("sample %s failed: %s", batch.samples[0].id, exc)
@@ -145,7 +147,7 @@ class Answerer:
                 return result
             logger.info("a batch of %d failed (%s); retrying its samples one at a time", len(batch.samples), exc)
             for sample, images in zip(batch.samples, batch.images):
-                one = self.answer(PreparedBatch([sample], [images]))
+                one = self.answer(PreparedBatch([sample], [images]), on_event)
                 result.rows += one.rows
                 result.failures += one.failures
                 result.flagged += one.flagged
@@ -153,12 +155,13 @@ class Answerer:
         result.rows, result.flagged = rows, flagged
         return result
 
-    def _run(self, samples: list[Sample], images: list[list[Image.Image]]) -> tuple[list[dict[str, Any]], int]:
+    def _run(self, samples: list[Sample], images: list[list[Image.Image]],
+             on_event: Callable[[StepEvent], None] | None = None) -> tuple[list[dict[str, Any]], int]:
         if not samples:
             return [], 0
         direct = self.direct_answers or {}
         inputs = [ECSOInput(s.query, imgs, direct.get(s.id)) for s, imgs in zip(samples, images)]
-        answers = self.defense.answer(inputs)
+        answers = self.defense.answer(inputs, on_event=on_event)
         rows = [ecso_row(s, a.result, self.model_id, self.method, self.model_family) if a.result is not None
                 else direct_row(s, a.text, self.model_id, self.method, self.model_family)
                 for s, a in zip(samples, answers)]

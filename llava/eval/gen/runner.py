@@ -10,8 +10,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
-from tqdm import tqdm
-
 from llava.ecso.backends import Backend
 from llava.errors import ECSOError
 from llava.eval.benchmarks import Sample, check_images, load_samples
@@ -22,6 +20,7 @@ from llava.eval.gen.answers import AnswerFile, read_answer_rows, sort_in_plan_or
 from llava.eval.gen.config import GenerateConfig
 from llava.eval.gen.manifest import (MANIFEST_VERSION, ResumeMismatchError, environment, file_digest, ids_digest,
                                      load_manifest, manifest_path, now_iso, write_manifest)
+from llava.eval.gen.progress import GenerationProgress
 from llava.eval.gen.settings import check_resume, data_settings, model_settings
 from llava.eval.gen.shards import chunk_bounds, select_chunk
 
@@ -113,20 +112,28 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[list[Sample]], PreparedBat
         yield pending.popleft().result()
 
 
-def _execute(answerer: Answerer, batches: Iterable[list[Sample]], concurrency: int) -> Iterator[BatchResult]:
-    """Batch results as they complete (out of order when ``concurrency`` > 1). On an error, batches in flight are
-    abandoned and unstarted ones cancelled."""
+def _execute(answerer: Answerer, batches: Iterable[list[Sample]], concurrency: int,
+             progress: GenerationProgress) -> Iterator[BatchResult]:
+    """Batch results as they complete (out of order when ``concurrency`` > 1), each step moving ``progress``. On an
+    error, batches in flight are abandoned and unstarted ones cancelled."""
     loader = ThreadPoolExecutor(1, thread_name_prefix="ecso-load")
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="ecso-gen") if concurrency > 1 else None
+
+    def answer(batch: PreparedBatch) -> BatchResult:
+        tracker = progress.batch(len(batch.samples) + len(batch.failures))
+        result = answerer.answer(batch, on_event=tracker.on_event)
+        tracker.finish(result.attempted)
+        return result
+
     try:
         prepared = _prefetch(loader, answerer.prepare, batches, ahead=concurrency + 1)
         if pool is None:
             for batch in prepared:
-                yield answerer.answer(batch)
+                yield answer(batch)
             return
         inflight: set[Future] = set()
         for batch in prepared:
-            inflight.add(pool.submit(answerer.answer, batch))
+            inflight.add(pool.submit(answer, batch))
             while len(inflight) >= concurrency:
                 done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
                 for f in done:
@@ -224,10 +231,9 @@ def _loop(run: _Run, answers: AnswerFile, answerer: Answerer, todo: list[Sample]
     c = run.config
     errors = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="sample", desc=f"{c.benchmark} {c.method}", disable=not c.progress,
-               dynamic_ncols=True, mininterval=1.0)
+    progress = GenerationProgress(len(todo), f"{c.benchmark} {c.method}", enabled=c.progress)
     try:
-        for result in _execute(answerer, _batches(todo, c.batch_size), c.concurrency):
+        for result in _execute(answerer, _batches(todo, c.batch_size), c.concurrency, progress):
             answers.append(result.rows)
             run.file_ids.update(str(r["id"]) for r in result.rows)
             run.done += len(result.rows)
@@ -236,9 +242,8 @@ def _loop(run: _Run, answers: AnswerFile, answerer: Answerer, todo: list[Sample]
                 run.failures[failure.id] = failure
                 errors += failure.kind not in DATA_FAILURE_KINDS
             run.generation_s = time.perf_counter() - t0
-            bar.update(result.attempted)
-            if c.uses_pipeline:
-                bar.set_postfix(flagged=run.flagged, failed=len(run.failures), refresh=False)
+            if c.uses_pipeline or run.failures:
+                progress.stats(**({"flagged": run.flagged} if c.uses_pipeline else {}), failed=len(run.failures))
             if errors >= c.max_errors:
                 last = next(reversed(run.failures.values()))
                 raise TooManyErrorsError(f"{errors} samples failed (last: {last.id}: {last.message}); stopping. "
@@ -246,7 +251,7 @@ def _loop(run: _Run, answers: AnswerFile, answerer: Answerer, todo: list[Sample]
                                          "failed ones are retried (or raise --max-errors)")
     finally:
         run.generation_s = time.perf_counter() - t0
-        bar.close()
+        progress.close()
 
 
 def _log_summary(s: RunSummary) -> None:

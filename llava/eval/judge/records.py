@@ -82,16 +82,21 @@ def read_judgments(path: str | os.PathLike) -> dict[str, Judgment]:
 
 
 class JsonlAppender:
-    """Append-only JSONL writer: one unbuffered write per line. On open, a torn tail left by a killed writer is
-    truncated back to the last complete line so the next line starts clean; a failed write (disk full) is cut back
-    the same way and raises :class:`~llava.eval.jsonl.AnswerFileWriteError`, so the file always ends with a
-    complete line."""
+    """Append-only JSONL writer: one unbuffered write per line. The file is opened at the first write (a run that
+    writes nothing leaves no file); then a torn tail left by a killed writer is truncated back to the last complete
+    line so the next line starts clean. A failed write (disk full) is cut back the same way and raises
+    :class:`~llava.eval.jsonl.AnswerFileWriteError`, so the file always ends with a complete line."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-        self._fh = open(self.path, "ab")  # noqa: SIM115 - held until close()
+        self._fh = None
+
+    def _open(self):
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._repair_tail()
+            self._fh = open(self.path, "ab")  # noqa: SIM115 - held until close()
+        return self._fh
 
     def _repair_tail(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -105,14 +110,15 @@ class JsonlAppender:
             fh.truncate(keep)
 
     def write(self, row: dict[str, Any]) -> None:
-        append_whole(self._fh, encode_rows([row]), self.path, f"the judgment of {row.get('id')!r}")
+        append_whole(self._open(), encode_rows([row]), self.path, f"the judgment of {row.get('id')!r}")
 
     def write_all(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
             self.write(row)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
     def __enter__(self) -> "JsonlAppender":
         return self

@@ -176,7 +176,12 @@ class JudgeRunner:
                 results[task.id] = self._record(self._judgment(task, payload, cached=True), out)
                 s.from_cache += 1
             if misses:
-                self._run_requests(misses, cache, out, results)
+                try:
+                    _ = self.client  # the key is checked here, before any request
+                except AuthError as e:
+                    s.aborted, s.pending = str(e), [t.id for t in misses]
+                else:
+                    self._run_requests(misses, cache, out, results)
         finally:
             cache.close()
             if out is not None:
@@ -198,7 +203,6 @@ class JudgeRunner:
 
     def _run_requests(self, tasks: list[JudgeTask], cache: JudgeCache, out, results: dict[str, Judgment]) -> None:
         stop = threading.Event()
-        _ = self.client  # made here, before the worker threads need it
         workers = 1 if self.local else self.config.parallel
         logger.info("judging %d answers with %s (%s, parallel %d)", len(tasks), self.config.judge_model,
                     "no endpoint" if self.local else "requests to its endpoint", workers)

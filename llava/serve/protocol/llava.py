@@ -9,6 +9,7 @@ Controller: ``/register_worker``, ``/refresh_all_workers``, ``/list_models``, ``
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -16,6 +17,9 @@ from llava.constants import ErrorCode
 from llava.serve.protocol.fields import Stop, Temperature, TopP, stop_list
 
 __all__ = [
+    "MAX_SPEED",
+    "MAX_QUEUE_LENGTH",
+    "worker_base_url",
     "WorkerStatus",
     "RegisterWorkerRequest",
     "RegisterWorkerResponse",
@@ -33,6 +37,32 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------------- controller
 
+MAX_SPEED = 1e6  # a worker's reported speed, at most (LLaVA's workers send 1)
+MAX_QUEUE_LENGTH = 1_000_000  # a worker's reported queue length, at most
+MAX_WORKER_URL = 2048  # characters
+
+
+def worker_base_url(value: str) -> str:
+    """A worker's name: its ``http(s)://host[:port]`` base URL (a trailing slash dropped), without credentials,
+    path, query, fragment, spaces or control characters. Anything else is refused: the controller POSTs to
+    ``<name>/...`` and logs the name, so a path would aim its requests elsewhere and a newline would forge log
+    lines."""
+    value = value.rstrip("/")
+    if len(value) > MAX_WORKER_URL or not value.isascii() or not value.isprintable() or " " in value:
+        raise ValueError(f"must be the worker's http(s) base URL (printable ASCII, at most {MAX_WORKER_URL} "
+                         f"characters), got {value[:80]!r}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"must be the worker's http(s) base URL, got {value[:80]!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be the worker's http(s) base URL, got {value[:80]!r}")
+    if parts.username is not None or parts.path or parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ValueError(f"must be a base URL (http(s)://host:port, no credentials, path or query), got "
+                         f"{value[:80]!r}")
+    return value
+
 
 class WorkerStatus(BaseModel):
     """What a worker (or a controller, summed over its workers) reports about itself."""
@@ -40,8 +70,9 @@ class WorkerStatus(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     model_names: list[str] = Field(default_factory=list)
-    speed: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="relative throughput; dispatch weight")
-    queue_length: int = Field(0, ge=0)
+    speed: float = Field(1.0, ge=0.0, le=MAX_SPEED, allow_inf_nan=False,
+                         description="relative throughput; dispatch weight")
+    queue_length: int = Field(0, ge=0, le=MAX_QUEUE_LENGTH)
     conv_mode: str | None = Field(None, description="the worker's chat template (LLaVA clients ignore it)")
     healthy: bool | None = Field(None, description="whether the worker's model can answer now (a remote model's "
                                  "servers are up; null: not said, as LLaVA's workers); a controller sends no requests "
@@ -54,6 +85,8 @@ class WorkerStatus(BaseModel):
     prompt_format: str | None = Field(None, description="what renders prompts: 'LLaVA conversation template' "
                                       "(conv_mode) or 'processor chat template' (the model's own; LLaVA-protocol "
                                       "prompts, in conv_mode, are parsed back into a chat first)")
+    random_weights: bool | None = Field(None, description="the model is a random-weight test model (its text is "
+                                                          "random); clients show it")
 
 
 class RegisterWorkerRequest(BaseModel):
@@ -68,9 +101,7 @@ class RegisterWorkerRequest(BaseModel):
     @field_validator("worker_name")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"must be the worker's http(s) base URL, got {value!r}")
-        return value.rstrip("/")
+        return worker_base_url(value)
 
 
 class RegisterWorkerResponse(BaseModel):
@@ -103,9 +134,14 @@ class HeartBeatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     worker_name: str = Field(min_length=1)
-    queue_length: int = Field(0, ge=0)
+    queue_length: int = Field(0, ge=0, le=MAX_QUEUE_LENGTH)
     healthy: bool = Field(True, description="whether the worker's model can answer now (LLaVA's workers do not "
                           "send it: healthy)")
+
+    @field_validator("worker_name")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return worker_base_url(value)
 
 
 class HeartBeatResponse(BaseModel):
