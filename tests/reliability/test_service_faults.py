@@ -245,7 +245,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_early(stack: Stack, api:
     full = tokens * per_frame if "ecso" not in api else None
     assert freed < 2.0, f"slot freed {freed:.2f} s after the disconnect"
     if full is not None:  # e.g. ~0.2 s against ~5 s for the rest of the 1500 tokens on this machine
-        assert freed < full / 3, f"freed after {freed:.2f} s; the whole answer would take ~{full:.1f} s"
+        # Frames that arrive in a burst make the per-frame estimate near zero: no bound below 0.5 s is asserted then
+        assert freed < max(full / 3, 0.5), f"freed after {freed:.2f} s; the whole answer would take ~{full:.1f} s"
 
 
 # ------------------------------------------------------------------------------------------- ECSO with direct
