@@ -176,11 +176,17 @@ def test_not_flagged_is_green_and_the_direct_answer_is_final(stack, page, artifa
 
     open_demo(page, stack["demo"].url, image="cat.png", query="What is the cat doing?")
     page.get_by_text("ECSO options").click()
-    threshold = page.locator("#threshold input[type=number]")
-    threshold.fill("1")
-    threshold.press("Enter")
-    threshold.blur()
-    expect(page.locator("#threshold input[type=range]")).to_have_value("1")  # the page's state has it before the run
+    threshold, slider = page.locator("#threshold input[type=number]"), page.locator("#threshold input[type=range]")
+    for _ in range(3):  # a value typed while the options panel is still rendering can be dropped: type it again
+        threshold.fill("1")
+        threshold.press("Enter")
+        threshold.blur()
+        try:
+            expect(slider).to_have_value("1", timeout=3000)
+            break
+        except AssertionError:
+            continue
+    expect(slider).to_have_value("1")  # the page's state has it before the run
     page.get_by_role("button", name="Run ECSO").click()
     expect(page.locator("#status")).to_contain_text("Not flagged: the direct answer is the final answer")
     assert re.search(r"P\(yes\) 0\.\d{3} < threshold 1: not flagged", panel(page, "verdict")), panel(page, "verdict")
